@@ -1,0 +1,345 @@
+"""Configuration schemas (Hydra structured configs) and the checks Hydra's types cannot express.
+
+Every knob a researcher may sweep is a field below; the YAML files in `conf/` only pick defaults.
+Types and unknown keys are enforced by OmegaConf when Hydra composes the config; ranges and
+combinations are enforced by `validate`, which runs before anything is trained or written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
+from omegaconf import MISSING, DictConfig
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: its message names the key and what is allowed."""
+
+
+class Arch(str, Enum):
+    mlp = "mlp"
+    conv = "conv"
+
+
+class LatentHead(str, Enum):
+    deterministic = "deterministic"
+    gaussian = "gaussian"
+
+
+class Activation(str, Enum):
+    relu = "relu"
+    leaky_relu = "leaky_relu"
+    elu = "elu"
+    gelu = "gelu"
+    silu = "silu"
+    tanh = "tanh"
+    sigmoid = "sigmoid"
+
+
+class CodeActivation(str, Enum):
+    none = "none"
+    sigmoid = "sigmoid"
+    relu = "relu"
+    tanh = "tanh"
+
+
+class Reconstruction(str, Enum):
+    mse = "mse"
+    bce = "bce"
+
+
+class Sparsity(str, Enum):
+    l1 = "l1"
+    kl = "kl"
+
+
+class ContractiveEstimator(str, Enum):
+    exact = "exact"
+    projection = "projection"
+
+
+class Optimizer(str, Enum):
+    adam = "adam"
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+@dataclass
+class ModelConfig:
+    """Networks and latent head. `hidden_dims` is read by `arch=mlp`, `channels` by `arch=conv`."""
+
+    arch: Arch = Arch.mlp
+    latent: LatentHead = LatentHead.deterministic
+    latent_dim: int = 16
+    hidden_dims: list[int] = field(default_factory=lambda: [256, 128])
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    kernel_size: int = 3
+    activation: Activation = Activation.relu
+    code_activation: CodeActivation = CodeActivation.none
+
+
+@dataclass
+class LossConfig:
+    """loss = recon + beta * KL + sparsity_weight * sparsity + contractive_weight * ||dz/dx||_F^2.
+
+    A weight of 0 switches its term off; `beta` only acts with `model.latent=gaussian`.
+    """
+
+    recon: Reconstruction = Reconstruction.bce
+    beta: float = 0.0
+    sparsity: Sparsity = Sparsity.l1
+    sparsity_weight: float = 0.0
+    sparsity_target: float = 0.05
+    contractive_weight: float = 0.0
+    contractive_estimator: ContractiveEstimator = ContractiveEstimator.exact
+    contractive_projections: int = 1
+
+
+@dataclass
+class NoNoise:
+    kind: str = "none"
+
+
+@dataclass
+class GaussianNoise:
+    """x + N(0, std^2), per pixel."""
+
+    kind: str = "gaussian"
+    std: float = 0.1
+
+
+@dataclass
+class MaskingNoise:
+    """Each pixel set to 0 with probability p."""
+
+    kind: str = "masking"
+    p: float = 0.25
+
+
+@dataclass
+class SaltPepperNoise:
+    """Each pixel replaced with probability p by 0 or 1 (equally likely)."""
+
+    kind: str = "salt_pepper"
+    p: float = 0.1
+
+
+@dataclass
+class DigitsConfig:
+    """scikit-learn's 8x8 handwritten digits; the split is drawn with `split_seed`, not `seed`."""
+
+    name: str = "digits"
+    batch_size: int = 64
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    num_workers: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    """Passed to `pytorch_lightning.Trainer` as keyword arguments, key for key."""
+
+    max_epochs: int = 100
+    max_steps: int = -1
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: Any = "32-true"
+    gradient_clip_val: Any = None
+    gradient_clip_algorithm: str = "norm"
+    accumulate_grad_batches: int = 1
+    limit_train_batches: Any = 1.0
+    limit_val_batches: Any = 1.0
+    limit_test_batches: Any = 1.0
+    val_check_interval: Any = 1.0
+    check_val_every_n_epoch: int = 1
+    log_every_n_steps: int = 10
+    deterministic: Any = True
+    benchmark: Any = None
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = True
+    detect_anomaly: bool = False
+
+
+@dataclass
+class WandbLoggerConfig:
+    """W&B; `mode=offline` (the default) writes the run into the run folder for a later `wandb sync`."""
+
+    kind: str = "wandb"
+    mode: str = "offline"
+    project: str = "ae_lab"
+    entity: Any = None
+    group: Any = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CsvLoggerConfig:
+    kind: str = "csv"
+
+
+@dataclass
+class NoLoggerConfig:
+    kind: str = "none"
+
+
+@dataclass
+class OptimConfig:
+    name: Optimizer = Optimizer.adam
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    noise: Any = MISSING
+    dataset: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: Any = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0
+    num_reconstructions: int = 10
+
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "noise": {
+        "none_schema": NoNoise,
+        "gaussian_schema": GaussianNoise,
+        "masking_schema": MaskingNoise,
+        "salt_pepper_schema": SaltPepperNoise,
+    },
+    "dataset": {"digits_schema": DigitsConfig},
+    "logger": {
+        "wandb_schema": WandbLoggerConfig,
+        "csv_schema": CsvLoggerConfig,
+        "none_schema": NoLoggerConfig,
+    },
+}
+
+
+def register_configs() -> None:
+    """Put the schemas into Hydra's ConfigStore; the YAML files in `conf/` name them in `defaults`."""
+    store = ConfigStore.instance()
+    store.store(name="config_schema", node=Config)
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            store.store(group=group, name=name, node=node)
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> list[str]:
+    """Check ranges and combinations; raise ConfigError on the first bad value.
+
+    `input_shape` (C, H, W), when known, lets the conv depth be checked against the image size.
+    Returns warnings for settings that are allowed but probably not meant.
+    """
+    model, loss, noise, data, trainer, optim = (
+        cfg.model, cfg.loss, cfg.noise, cfg.dataset, cfg.trainer, cfg.optim
+    )
+    _require(model.latent_dim >= 1, "model.latent_dim", model.latent_dim, "an integer >= 1")
+    _require(all(d >= 1 for d in model.hidden_dims), "model.hidden_dims", list(model.hidden_dims),
+             "a list of integers >= 1")
+    _require(len(model.channels) >= 1 and all(c >= 1 for c in model.channels), "model.channels",
+             list(model.channels), "a non-empty list of integers >= 1")
+    _require(model.kernel_size >= 1 and model.kernel_size % 2 == 1, "model.kernel_size",
+             model.kernel_size, "an odd integer >= 1")
+    if input_shape is not None and model.arch == "conv":
+        smallest = min(input_shape[1:])
+        deepest = max(0, smallest.bit_length() - 1)  # stride-2 layers that still halve a side >= 2
+        _require(len(model.channels) <= deepest, "model.channels", list(model.channels),
+                 f"at most {deepest} stride-2 conv layers for {input_shape[1]}x{input_shape[2]} "
+                 f"images of dataset={data.name}")
+
+    _require(loss.beta >= 0, "loss.beta", loss.beta, "a number >= 0")
+    _require(loss.sparsity_weight >= 0, "loss.sparsity_weight", loss.sparsity_weight, "a number >= 0")
+    _require(0 < loss.sparsity_target < 1, "loss.sparsity_target", loss.sparsity_target,
+             "a rate strictly between 0 and 1")
+    _require(loss.contractive_weight >= 0, "loss.contractive_weight", loss.contractive_weight,
+             "a number >= 0")
+    _require(loss.contractive_projections >= 1, "loss.contractive_projections",
+             loss.contractive_projections, "an integer >= 1")
+    if loss.sparsity == "kl" and loss.sparsity_weight > 0:
+        _require(model.code_activation == "sigmoid" and model.latent == "deterministic",
+                 "loss.sparsity", "kl",
+                 "KL sparsity needs code activations in (0, 1): use model.code_activation=sigmoid "
+                 "with model.latent=deterministic, or loss.sparsity=l1")
+
+    if noise.kind == "gaussian":
+        _require(noise.std >= 0, "noise.std", noise.std, "a standard deviation >= 0")
+    elif noise.kind in ("masking", "salt_pepper"):
+        _require(0 <= noise.p <= 1, "noise.p", noise.p, "a probability in [0, 1]")
+
+    _require(data.batch_size >= 1, "dataset.batch_size", data.batch_size, "an integer >= 1")
+    _require(data.num_workers >= 0, "dataset.num_workers", data.num_workers, "an integer >= 0")
+    for key in ("val_fraction", "test_fraction"):
+        _require(0 < data[key] < 1, f"dataset.{key}", data[key], "a fraction strictly between 0 and 1")
+    _require(data.val_fraction + data.test_fraction < 1, "dataset.val_fraction",
+             data.val_fraction, f"val_fraction + test_fraction < 1 (test_fraction={data.test_fraction})")
+
+    _require(optim.lr > 0, "optim.lr", optim.lr, "a learning rate > 0")
+    _require(optim.weight_decay >= 0, "optim.weight_decay", optim.weight_decay, "a number >= 0")
+    _require(trainer.max_epochs >= 1 or trainer.max_epochs == -1, "trainer.max_epochs",
+             trainer.max_epochs, "an integer >= 1, or -1 for no limit")
+    clip = trainer.gradient_clip_val
+    _require(clip is None or (isinstance(clip, (int, float)) and clip >= 0), "trainer.gradient_clip_val",
+             clip, "null or a number >= 0")
+    _require(cfg.num_reconstructions >= 1, "num_reconstructions", cfg.num_reconstructions,
+             "an integer >= 1")
+
+    if cfg.logger.kind == "wandb":
+        _require(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode", cfg.logger.mode,
+                 "one of offline, online, disabled")
+        if cfg.logger.mode == "online":
+            _require(_wandb_key_available(), "logger.mode", "online",
+                     "no W&B API key found: run `wandb login` or set WANDB_API_KEY, "
+                     "or keep logger.mode=offline and `wandb sync` the run later")
+
+    warnings = []
+    if loss.beta > 0 and model.latent == "deterministic":
+        warnings.append(f"loss.beta={loss.beta} has no effect: there is no KL term without "
+                        "model.latent=gaussian (e.g. model=vae)")
+    return warnings
+
+
+def _wandb_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def fail(message: str) -> None:
+    """End the process with one line on stderr and exit code 2 (no traceback)."""
+    print(f"ae_lab: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class CheckBeforeRun(Callback):
+    """Refuse a bad config, or a run folder that already holds a run, before Hydra creates it."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = Path(str(config.hydra.run.dir))
+        if (run_dir / "run.json").exists():
+            fail(f"hydra.run.dir={str(run_dir)!r} already holds a run: choose a new folder")
+        from ae_lab.data import input_shape
+
+        try:
+            validate(config, input_shape(config.dataset))
+        except ConfigError as error:
+            fail(str(error))

@@ -1,0 +1,29 @@
+"""Data sets by name: `dataset.name` picks the loader; every loader returns an ArrayDataModule."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from ae_lab.data import digits
+from ae_lab.data.base import ArrayDataModule, Split
+
+_DATASETS = {"digits": digits}
+
+__all__ = ["ArrayDataModule", "Split", "build_datamodule", "input_shape"]
+
+
+def _module(cfg: DictConfig):
+    from ae_lab.config import ConfigError
+
+    if cfg.name not in _DATASETS:
+        raise ConfigError(f"dataset.name={cfg.name!r} is not allowed: one of {', '.join(_DATASETS)}")
+    return _DATASETS[cfg.name]
+
+
+def input_shape(cfg: DictConfig) -> tuple[int, ...]:
+    """(C, H, W) of the data set's images, known without loading it."""
+    return _module(cfg).INPUT_SHAPE
+
+
+def build_datamodule(cfg: DictConfig) -> ArrayDataModule:
+    return _module(cfg).load(cfg)

@@ -1,0 +1,30 @@
+"""scikit-learn's handwritten digits: 1,797 8x8 grey images (UCI optdigits test set), 10 classes.
+
+Shipped inside scikit-learn, so it needs no network. Pixel counts 0..16 are scaled to [0, 1].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from ae_lab.data.base import ArrayDataModule, Split, sha256_of_arrays, split_indices
+
+INPUT_SHAPE = (1, 8, 8)
+
+
+def load(cfg: DictConfig) -> ArrayDataModule:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    raw = digits.images.astype(np.uint8)  # integer counts 0..16
+    labels = digits.target.astype(np.int64)
+    images = torch.from_numpy(raw.astype(np.float32) / 16.0).unsqueeze(1)
+    parts = split_indices(len(raw), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    splits = {
+        name: Split(images=images[idx], labels=torch.from_numpy(labels[idx]))
+        for name, idx in parts.items()
+    }
+    return ArrayDataModule("digits", splits, cfg.batch_size, cfg.num_workers,
+                           checksum=sha256_of_arrays(raw, labels))

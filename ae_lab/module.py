@@ -1,0 +1,74 @@
+"""The one LightningModule: corruption -> encoder -> latent head -> decoder, trained on a sum of terms.
+
+Every variant (plain, under/overcomplete, denoising, sparse, contractive, VAE, beta-VAE) is this module
+with different parts, chosen by config.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+
+from ae_lab.nets import Latent, build_decoder, build_encoder, build_latent_head
+from ae_lab.noise import build_corruption
+from ae_lab.objectives import Objective
+
+
+class Autoencoder(pl.LightningModule):
+    """`config` holds the plain (string/number) `model`, `loss`, `noise` and `optim` sections."""
+
+    def __init__(self, config: dict[str, Any], input_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        cfg = OmegaConf.create(config)
+        self.optim_cfg = cfg.optim
+        self.corrupt = build_corruption(cfg.noise)
+        self.encoder, features = build_encoder(cfg.model, tuple(input_shape))
+        self.head = build_latent_head(cfg.model, features)
+        self.decoder = build_decoder(cfg.model, tuple(input_shape))
+        self.objective = Objective(cfg.loss, gaussian_head=cfg.model.latent == "gaussian")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Latent]:
+        latent = self.head(self.encoder(x))
+        return self.decoder(latent.z), latent
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """x_hat from the code (the posterior mean for a VAE), without noise or sampling."""
+        return torch.sigmoid(self.decoder(self.head.code(self.encoder(x))))
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        x = batch["x"]
+        inputs = self.corrupt(x) if stage == "train" and self.corrupt is not None else x
+        # the contractive term differentiates the code w.r.t. the input, in evaluation too
+        grad_context = torch.enable_grad() if self.objective.needs_input_grad else nullcontext()
+        with grad_context:
+            if self.objective.needs_input_grad:
+                inputs = inputs.detach().requires_grad_(True)
+            logits, latent = self(inputs)
+            terms = self.objective(logits, x, latent, inputs, create_graph=stage == "train")
+        for name, value in terms.items():
+            self.log(f"{stage}/{name}", value.detach(), on_step=False, on_epoch=True,
+                     batch_size=x.shape[0], sync_dist=stage != "train", prog_bar=name == "loss")
+        return terms["loss"]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        cfg = self.optim_cfg
+        if cfg.name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+        return optimizer(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -1,0 +1,113 @@
+"""The loss terms, and the objective that sums them:
+
+    loss = recon(x_hat, x) + beta * KL(q(z|x) || N(0, I)) + sparsity_weight * sparsity(code)
+           + contractive_weight * ||d code / d x||_F^2
+
+Per-example terms are sums over pixels / latent units, averaged over the batch ("per example").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from ae_lab.nets import Latent
+
+_EPS = 1e-6
+
+
+def reconstruction_error(logits: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-example reconstruction error of x_hat = sigmoid(logits) against clean x, summed over pixels.
+
+    `bce` is the Bernoulli negative log-likelihood in nats (computed from logits, stable);
+    `mse` is the sum of squared errors.
+    """
+    if kind == "bce":
+        per_pixel = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
+    else:
+        per_pixel = (torch.sigmoid(logits) - x) ** 2
+    return per_pixel.flatten(1).sum(1)
+
+
+def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) per example, in closed form, summed over latent units."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
+
+
+def l1_sparsity(code: torch.Tensor) -> torch.Tensor:
+    """Per-example L1 norm of the code activations."""
+    return code.abs().sum(1)
+
+
+def kl_sparsity(code: torch.Tensor, target: float) -> torch.Tensor:
+    """sum_j KL(rho || rho_hat_j), rho_hat_j = mean activation of unit j over the batch (codes in (0, 1)).
+
+    A batch-level term (Ng's sparse autoencoder), not a per-example one.
+    """
+    rate = code.mean(0).clamp(_EPS, 1 - _EPS)
+    return (target * torch.log(target / rate)
+            + (1 - target) * torch.log((1 - target) / (1 - rate))).sum()
+
+
+def contractive_penalty(code: torch.Tensor, inputs: torch.Tensor, estimator: str = "exact",
+                        projections: int = 1, create_graph: bool = True) -> torch.Tensor:
+    """Per-example squared Frobenius norm of the encoder Jacobian d code / d inputs.
+
+    `code` must have been computed from `inputs` (which requires grad). Works for any encoder that
+    treats examples independently (MLP or conv, any depth): rows of each example's Jacobian are
+    vector-Jacobian products, batched over the rows with `is_grads_batched`.
+
+    Cost: `exact` takes d_z vector-Jacobian products (one backward pass through the encoder per latent
+    unit, vectorised), so time and memory grow linearly in the latent size d_z and in the encoder's
+    cost (itself ~linear in the input size D), with d_z * B * D floats for the rows; training also
+    back-propagates through them (create_graph). `projection` is the unbiased estimator
+    E_v ||v^T J||^2 = ||J||_F^2 with v ~ N(0, I_{d_z}), averaged over `projections` draws: its cost
+    is `projections` products, independent of d_z, at the price of variance.
+    """
+    batch, latent_dim = code.shape
+    if estimator == "exact":
+        directions = torch.eye(latent_dim, dtype=code.dtype, device=code.device)
+        directions = directions.unsqueeze(1).expand(latent_dim, batch, latent_dim)
+    else:
+        directions = torch.randn(projections, batch, latent_dim, dtype=code.dtype, device=code.device)
+    rows = torch.autograd.grad(code, inputs, grad_outputs=directions, is_grads_batched=True,
+                               create_graph=create_graph)[0]
+    squared = rows.pow(2).flatten(2).sum(2)  # (directions, batch)
+    return squared.sum(0) if estimator == "exact" else squared.mean(0)
+
+
+class Objective:
+    """The configured sum of terms; returns every active term (batch means) and their weighted `loss`."""
+
+    def __init__(self, cfg: DictConfig, gaussian_head: bool) -> None:
+        self.cfg = cfg
+        self.gaussian_head = gaussian_head
+
+    @property
+    def needs_input_grad(self) -> bool:
+        return self.cfg.contractive_weight > 0
+
+    def __call__(self, logits: torch.Tensor, x: torch.Tensor, latent: Latent, inputs: torch.Tensor,
+                 create_graph: bool) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        terms = {"recon": reconstruction_error(logits, x, cfg.recon).mean()}
+        loss = terms["recon"]
+        if self.gaussian_head:
+            terms["kl"] = gaussian_kl(latent.mean, latent.logvar).mean()
+            loss = loss + cfg.beta * terms["kl"]
+            if cfg.recon == "bce":
+                terms["elbo"] = -(terms["recon"] + terms["kl"])
+        if cfg.sparsity_weight > 0:
+            if cfg.sparsity == "kl":
+                terms["sparsity"] = kl_sparsity(latent.code, cfg.sparsity_target)
+            else:
+                terms["sparsity"] = l1_sparsity(latent.code).mean()
+            loss = loss + cfg.sparsity_weight * terms["sparsity"]
+        if cfg.contractive_weight > 0:
+            terms["contractive"] = contractive_penalty(
+                latent.code, inputs, cfg.contractive_estimator, cfg.contractive_projections,
+                create_graph=create_graph).mean()
+            loss = loss + cfg.contractive_weight * terms["contractive"]
+        terms["loss"] = loss
+        return terms

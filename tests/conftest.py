@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from ae_lab.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+# the smallest real training: a couple of batches of one epoch
+QUICK = ["trainer=debug"]
+
+register_configs()
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config `python -m ae_lab OVERRIDES` would train, composed in-process with Hydra's API."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def train_in_process(overrides: list[str], run_dir: Path) -> dict[str, float]:
+    from ae_lab.run import train
+
+    return train(compose_config(overrides), run_dir)
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m ae_lab ARGS` as a user runs it, in `cwd` (so outputs/ lands there)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
+    return subprocess.run([sys.executable, "-m", "ae_lab", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture
+def quick() -> list[str]:
+    return list(QUICK)

@@ -1,0 +1,137 @@
+"""Config composition, the shared sweep keys, and bad input refused before training."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+from omegaconf import OmegaConf
+
+from ae_lab.config import ConfigError, TrainerConfig, validate
+from conftest import CONF, compose_config, run_cli
+
+GROUP_OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+                 for group in ("model", "loss", "noise", "dataset", "trainer", "logger")}
+
+
+@pytest.mark.parametrize("group", sorted(GROUP_OPTIONS))
+def test_sweep_keys_exist_in_every_composition(group):
+    for option in GROUP_OPTIONS[group]:
+        cfg = compose_config([f"{group}={option}"])
+        for key in ("model.latent_dim", "loss.beta", "loss.sparsity_weight", "seed"):
+            assert OmegaConf.select(cfg, key) is not None, f"{key} missing with {group}={option}"
+
+
+def test_vae_sets_gaussian_head_and_beta():
+    assert compose_config([]).loss.beta == 0
+    vae = compose_config(["model=vae"])
+    assert vae.model.latent == "gaussian" and vae.loss.beta == 1
+    beta_vae = compose_config(["model=vae", "loss.beta=4"])
+    assert beta_vae.loss.beta == 4
+    # loss presets compose with either model
+    assert compose_config(["model=vae", "loss=contractive"]).loss.contractive_weight > 0
+
+
+def test_every_trainer_key_is_a_lightning_trainer_argument():
+    arguments = inspect.signature(pl.Trainer.__init__).parameters
+    for key in TrainerConfig.__dataclass_fields__:
+        assert key in arguments, f"trainer.{key} is not a pytorch_lightning.Trainer argument"
+
+
+def test_trainer_settings_reach_the_trainer():
+    cfg = compose_config(["trainer.gradient_clip_val=0.5", "trainer.precision=bf16-mixed",
+                          "trainer.limit_train_batches=3", "trainer.accumulate_grad_batches=2",
+                          "trainer.max_epochs=7", "trainer.accelerator=cpu"])
+    trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer), logger=False)
+    assert trainer.gradient_clip_val == 0.5
+    assert trainer.precision == "bf16-mixed"
+    assert trainer.limit_train_batches == 3
+    assert trainer.accumulate_grad_batches == 2
+    assert trainer.max_epochs == 7
+
+
+BAD_VALUES = [
+    (["loss.beta=-1"], "loss.beta"),
+    (["model.latent_dim=0"], "model.latent_dim"),
+    (["loss.sparsity_target=1.5"], "loss.sparsity_target"),
+    (["loss.sparsity_target=0"], "loss.sparsity_target"),
+    (["noise=gaussian", "noise.std=-0.1"], "noise.std"),
+    (["noise=masking", "noise.p=1.2"], "noise.p"),
+    (["loss.sparsity_weight=-0.5"], "loss.sparsity_weight"),
+    (["loss.contractive_weight=-1"], "loss.contractive_weight"),
+    (["loss.contractive_projections=0"], "loss.contractive_projections"),
+    (["dataset.batch_size=0"], "dataset.batch_size"),
+    (["dataset.val_fraction=0.9"], "dataset.val_fraction"),
+    (["optim.lr=0"], "optim.lr"),
+    (["trainer.max_epochs=0"], "trainer.max_epochs"),
+    (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val"),
+    (["model.hidden_dims=[64,0]"], "model.hidden_dims"),
+    (["model.kernel_size=4"], "model.kernel_size"),
+    (["loss=sparse_kl", "model=vae"], "loss.sparsity"),
+    (["loss.sparsity=kl", "loss.sparsity_weight=1"], "loss.sparsity"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", BAD_VALUES)
+def test_bad_values_are_refused_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}="):
+        validate(compose_config(overrides), (1, 8, 8))
+
+
+def test_conv_deeper_than_the_image_allows_is_refused():
+    cfg = compose_config(["model.arch=conv", "model.channels=[8,8,8,8]"])
+    with pytest.raises(ConfigError, match="at most 3 stride-2 conv layers for 8x8"):
+        validate(cfg, (1, 8, 8))
+    validate(cfg, (1, 28, 28))  # four halvings of 28 are fine
+
+
+def test_online_wandb_without_a_key_is_refused(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with pytest.raises(ConfigError, match="logger.mode='online'.*wandb login"):
+        validate(compose_config(["logger.mode=online"]), (1, 8, 8))
+
+
+def test_beta_without_gaussian_head_is_allowed_but_warned():
+    warnings = validate(compose_config(["loss.beta=2"]), (1, 8, 8))
+    assert any("loss.beta" in warning and "model.latent=gaussian" in warning for warning in warnings)
+    assert validate(compose_config(["model=vae", "loss.beta=2"]), (1, 8, 8)) == []
+
+
+CLI_BAD_INPUTS = [
+    (["loss.beta=-1"], "loss.beta"),
+    (["model.latent_dim=0"], "model.latent_dim"),
+    (["loss.sparsity_target=1.5"], "loss.sparsity_target"),
+    (["noise=gaussian", "noise.std=-0.1"], "noise.std"),
+    (["model.arch=foo"], "model.arch"),
+    (["model.no_such_key=1"], "model.no_such_key"),
+    (["noise=gaussian", "noise.p=0.3"], "noise.p"),
+    (["model=nonexistent"], "model/nonexistent"),
+    (["model.latent_dim=eight"], "model.latent_dim"),
+    (["model.arch=conv", "model.channels=[8,8,8,8]"], "model.channels"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", CLI_BAD_INPUTS)
+def test_cli_refuses_bad_input_before_training(overrides, key, tmp_path):
+    done = run_cli(overrides, cwd=tmp_path)
+    assert done.returncode != 0
+    assert key in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert len(done.stderr.strip().splitlines()) <= 12  # a message, not a wall
+    assert not (tmp_path / "outputs").exists(), "a refused run must not create a run folder"
+
+
+def test_cli_refuses_a_folder_that_already_holds_a_run(tmp_path):
+    run_dir = tmp_path / "earlier"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text('{"status": "completed"}')
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text("precious: true\n")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    done = run_cli(["trainer=debug", "logger=none", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert done.returncode == 2
+    assert "already holds a run" in done.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
