@@ -143,6 +143,63 @@ class DigitsConfig:
     num_workers: int = 0
 
 
+class Binarize(str, Enum):
+    none = "none"
+    threshold = "threshold"
+    static = "static"
+    dynamic = "dynamic"
+
+
+@dataclass
+class DownloadedConfig:
+    """Fields shared by data sets read from files under `root`, downloaded from `mirrors` when missing."""
+
+    root: str = "data"
+    mirrors: list[str] = field(default_factory=list)
+    download: bool = True
+    download_timeout: float = 30.0
+    cache: bool = True  # keep decoded arrays next to the files (skipped where root is read-only)
+    batch_size: int = 128
+    num_workers: int = 0
+    on_device: bool = False  # hold the whole set on the accelerator (no per-step host-to-device copy)
+    split_seed: int = 0
+
+
+@dataclass
+class MnistConfig(DownloadedConfig):
+    """MNIST or Fashion-MNIST (`name`): `val_size` training images held out; `binarize`: none (grey
+    levels), threshold (at 0.5), static (one Bernoulli draw from `binarize_seed`), dynamic (a fresh
+    draw per training batch; validation and test use the static draw)."""
+
+    name: str = "mnist"
+    val_size: int = 5000
+    binarize: Binarize = Binarize.none
+    binarize_seed: int = 0
+
+
+@dataclass
+class DspritesConfig(DownloadedConfig):
+    name: str = "dsprites"
+    sha256: Any = None
+    batch_size: int = 64
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+
+
+@dataclass
+class ShapesConfig:
+    """The generated dSprites-style set; `subsample` images drawn from the full grid (null: all 737,280)."""
+
+    name: str = "shapes"
+    subsample: Any = 20000
+    batch_size: int = 64
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    split_seed: int = 0
+    num_workers: int = 0
+    on_device: bool = False
+
+
 @dataclass
 class TrainerConfig:
     """Passed to `pytorch_lightning.Trainer` as keyword arguments, key for key."""
@@ -220,7 +277,12 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "masking_schema": MaskingNoise,
         "salt_pepper_schema": SaltPepperNoise,
     },
-    "dataset": {"digits_schema": DigitsConfig},
+    "dataset": {
+        "digits_schema": DigitsConfig,
+        "mnist_schema": MnistConfig,
+        "dsprites_schema": DspritesConfig,
+        "shapes_schema": ShapesConfig,
+    },
     "logger": {
         "wandb_schema": WandbLoggerConfig,
         "csv_schema": CsvLoggerConfig,
@@ -285,12 +347,7 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
     elif noise.kind in ("masking", "salt_pepper"):
         _require(0 <= noise.p <= 1, "noise.p", noise.p, "a probability in [0, 1]")
 
-    _require(data.batch_size >= 1, "dataset.batch_size", data.batch_size, "an integer >= 1")
-    _require(data.num_workers >= 0, "dataset.num_workers", data.num_workers, "an integer >= 0")
-    for key in ("val_fraction", "test_fraction"):
-        _require(0 < data[key] < 1, f"dataset.{key}", data[key], "a fraction strictly between 0 and 1")
-    _require(data.val_fraction + data.test_fraction < 1, "dataset.val_fraction",
-             data.val_fraction, f"val_fraction + test_fraction < 1 (test_fraction={data.test_fraction})")
+    _validate_dataset(data)
 
     _require(optim.lr > 0, "optim.lr", optim.lr, "a learning rate > 0")
     _require(optim.weight_decay >= 0, "optim.weight_decay", optim.weight_decay, "a number >= 0")
@@ -315,6 +372,25 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
         warnings.append(f"loss.beta={loss.beta} has no effect: there is no KL term without "
                         "model.latent=gaussian (e.g. model=vae)")
     return warnings
+
+
+def _validate_dataset(data: DictConfig) -> None:
+    _require(data.batch_size >= 1, "dataset.batch_size", data.batch_size, "an integer >= 1")
+    _require(data.num_workers >= 0, "dataset.num_workers", data.num_workers, "an integer >= 0")
+    if "val_fraction" in data:
+        for key in ("val_fraction", "test_fraction"):
+            _require(0 < data[key] < 1, f"dataset.{key}", data[key], "a fraction strictly between 0 and 1")
+        _require(data.val_fraction + data.test_fraction < 1, "dataset.val_fraction", data.val_fraction,
+                 f"val_fraction + test_fraction < 1 (test_fraction={data.test_fraction})")
+    if "val_size" in data:
+        _require(1 <= data.val_size < 60000, "dataset.val_size", data.val_size,
+                 "between 1 and 59,999 of the 60,000 training images")
+    if "download_timeout" in data:
+        _require(data.download_timeout > 0, "dataset.download_timeout", data.download_timeout,
+                 "a number of seconds > 0")
+    if "subsample" in data and data.subsample is not None:
+        _require(isinstance(data.subsample, int) and 10 <= data.subsample <= 737_280,
+                 "dataset.subsample", data.subsample, "null (all 737,280 images) or an integer in [10, 737280]")
 
 
 def _wandb_key_available() -> bool:

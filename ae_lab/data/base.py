@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -18,16 +19,58 @@ from torch.utils.data import DataLoader, Dataset
 
 @dataclass
 class Split:
-    images: torch.Tensor
+    """One split's examples: rows `index` of `images` (all rows when None).
+
+    `images` is a tensor (N, C, H, W), uint8 or float, possibly shared by several splits so that a large
+    set is held once; or any object that returns a float batch for `images[rows]` (e.g. a renderer).
+    A batch's pixels are `images[rows] / pixel_scale`; with `resample_binary` each batch is a fresh
+    Bernoulli draw of those pixel intensities (dynamic binarisation).
+    """
+
+    images: Any
     labels: torch.Tensor | None = None
     factors: torch.Tensor | None = None
+    factor_classes: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    pixel_scale: float = 1.0
+    resample_binary: bool = False
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return len(self.index) if self.index is not None else self.images.shape[0]
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        if self.index is None:
+            return positions
+        return self.index[positions.to(self.index.device)]
+
+    def batch(self, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        rows = self.rows(positions)
+        x = self.images[rows].to(torch.float32)
+        if self.pixel_scale != 1.0:
+            x = x / self.pixel_scale
+        if self.resample_binary:
+            x = torch.bernoulli(x)
+        batch = {"x": x}
+        for key in ("labels", "factors", "factor_classes"):
+            values = getattr(self, key)
+            if values is not None:
+                batch["label" if key == "labels" else key] = values[rows]
+        return batch
+
+    def to(self, device: torch.device) -> "Split":
+        def move(value: Any) -> Any:
+            return value.to(device) if value is not None and hasattr(value, "to") else value
+
+        return Split(move(self.images), move(self.labels), move(self.factors), move(self.factor_classes),
+                     move(self.index), self.pixel_scale, self.resample_binary)
 
 
 class BatchedTensors(Dataset):
-    """A dataset of tensors indexed a whole batch at a time.
+    """A split indexed a whole batch at a time.
 
     DataLoader calls `__getitems__` with the batch's indices, so a batch is one fancy-indexing op per
     tensor instead of one Python call per example. The sampler stays a standard one, so Lightning can
@@ -35,21 +78,16 @@ class BatchedTensors(Dataset):
     """
 
     def __init__(self, split: Split) -> None:
-        self.tensors = {"x": split.images}
-        if split.labels is not None:
-            self.tensors["label"] = split.labels
-        if split.factors is not None:
-            self.tensors["factors"] = split.factors
+        self.split = split
 
     def __len__(self) -> int:
-        return self.tensors["x"].shape[0]
+        return len(self.split)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {key: t[index] for key, t in self.tensors.items()}
+        return {key: value[0] for key, value in self.__getitems__([index]).items()}
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        index = torch.as_tensor(indices)
-        return {key: t[index] for key, t in self.tensors.items()}
+        return self.split.batch(torch.as_tensor(indices))
 
 
 def keep_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -61,22 +99,31 @@ class ArrayDataModule(pl.LightningDataModule):
     """Train/val/test splits held in memory, served in batches."""
 
     def __init__(self, name: str, splits: dict[str, Split], batch_size: int, num_workers: int,
-                 checksum: str) -> None:
+                 checksum: str, on_device: bool = False) -> None:
         super().__init__()
         self.name = name
         self.splits = splits
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.checksum = checksum
+        self.on_device = on_device
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.splits["train"].images.shape[1:])
+        return self.splits["train"].image_shape
+
+    def setup(self, stage: str) -> None:
+        """With `dataset.on_device=true`, move the whole set to the accelerator once (batches are then
+        sliced there: no host-to-device copy per step)."""
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        if self.on_device and device is not None and device.type != "cpu":
+            self.splits = {name: split.to(device) for name, split in self.splits.items()}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        workers = 0 if self.on_device else self.num_workers  # CUDA tensors stay in this process
         return DataLoader(BatchedTensors(self.splits[split]), batch_size=self.batch_size,
-                          shuffle=shuffle, num_workers=self.num_workers, collate_fn=keep_batch,
-                          persistent_workers=self.num_workers > 0)
+                          shuffle=shuffle, num_workers=workers, collate_fn=keep_batch,
+                          persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
