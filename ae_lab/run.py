@@ -59,8 +59,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         metrics["epochs"] = trainer.current_epoch
         if trainer.is_global_zero:
             write_json(run_dir / "metrics.json", dict(sorted(metrics.items())))
-            save_reconstructions(module, data.splits["test"].images[: cfg.num_reconstructions],
-                                 run_dir / "figures" / "reconstructions.png")
+            test = data.splits["test"]
+            shown = test.batch(torch.arange(min(cfg.num_reconstructions, len(test))))["x"]
+            save_reconstructions(module, shown, run_dir / "figures" / "reconstructions.png")
             record.update(best_checkpoint=checkpoints.best_model_path or None)
             record.completed()
         return metrics

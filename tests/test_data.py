@@ -259,3 +259,17 @@ def test_dsprites_file_without_its_arrays_is_refused(tmp_path):
     np.savez(tmp_path / "wrong.npz", images=np.zeros((2, 64, 64), np.uint8))
     with pytest.raises(DataError, match="lacks imgs, latents_values, latents_classes"):
         read_npz(tmp_path / "wrong.npz")
+
+
+@needs_shared
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_models_train_on_mnist(arch, tmp_path):
+    from conftest import QUICK, read_json, train_in_process
+    from ae_lab.data.files import combined_sha256
+
+    metrics = train_in_process(["dataset=mnist", f"dataset.root={SHARED}", f"model.arch={arch}",
+                                "model=vae", "dataset.binarize=dynamic", "dataset.on_device=true",
+                                *QUICK, "logger=none"], tmp_path)
+    assert np.isfinite(metrics["test/elbo"])
+    expected = combined_sha256({remote.name: remote.sha256 for remote in FILES["mnist"].values()})
+    assert read_json(tmp_path / "run.json")["data"] == {"name": "mnist", "sha256": expected}
