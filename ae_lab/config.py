@@ -197,7 +197,6 @@ class ShapesConfig:
     test_fraction: float = 0.1
     split_seed: int = 0
     num_workers: int = 0
-    on_device: bool = False
 
 
 @dataclass

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from ae_lab.data import digits, dsprites, mnist
+from ae_lab.data import digits, dsprites, mnist, shapes
 from ae_lab.data.base import ArrayDataModule, Split
 
-_DATASETS = {"digits": digits, "mnist": mnist, "fashion_mnist": mnist, "dsprites": dsprites}
+_DATASETS = {"digits": digits, "mnist": mnist, "fashion_mnist": mnist, "dsprites": dsprites,
+             "shapes": shapes}
 
 __all__ = ["ArrayDataModule", "Split", "build_datamodule", "input_shape"]
 
