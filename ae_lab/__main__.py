@@ -2,29 +2,47 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from ae_lab.config import ConfigError, fail, register_configs
 
 register_configs()
+log = logging.getLogger("ae_lab")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> float:
+    """Train one run. In a sweep a failing job is recorded (run.json, the sweep's summary) and the
+    sweep goes on; alone, a bad config ends the process with one line and exit code 2."""
     from ae_lab.report import print_summary
     from ae_lab.run import train
+    from ae_lab.tracking import record_refused
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_config = HydraConfig.get()
+    run_dir = Path(hydra_config.runtime.output_dir)
+    in_sweep = hydra_config.mode == RunMode.MULTIRUN
     try:
         metrics = train(cfg, run_dir)
     except ConfigError as error:
-        fail(str(error))
+        if not in_sweep:
+            fail(str(error))
+        record_refused(run_dir, cfg, error)
+        log.error("job refused: %s", error)
+        return math.nan
+    except Exception as error:  # noqa: BLE001 - the job's run.json holds it; the sweep goes on
+        if not in_sweep:
+            raise
+        log.exception("job failed: %s", error)
+        return math.nan
     print_summary(run_dir, metrics)
-    return metrics.get("val/loss")
+    return metrics.get(cfg.objective, math.nan)
 
 
 if __name__ == "__main__":

@@ -267,6 +267,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0
     num_reconstructions: int = 10
+    objective: str = "val/loss"  # the metric `python -m ae_lab` returns, for sweepers that optimise
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -291,7 +292,14 @@ SCHEMAS: dict[str, dict[str, type]] = {
 
 
 def register_configs() -> None:
-    """Put the schemas into Hydra's ConfigStore; the YAML files in `conf/` name them in `defaults`."""
+    """Put the schemas into Hydra's ConfigStore (the YAML files in `conf/` name them in `defaults`)
+    and register ae_lab's resolvers."""
+    from omegaconf import OmegaConf
+
+    from ae_lab.sweep import config_hash
+
+    if not OmegaConf.has_resolver("config_hash"):
+        OmegaConf.register_new_resolver("config_hash", config_hash)
     store = ConfigStore.instance()
     store.store(name="config_schema", node=Config)
     for group, schemas in SCHEMAS.items():
@@ -406,11 +414,14 @@ def fail(message: str) -> None:
 
 
 class CheckBeforeRun(Callback):
-    """Refuse a bad config, or a run folder that already holds a run, before Hydra creates it."""
+    """Refuse a bad config, or a run folder that already holds a run, before Hydra creates it;
+    summarise a sweep when it ends."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from ae_lab.distributed import launched_rank
+
         run_dir = Path(str(config.hydra.run.dir))
-        if (run_dir / "run.json").exists():
+        if (run_dir / "run.json").exists() and launched_rank() == 0:  # DDP ranks join rank 0's run
             fail(f"hydra.run.dir={str(run_dir)!r} already holds a run: choose a new folder")
         from ae_lab.data import input_shape
 
@@ -418,3 +429,17 @@ class CheckBeforeRun(Callback):
             validate(config, input_shape(config.dataset))
         except ConfigError as error:
             fail(str(error))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from rich.console import Console
+
+        from ae_lab.sweep import jobs_in, write_summary
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs = jobs_in(sweep_dir)
+        summary = write_summary(sweep_dir, jobs)
+        Console().print(summary.read_text(), soft_wrap=True, markup=False)
+        print(f"sweep folder: {sweep_dir} (summary: {summary})")
+        failed = [job for job in jobs if job.status != "completed"]
+        if failed:
+            fail(f"{len(failed)} of {len(jobs)} jobs did not complete: see {summary}")

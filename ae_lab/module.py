@@ -12,6 +12,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
+from torch import nn
+from torchmetrics import MeanMetric
 
 from ae_lab.nets import Latent, build_decoder, build_encoder, build_latent_head
 from ae_lab.noise import build_corruption
@@ -31,6 +33,11 @@ class Autoencoder(pl.LightningModule):
         self.head = build_latent_head(cfg.model, features)
         self.decoder = build_decoder(cfg.model, tuple(input_shape))
         self.objective = Objective(cfg.loss, gaussian_head=cfg.model.latent == "gaussian")
+        # Epoch metrics: means over every example of the split, weighted by batch size and summed
+        # across DDP ranks, so they equal the single-process value whatever the batching or sharding.
+        self.epoch_means = nn.ModuleDict({
+            f"{stage}__{name}": MeanMetric()
+            for stage in ("train", "val", "test") for name in self.objective.term_names})
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Latent]:
         latent = self.head(self.encoder(x))
@@ -52,8 +59,9 @@ class Autoencoder(pl.LightningModule):
             logits, latent = self(inputs)
             terms = self.objective(logits, x, latent, inputs, create_graph=stage == "train")
         for name, value in terms.items():
-            self.log(f"{stage}/{name}", value.detach(), on_step=False, on_epoch=True,
-                     batch_size=x.shape[0], sync_dist=stage != "train", prog_bar=name == "loss")
+            mean = self.epoch_means[f"{stage}__{name}"]
+            mean.update(value.detach(), weight=x.shape[0])
+            self.log(f"{stage}/{name}", mean, on_step=False, on_epoch=True, prog_bar=name == "loss")
         return terms["loss"]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

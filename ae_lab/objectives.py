@@ -88,6 +88,18 @@ class Objective:
     def needs_input_grad(self) -> bool:
         return self.cfg.contractive_weight > 0
 
+    @property
+    def term_names(self) -> list[str]:
+        """The names `__call__` returns, in order."""
+        names = ["recon"]
+        if self.gaussian_head:
+            names += ["kl", "elbo"] if self.cfg.recon == "bce" else ["kl"]
+        if self.cfg.sparsity_weight > 0:
+            names.append("sparsity")
+        if self.cfg.contractive_weight > 0:
+            names.append("contractive")
+        return [*names, "loss"]
+
     def __call__(self, logits: torch.Tensor, x: torch.Tensor, latent: Latent, inputs: torch.Tensor,
                  create_graph: bool) -> dict[str, torch.Tensor]:
         cfg = self.cfg

@@ -9,16 +9,19 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ae_lab.config import validate
-from ae_lab.data import build_datamodule, input_shape
+from ae_lab.data import ArrayDataModule, build_datamodule, input_shape
+from ae_lab.distributed import HydraJobDDPStrategy, isolated_job, launched_rank, resolve_strategy
 from ae_lab.figures import image_rows
 from ae_lab.module import Autoencoder
-from ae_lab.tracking import RunRecord, build_logger, finish_logger, write_json
+from ae_lab.tracking import (RunRecord, build_logger, completed_metrics, finish_logger, write_config_files,
+                             write_json)
 
 log = logging.getLogger(__name__)
 # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, once per loop: noise, not news.
@@ -30,46 +33,71 @@ MODULE_SECTIONS = ("model", "loss", "noise", "optim")
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     """Train and evaluate one configuration into `run_dir`; return the final metrics.
 
-    Raises ConfigError before anything is written when the config is bad.
+    Raises ConfigError before anything is written when the config is bad. A folder that already holds
+    a completed run of this same config (a resumed sweep) is not trained again: its metrics are
+    returned. Under DDP every rank calls this; only rank 0 writes files.
     """
     for warning in validate(cfg, input_shape(cfg.dataset)):
         log.warning(warning)
+    rank_zero = launched_rank() == 0
+    if rank_zero:
+        finished = completed_metrics(run_dir, cfg)
+        if finished is not None:
+            log.info("%s already holds a completed run of this config: not run again", run_dir)
+            return finished
     data = build_datamodule(cfg.dataset)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record = RunRecord(run_dir, cfg, data.name, data.checksum)
-    logger = None
-    try:
-        pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        module = Autoencoder({key: plain[key] for key in MODULE_SECTIONS}, data.input_shape)
-        logger = build_logger(cfg, run_dir)
-        checkpoints = pl.callbacks.ModelCheckpoint(
-            dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min",
-            save_top_k=1, save_last=True, enable_version_counter=False)
-        trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer), logger=logger,
-                             callbacks=[checkpoints], default_root_dir=str(run_dir),
-                             inference_mode=False)  # the contractive term needs grads in evaluation
-        trainer.fit(module, datamodule=data)
-        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
-                   if key.startswith("train/")}
-        # val and test both with the best weights, so the two splits describe the same model
-        for results in (trainer.validate(module, datamodule=data, ckpt_path="best", verbose=False),
-                        trainer.test(module, datamodule=data, ckpt_path="best", verbose=False)):
-            metrics.update({key: float(value) for key, value in results[0].items()})
-        metrics["epochs"] = trainer.current_epoch
-        if trainer.is_global_zero:
-            write_json(run_dir / "metrics.json", dict(sorted(metrics.items())))
-            test = data.splits["test"]
-            shown = test.batch(torch.arange(min(cfg.num_reconstructions, len(test))))["x"]
-            save_reconstructions(module, shown, run_dir / "figures" / "reconstructions.png")
-            record.update(best_checkpoint=checkpoints.best_model_path or None)
-            record.completed()
-        return metrics
-    except BaseException as error:
-        record.failed(error)
-        raise
-    finally:
-        finish_logger(logger)
+    with isolated_job():
+        record = None
+        if rank_zero:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_config_files(run_dir, cfg)
+            record = RunRecord(run_dir, cfg, data.name, data.checksum)
+        logger = None
+        try:
+            logger = build_logger(cfg, run_dir)
+            metrics, best_checkpoint = _fit_and_test(cfg, run_dir, data, logger)
+            if record is not None:
+                record.completed(best_checkpoint=best_checkpoint)
+            return metrics
+        except BaseException as error:
+            if record is not None:
+                record.failed(error)
+            raise
+        finally:
+            finish_logger(logger)
+
+
+def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule,
+                  logger: Any) -> tuple[dict[str, float], str | None]:
+    """Fit, then evaluate val and test with the best checkpoint; return the metrics and that path."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    module = Autoencoder({key: plain[key] for key in MODULE_SECTIONS}, data.input_shape)
+    checkpoints = pl.callbacks.ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min",
+        save_top_k=1, save_last=True, enable_version_counter=False)
+    trainer_args = OmegaConf.to_container(cfg.trainer)
+    trainer_args["strategy"] = resolve_strategy(trainer_args["strategy"])
+    trainer = pl.Trainer(**trainer_args, logger=logger, callbacks=[checkpoints],
+                         default_root_dir=str(run_dir),
+                         use_distributed_sampler=False,  # the data module shards (see ArrayDataModule)
+                         inference_mode=False)  # the contractive term needs grads in evaluation
+    trainer.fit(module, datamodule=data)
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
+               if key.startswith("train/")}
+    # val and test both with the best weights, so the two splits describe the same model
+    for results in (trainer.validate(module, datamodule=data, ckpt_path="best", verbose=False),
+                    trainer.test(module, datamodule=data, ckpt_path="best", verbose=False)):
+        metrics.update({key: float(value) for key, value in results[0].items()})
+    metrics["epochs"] = trainer.current_epoch
+    if trainer.is_global_zero:
+        write_json(run_dir / "metrics.json", dict(sorted(metrics.items())))
+        test = data.splits["test"]
+        shown = test.batch(torch.arange(min(cfg.num_reconstructions, len(test))))["x"]
+        save_reconstructions(module, shown, run_dir / "figures" / "reconstructions.png")
+    if isinstance(trainer.strategy, HydraJobDDPStrategy):
+        trainer.strategy.wait_for_children()
+    return metrics, checkpoints.best_model_path or None
 
 
 def save_reconstructions(module: Autoencoder, inputs: torch.Tensor, path: Path) -> Path:

@@ -58,12 +58,56 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _plain(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def write_config_files(run_dir: Path, cfg: DictConfig) -> None:
+    """`.hydra/config.yaml`, and under Hydra also `overrides.yaml` and `hydra.yaml`. Written by the run
+    itself (hydra.output_subdir is null), after its checks, so a refused run overwrites nothing."""
+    folder = run_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        hydra = HydraConfig.get()
+        OmegaConf.save(hydra.overrides.task, folder / "overrides.yaml")
+        OmegaConf.save(OmegaConf.create({"hydra": hydra}), folder / "hydra.yaml")
+
+
+def completed_metrics(run_dir: Path, cfg: DictConfig) -> dict[str, float] | None:
+    """The metrics of a completed run of `cfg` in `run_dir`, None when there is none (or it failed).
+
+    Raises ConfigError when the folder holds a completed run of another config: it is not overwritten.
+    """
+    from ae_lab.config import ConfigError
+
+    record, metrics, config = run_dir / "run.json", run_dir / "metrics.json", run_dir / ".hydra" / "config.yaml"
+    if not record.exists() or json.loads(record.read_text()).get("status") != "completed":
+        return None
+    if not config.exists() or _plain(OmegaConf.load(config)) != _plain(cfg):
+        raise ConfigError(f"{run_dir} already holds a completed run of a different config: "
+                          "it is kept as it is; run into another folder")
+    return json.loads(metrics.read_text())
+
+
+def record_refused(run_dir: Path, cfg: DictConfig, error: BaseException) -> None:
+    """Mark a sweep job whose config was refused as failed, unless its folder holds another run."""
+    record = run_dir / "run.json"
+    if not record.exists():
+        write_config_files(run_dir, cfg)
+        write_json(record, {"status": "failed", "seed": cfg.seed, "error": str(error), "ended": _now()})
+
+
 class RunRecord:
     """`run.json`: status (running | completed | failed), seed, code and package versions, data checksum,
     start and end times, and the error when the run failed."""
 
     def __init__(self, run_dir: Path, cfg: DictConfig, data_name: str, data_checksum: str) -> None:
         self.path = run_dir / "run.json"
+        if self.path.exists():  # an earlier attempt that failed or was cut off: keep its record
+            os.replace(self.path, run_dir / f"run.attempt-{int(self.path.stat().st_mtime)}.json")
         self.payload: dict[str, Any] = {
             "status": "running",
             "seed": cfg.seed,
@@ -72,6 +116,7 @@ class RunRecord:
             "data": {"name": data_name, "sha256": data_checksum},
             "command": [sys.executable, *sys.argv],
             "host": socket.gethostname(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "started": _now(),
             "ended": None,
         }
@@ -84,8 +129,8 @@ class RunRecord:
         self.payload.update(fields)
         self._write()
 
-    def completed(self) -> None:
-        self.update(status="completed", ended=_now())
+    def completed(self, **fields: Any) -> None:
+        self.update(status="completed", ended=_now(), **fields)
 
     def failed(self, error: BaseException) -> None:
         message = "".join(traceback.format_exception_only(type(error), error)).strip()

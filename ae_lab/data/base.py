@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+import os
+from typing import Any, Iterator
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
 @dataclass
@@ -90,6 +91,21 @@ class BatchedTensors(Dataset):
         return self.split.batch(torch.as_tensor(indices))
 
 
+class ShardSampler(Sampler[int]):
+    """Every `world_size`-th example from `rank`, without padding: the ranks' shards partition the split,
+    so evaluation metrics summed across ranks cover each example exactly once (Lightning's default
+    DistributedSampler pads with repeated examples)."""
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def keep_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Collate function for `BatchedTensors`: the batch is already assembled."""
     return batch
@@ -120,9 +136,20 @@ class ArrayDataModule(pl.LightningDataModule):
             self.splits = {name: split.to(device) for name, split in self.splits.items()}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        """Batches of one split. Under DDP (the Trainer runs with use_distributed_sampler=False) the
+        training split is shuffled and sharded by a seeded DistributedSampler, evaluation splits by
+        ShardSampler."""
+        dataset = BatchedTensors(self.splits[split])
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        sampler = None
+        if world_size > 1 and shuffle:
+            sampler = DistributedSampler(dataset, world_size, self.trainer.global_rank, shuffle=True,
+                                         seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        elif world_size > 1:
+            sampler = ShardSampler(len(dataset), self.trainer.global_rank, world_size)
         workers = 0 if self.on_device else self.num_workers  # CUDA tensors stay in this process
-        return DataLoader(BatchedTensors(self.splits[split]), batch_size=self.batch_size,
-                          shuffle=shuffle, num_workers=workers, collate_fn=keep_batch,
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle and sampler is None,
+                          sampler=sampler, num_workers=workers, collate_fn=keep_batch,
                           persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:

@@ -1,0 +1,109 @@
+"""DDP that is safe under Hydra, and the isolation that lets jobs run one after another in a process.
+
+Lightning's subprocess launcher starts ranks 1..N-1 by re-running the parent's command line with
+`hydra.run.dir` appended. Under `-m` that command is the whole sweep (each child re-runs every job
+and makes a stray sweep folder), and in any Hydra job the run dir it passes is `hydra.run.dir`, not
+the job's folder. `HydraJobDDPStrategy` starts each child as a single run of *this job only*: the
+job's own overrides, its own folder, run mode, no config or log files of its own.
+
+Lightning also leaves DDP state behind in the parent process (MASTER_*/LOCAL_RANK/WORLD_SIZE in
+os.environ, the process group, the deterministic-algorithms flag): `isolated_job` restores it, so
+the next job of an in-process sweep starts as if it were the first.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+from unittest import mock
+
+import torch
+from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
+from pytorch_lightning.strategies.launchers import subprocess_script
+from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+def launched_rank() -> int:
+    """This process's rank as its launcher set it in the environment (0 for a process started by hand)."""
+    return max(int(os.environ.get(name, 0) or 0) for name in _RANK_VARIABLES)
+
+
+def _quoted(value: str) -> str:
+    """A Hydra override value quoted, so commas, brackets or '=' in a path are taken literally."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def job_command(local_rank: int) -> tuple[list[str], str]:
+    """Command line and working directory that start rank `local_rank` of the current Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra = HydraConfig.get()
+    command = [sys.executable, "-m", "ae_lab", *hydra.overrides.task,
+               f"hydra.run.dir={_quoted(hydra.runtime.output_dir)}",
+               "hydra.mode=RUN",  # a sweep preset may set MULTIRUN: a rank is never a sweep
+               "hydra.output_subdir=null",  # rank 0 writes the job's .hydra/
+               f"hydra.job.name=rank{local_rank}",
+               "hydra/job_logging=stdout"]  # log to the console only: rank 0 owns the log file
+    return command, hydra.runtime.cwd
+
+
+class _HydraJobLauncher(_SubprocessScriptLauncher):
+    """Lightning's subprocess launcher, with each child started by `job_command`."""
+
+    def _call_children_scripts(self) -> None:
+        with mock.patch.object(subprocess_script, "_hydra_subprocess_cmd", job_command):
+            super()._call_children_scripts()
+
+    def wait_for_children(self, timeout: float) -> None:
+        for process in self.procs:
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+class HydraJobDDPStrategy(DDPStrategy):
+    """DDP (subprocess start) whose ranks run the current Hydra job, not the process's command line."""
+
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if isinstance(self._launcher, _SubprocessScriptLauncher):
+            self._launcher = _HydraJobLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    def wait_for_children(self, timeout: float = 120.0) -> None:
+        if isinstance(self._launcher, _HydraJobLauncher):
+            self._launcher.wait_for_children(timeout)
+
+
+def resolve_strategy(name: Any) -> Any:
+    """`trainer.strategy` as the Trainer should get it: DDP strategies that start ranks as
+    subprocesses become HydraJobDDPStrategy with the same settings; every other value passes through."""
+    if isinstance(name, str) and name in StrategyRegistry:
+        entry = StrategyRegistry[name]
+        if entry["strategy"] is DDPStrategy and entry["init_params"].get("start_method", "popen") == "popen":
+            return HydraJobDDPStrategy(**entry["init_params"])
+    return name
+
+
+@contextmanager
+def isolated_job() -> Iterator[None]:
+    """Run one job and then undo the process-wide state it changed (environment, process group,
+    torch's determinism flags), waiting for any DDP ranks it started."""
+    environment = dict(os.environ)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn

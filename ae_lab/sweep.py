@@ -1,0 +1,68 @@
+"""A sweep's folder: its jobs, their status and metrics, and the summary written when it ends."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+SUMMARY_METRICS = ("test/loss", "test/recon", "test/kl", "test/elbo")
+
+
+def config_hash(*, _root_: Any) -> str:
+    """OmegaConf resolver: 8 hex digits of the job's resolved config (without `hydra`).
+
+    Naming each job folder after it means re-running a sweep into the same folder finds the finished
+    jobs again, and a job whose config changed gets a new folder instead of overwriting an old one.
+    """
+    job_keys = [key for key in _root_ if key != "hydra"]  # hydra holds this very interpolation
+    config = OmegaConf.to_container(OmegaConf.masked_copy(_root_, job_keys), resolve=True, enum_to_str=True)
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+
+
+@dataclass
+class Job:
+    folder: Path
+    overrides: list[str]
+    status: str
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def jobs_in(sweep_dir: Path) -> list[Job]:
+    """Every job folder (one holding a run.json) directly under `sweep_dir`, in folder order."""
+    jobs = []
+    for record_path in sorted(sweep_dir.glob("*/run.json")):
+        folder = record_path.parent
+        record = json.loads(record_path.read_text())
+        overrides_path = folder / ".hydra" / "overrides.yaml"
+        overrides = list(OmegaConf.load(overrides_path)) if overrides_path.exists() else []
+        metrics_path = folder / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+        jobs.append(Job(folder, [str(o) for o in overrides], record.get("status", "unknown"),
+                        record.get("error"), metrics))
+    return jobs
+
+
+def write_summary(sweep_dir: Path, jobs: list[Job]) -> Path:
+    """`summary.md` (a table a person reads) and `summary.json` (for tools) in the sweep folder."""
+    shown = [name for name in SUMMARY_METRICS if any(name in job.metrics for job in jobs)]
+    lines = ["| job | overrides | status | " + " | ".join(shown) + " |",
+             "|---|---|---|" + "---|" * len(shown)]
+    for job in jobs:
+        values = [f"{job.metrics[name]:.4f}" if name in job.metrics else "" for name in shown]
+        status = job.status if job.error is None else f"{job.status}: {job.error}"
+        lines.append(f"| {job.folder.name} | {' '.join(job.overrides)} | {status} | "
+                     + " | ".join(values) + " |")
+    counts = {status: sum(job.status == status for job in jobs) for status in ("completed", "failed")}
+    lines += ["", f"{len(jobs)} jobs: {counts['completed']} completed, {counts['failed']} failed, "
+                  f"{len(jobs) - counts['completed'] - counts['failed']} other"]
+    (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    (sweep_dir / "summary.json").write_text(json.dumps(
+        [{"folder": job.folder.name, "overrides": job.overrides, "status": job.status,
+          "error": job.error, "metrics": job.metrics} for job in jobs], indent=2) + "\n")
+    return sweep_dir / "summary.md"
