@@ -268,6 +268,7 @@ class Config:
     seed: int = 0
     num_reconstructions: int = 10
     objective: str = "val/loss"  # the metric `python -m ae_lab` returns, for sweepers that optimise
+    noise_level: Any = None  # when set, the strength of whichever noise is chosen (std or p)
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -296,10 +297,11 @@ def register_configs() -> None:
     and register ae_lab's resolvers."""
     from omegaconf import OmegaConf
 
-    from ae_lab.sweep import config_hash
+    from ae_lab.sweep import config_hash, noise_level
 
-    if not OmegaConf.has_resolver("config_hash"):
-        OmegaConf.register_new_resolver("config_hash", config_hash)
+    for name, resolver in (("config_hash", config_hash), ("noise_level", noise_level)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
     store = ConfigStore.instance()
     store.store(name="config_schema", node=Config)
     for group, schemas in SCHEMAS.items():

@@ -33,7 +33,7 @@ def launched_rank() -> int:
     return max(int(os.environ.get(name, 0) or 0) for name in _RANK_VARIABLES)
 
 
-def _quoted(value: str) -> str:
+def quoted(value: str) -> str:
     """A Hydra override value quoted, so commas, brackets or '=' in a path are taken literally."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -44,7 +44,7 @@ def job_command(local_rank: int) -> tuple[list[str], str]:
 
     hydra = HydraConfig.get()
     command = [sys.executable, "-m", "ae_lab", *hydra.overrides.task,
-               f"hydra.run.dir={_quoted(hydra.runtime.output_dir)}",
+               f"hydra.run.dir={quoted(hydra.runtime.output_dir)}",
                "hydra.mode=RUN",  # a sweep preset may set MULTIRUN: a rank is never a sweep
                "hydra.output_subdir=null",  # rank 0 writes the job's .hydra/
                f"hydra.job.name=rank{local_rank}",

@@ -24,6 +24,16 @@ def config_hash(*, _root_: Any) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def noise_level(default: float, *, _root_: Any) -> float:
+    """OmegaConf resolver: the top-level `noise_level` when set, else the noise kind's own default.
+
+    Lets one sweep cross noise kinds with noise levels (`noise=gaussian,masking noise_level=0.1,0.3`)
+    although the kinds name their strength differently (`std`, `p`).
+    """
+    level = _root_.get("noise_level")
+    return default if level is None else level
+
+
 @dataclass
 class Job:
     folder: Path

@@ -55,7 +55,7 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _plain(cfg: DictConfig) -> dict[str, Any]:

@@ -1,0 +1,184 @@
+"""`hydra/launcher=gpu_queue`: one job per GPU (or per `trainer.devices` GPUs) on a multi-GPU machine.
+
+Jobs wait in a queue for free GPUs. Each job runs as its own process (`python -m ae_lab`, a single run
+in the job's folder) that sees only the GPUs it was given, through CUDA_VISIBLE_DEVICES; a DDP job
+(`trainer.devices=k`) is given k of them and its ranks share them. A pending job starts as soon as
+enough GPUs are free (a later, smaller job may start before an earlier, larger one that does not fit
+yet). submitit's local executor gives every job the same GPUs, which is why this exists.
+
+A job whose folder already holds a completed run of the same config is not started again, so a
+re-run into the same `hydra.sweep.dir` finishes only what is missing.
+"""
+
+
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GpuQueueLauncherConf:
+    _target_: str = "hydra_plugins.ae_lab_plugins.gpu_queue_launcher.GpuQueueLauncher"
+    gpus: Optional[list[int]] = None  # device ids to hand out; null: every GPU torch can see
+    devices_key: str = "trainer.devices"  # how many GPUs a job takes
+    poll_seconds: float = 0.5
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="gpu_queue", node=GpuQueueLauncherConf,
+                             provider="ae_lab")
+
+
+@dataclass
+class _Job:
+    index: int
+    overrides: list[str]
+    config: DictConfig  # the job's full config, hydra node included
+    folder: Path
+    devices: int
+
+
+class GpuQueueLauncher(Launcher):
+    def __init__(self, gpus: Optional[list[int]] = None, devices_key: str = "trainer.devices",
+                 poll_seconds: float = 0.5) -> None:
+        self.gpus = gpus
+        self.devices_key = devices_key
+        self.poll_seconds = poll_seconds
+        self.config: Optional[DictConfig] = None
+        self.hydra_context: Optional[HydraContext] = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+
+    def _gpu_ids(self) -> list[int]:
+        if self.gpus is not None:
+            return list(self.gpus)
+        import torch
+
+        return list(range(torch.cuda.device_count()))
+
+    def _job(self, index: int, overrides: Sequence[str]) -> _Job:
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(config):
+            config.hydra.job.id = index
+            config.hydra.job.num = index
+        HydraConfig.instance().set_config(config)
+        folder = Path(str(config.hydra.sweep.dir)) / str(OmegaConf.select(config, "hydra.sweep.subdir"))
+        devices = OmegaConf.select(config, self.devices_key)
+        if not isinstance(devices, int) or devices < 1:
+            raise ValueError(f"{self.devices_key}={devices!r}: hydra/launcher=gpu_queue needs a number "
+                             "of GPUs per job (an integer >= 1)")
+        return _Job(index, list(overrides), config, folder, devices)
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from ae_lab.config import ConfigError
+        from ae_lab.tracking import completed_metrics
+
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        free = self._gpu_ids()
+        log.info(f"Queueing {len(job_overrides)} jobs on GPUs {free}")
+        jobs = [self._job(initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
+        returns: dict[int, JobReturn] = {}
+        pending: list[_Job] = []
+        for job in jobs:
+            task_config = self._task_config(job)
+            try:
+                finished = completed_metrics(job.folder, task_config)
+            except ConfigError as error:
+                returns[job.index] = self._failed(job, str(error), write_record=False)
+                continue
+            if finished is not None:
+                log.info(f"\t#{job.index} : already completed in {job.folder}")
+                returns[job.index] = self._return(job, finished.get(task_config.objective, math.nan))
+            elif job.devices > len(free):
+                returns[job.index] = self._failed(
+                    job, f"{self.devices_key}={job.devices} but only {len(free)} GPUs are available")
+            else:
+                pending.append(job)
+
+        running: list[tuple[_Job, subprocess.Popen, list[int], Any]] = []
+        while pending or running:
+            for job in list(pending):
+                if job.devices > len(free):
+                    continue
+                assigned, free = free[:job.devices], free[job.devices:]
+                pending.remove(job)
+                running.append((job, *self._start(job, assigned)))
+            time.sleep(self.poll_seconds)
+            for entry in list(running):
+                job, process, assigned, output = entry
+                if process.poll() is None:
+                    continue
+                running.remove(entry)
+                output.close()
+                free = sorted(free + assigned)
+                returns[job.index] = self._finished(job, process.returncode)
+        return [returns[job.index] for job in jobs]
+
+    def _start(self, job: _Job, gpus: list[int]) -> tuple[subprocess.Popen, list[int], Any]:
+        from ae_lab.distributed import quoted
+
+        log.info(f"\t#{job.index} on GPUs {gpus} : {' '.join(filter_overrides(job.overrides))}")
+        job.folder.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "ae_lab", *job.overrides,
+                   f"hydra.run.dir={quoted(str(job.folder))}", "hydra.mode=RUN"]
+        environment = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+        output = open(job.folder / "output.log", "w")
+        process = subprocess.Popen(command, env=environment, cwd=str(self.config.hydra.runtime.cwd),
+                                   stdout=output, stderr=subprocess.STDOUT)
+        return process, gpus, output
+
+    @staticmethod
+    def _task_config(job: _Job) -> DictConfig:
+        config = OmegaConf.masked_copy(job.config, [key for key in job.config if key != "hydra"])
+        OmegaConf.set_struct(config, True)
+        return config
+
+    def _finished(self, job: _Job, returncode: int) -> JobReturn:
+        metrics_path = job.folder / "metrics.json"
+        if returncode == 0 and metrics_path.exists():
+            import json
+
+            metrics = json.loads(metrics_path.read_text())
+            return self._return(job, metrics.get(self._task_config(job).objective, math.nan))
+        tail = (job.folder / "output.log").read_text(errors="replace").strip().splitlines()[-1:]
+        return self._failed(job, f"exit code {returncode}: {' '.join(tail)}")
+
+    def _failed(self, job: _Job, message: str, write_record: bool = True) -> JobReturn:
+        """A failed job is recorded in its folder (like a job that fails in-process) and the sweep
+        goes on; the sweep summary counts it."""
+        from ae_lab.tracking import record_refused
+
+        log.error(f"\t#{job.index} failed: {message}")
+        if write_record:
+            job.folder.mkdir(parents=True, exist_ok=True)
+            record_refused(job.folder, self._task_config(job), RuntimeError(message))
+        return self._return(job, math.nan)
+
+    def _return(self, job: _Job, value: float) -> JobReturn:
+        result = JobReturn()
+        result.overrides = job.overrides
+        result.cfg = self._task_config(job)
+        result.hydra_cfg = OmegaConf.create({"hydra": job.config.hydra})
+        result.working_dir = str(job.folder)
+        result.task_name = str(job.config.hydra.job.name)
+        result.status = JobStatus.COMPLETED
+        result.return_value = value
+        return result
