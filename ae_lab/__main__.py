@@ -36,6 +36,11 @@ def main(cfg: DictConfig) -> float:
         record_refused(run_dir, cfg, error)
         log.error("job refused: %s", error)
         return math.nan
+    except FloatingPointError as error:  # recorded in run.json; the last good checkpoint is kept
+        if not in_sweep:
+            fail(f"run failed: {error} (run folder: {run_dir})", exit_code=1)
+        log.error("job failed: %s", error)
+        return math.nan
     except Exception as error:  # noqa: BLE001 - the job's run.json holds it; the sweep goes on
         if not in_sweep:
             raise

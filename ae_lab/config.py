@@ -409,10 +409,10 @@ def _wandb_key_available() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def fail(message: str) -> None:
-    """End the process with one line on stderr and exit code 2 (no traceback)."""
+def fail(message: str, exit_code: int = 2) -> None:
+    """End the process with one line on stderr and `exit_code` (no traceback)."""
     print(f"ae_lab: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(exit_code)
 
 
 class CheckBeforeRun(Callback):
@@ -432,6 +432,10 @@ class CheckBeforeRun(Callback):
         except ConfigError as error:
             fail(str(error))
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # sweepers may keep state in the sweep folder before the first job makes it (Optuna's study)
+        Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from rich.console import Console
 
@@ -444,4 +448,4 @@ class CheckBeforeRun(Callback):
         print(f"sweep folder: {sweep_dir} (summary: {summary})")
         failed = [job for job in jobs if job.status != "completed"]
         if failed:
-            fail(f"{len(failed)} of {len(jobs)} jobs did not complete: see {summary}")
+            fail(f"{len(failed)} of {len(jobs)} jobs did not complete: see {summary}", exit_code=1)

@@ -58,11 +58,19 @@ class Autoencoder(pl.LightningModule):
                 inputs = inputs.detach().requires_grad_(True)
             logits, latent = self(inputs)
             terms = self.objective(logits, x, latent, inputs, create_graph=stage == "train")
+        if stage == "train" and not torch.isfinite(terms["loss"]):
+            raise FloatingPointError(self._non_finite_message(terms))
         for name, value in terms.items():
             mean = self.epoch_means[f"{stage}__{name}"]
             mean.update(value.detach(), weight=x.shape[0])
             self.log(f"{stage}/{name}", mean, on_step=False, on_epoch=True, prog_bar=name == "loss")
         return terms["loss"]
+
+    def _non_finite_message(self, terms: dict[str, torch.Tensor]) -> str:
+        bad = [f"{name}={value.item()}" for name, value in terms.items()
+               if name != "loss" and not torch.isfinite(value)]
+        return (f"the training loss became {terms['loss'].item()} at step {self.global_step} "
+                f"(epoch {self.current_epoch}); non-finite terms: {', '.join(bad) or 'none (their sum overflowed)'}")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")

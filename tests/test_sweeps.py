@@ -1,0 +1,225 @@
+"""Multirun through the real command line: sweeps, DDP under multirun, launchers, Optuna, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import ROOT, read_json, run_cli
+from wandb_records import run_contents
+
+QUICK = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.enable_progress_bar=false",
+         "trainer.enable_model_summary=false"]
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+JOB_FILES = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "ae_lab.log",
+             "checkpoints/best.ckpt", "checkpoints/last.ckpt", "figures/reconstructions.png",
+             "metrics.json", "run.json"}
+
+
+def sweep_folder(cwd: Path) -> Path:
+    [folder] = (cwd / "outputs" / "sweeps").iterdir()
+    return folder
+
+
+def job_folders(sweep: Path) -> list[Path]:
+    return sorted(p for p in sweep.iterdir() if p.is_dir())
+
+
+def files_of(job: Path) -> set[str]:
+    """The job's files, W&B's own folder counted as one entry per offline run."""
+    files = {str(p.relative_to(job)) for p in job.rglob("*") if p.is_file() and "wandb" not in p.parts}
+    files |= {f"wandb/{p.name}" for p in job.glob("wandb/offline-run-*")}
+    return files
+
+
+def test_two_by_two_sweep_with_summary(tmp_path):
+    done = run_cli(["-m", "model=vae", "loss.beta=1,4", "model.latent_dim=2,8", *QUICK, "logger=csv"],
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sweep = sweep_folder(tmp_path)
+    jobs = job_folders(sweep)
+    assert len(jobs) == 4
+    combos = set()
+    for job in jobs:
+        config = OmegaConf.load(job / ".hydra" / "config.yaml")
+        combos.add((config.loss.beta, config.model.latent_dim))
+        assert read_json(job / "run.json")["status"] == "completed"
+    assert combos == {(1, 2), (1, 8), (4, 2), (4, 8)}
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert [entry["status"] for entry in summary] == ["completed"] * 4
+    assert "4 jobs: 4 completed, 0 failed" in (sweep / "summary.md").read_text()
+    assert not (tmp_path / "outputs" / "runs").exists()
+
+
+def _test_recon_by_hand(job: Path) -> float:
+    """Per-example BCE on the whole test split, from the best checkpoint, in this one process."""
+    from ae_lab.data import build_datamodule
+    from ae_lab.module import Autoencoder
+    from ae_lab.objectives import reconstruction_error
+
+    config = OmegaConf.load(job / ".hydra" / "config.yaml")
+    module = Autoencoder.load_from_checkpoint(job / "checkpoints" / "best.ckpt", weights_only=False)
+    module.eval()
+    test = build_datamodule(config.dataset).splits["test"]
+    with torch.no_grad():
+        x = test.batch(torch.arange(len(test)))["x"]
+        logits, _ = module(x)
+        return reconstruction_error(logits, x, "bce").mean().item()
+
+
+def test_ddp_under_multirun_runs_each_job_once_in_its_own_folder(tmp_path):
+    done = run_cli(["-m", *DDP, "model.latent_dim=4,8", *QUICK], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert output.count("MEMBER: 2/2") == 2  # two ranks per job...
+    assert output.count("MEMBER: 1/2") == 2  # ...in exactly two jobs
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["sweeps"]
+    sweep = sweep_folder(tmp_path)
+    assert {p.name for p in sweep.iterdir() if p.is_file()} == {"multirun.yaml", "summary.md", "summary.json"}
+    jobs = job_folders(sweep)
+    assert len(jobs) == 2
+    for job in jobs:
+        files = files_of(job)
+        wandb_runs = {f for f in files if f.startswith("wandb/")}
+        assert files - wandb_runs == JOB_FILES
+        assert len(wandb_runs) == 1  # one W&B run per job: rank 1 made none
+        metrics = read_json(job / "metrics.json")
+        # the test metric covers the whole split across both ranks: the same as one process on all of it
+        assert metrics["test/recon"] == pytest.approx(_test_recon_by_hand(job), rel=1e-5)
+
+
+def test_single_run_with_ddp_makes_one_run_folder(tmp_path):
+    done = run_cli([*DDP, *QUICK, "logger=csv"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "MEMBER: 2/2" in done.stdout + done.stderr
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["runs"]
+    [run] = (tmp_path / "outputs" / "runs").iterdir()
+    assert files_of(run) == JOB_FILES | {"csv/metrics.csv"}
+
+
+def test_joblib_launcher_with_ddp_jobs(tmp_path):
+    done = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *DDP, "model=vae",
+                    "loss.beta=1,4", *QUICK, "logger=none"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["sweeps"]
+    jobs = job_folders(sweep_folder(tmp_path))
+    assert len(jobs) == 2
+    assert {OmegaConf.load(job / ".hydra" / "config.yaml").loss.beta for job in jobs} == {1, 4}
+    assert all(files_of(job) == JOB_FILES for job in jobs)
+
+
+def test_jobs_leak_nothing_into_the_next(tmp_path):
+    done = run_cli(["-m", "model.latent_dim=3,5", "model=vae", *QUICK], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = job_folders(sweep_folder(tmp_path))
+    for job, latent_dim in zip(jobs, (3, 5)):
+        wandb = run_contents(job)
+        assert wandb["config"]["model"]["latent_dim"] == latent_dim
+        metrics = read_json(job / "metrics.json")
+        for key in ("test/loss", "test/kl", "val/elbo"):
+            assert wandb["summary"][key] == pytest.approx(metrics[key])
+    first, second = (read_json(job / "metrics.json") for job in jobs)
+    assert first["test/loss"] != second["test/loss"]
+
+
+def test_failed_job_is_recorded_the_sweep_goes_on_and_a_rerun_resumes(tmp_path):
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "resumable"
+    args = ["-m", "optim.name=sgd", "optim.lr=0.01,1e30", *QUICK, "logger=none", f"hydra.sweep.dir={sweep_dir}"]
+    first = run_cli(args, cwd=tmp_path)
+    assert first.returncode == 1
+    assert "1 of 2 jobs did not complete" in first.stderr
+    good, bad = job_folders(sweep_dir)
+    assert read_json(good / "run.json")["status"] == "completed"
+    failed = read_json(bad / "run.json")
+    assert failed["status"] == "failed" and "loss became nan at step" in failed["error"]
+    kept = {p: p.read_bytes() for p in good.rglob("*") if p.is_file() and p.name != "ae_lab.log"}
+
+    second = run_cli(args, cwd=tmp_path)
+    assert second.returncode == 1
+    assert "already holds a completed run of this config" in second.stdout + second.stderr
+    assert {p: p.read_bytes() for p in good.rglob("*") if p.is_file() and p.name != "ae_lab.log"} == kept
+    assert len(list(bad.glob("run.attempt-*.json"))) == 1  # the first attempt's record is kept
+    assert read_json(bad / "run.json")["status"] == "failed"
+    assert "1 failed" in (sweep_dir / "summary.md").read_text()
+
+
+def test_optuna_search_stores_its_study_and_continues(tmp_path):
+    import optuna
+
+    sweep_dir = tmp_path / "study"
+    args = ["-m", "hparams_search=vae_elbo", *QUICK, "logger=none", f"hydra.sweep.dir={sweep_dir}"]
+    first = run_cli([*args, "hydra.sweeper.n_trials=3"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    storage = f"sqlite:///{sweep_dir / 'optuna.db'}"
+    study = optuna.load_study(study_name="vae_elbo", storage=storage)
+    assert len(study.trials) == 3
+    elbos = sorted(read_json(job / "metrics.json")["val/elbo"] for job in job_folders(sweep_dir))
+    assert study.best_value == pytest.approx(elbos[-1])  # maximised the configured objective
+
+    again = run_cli([*args, "hydra.sweeper.n_trials=1"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(optuna.load_study(study_name="vae_elbo", storage=storage).trials) == 4
+
+
+def test_gpu_queue_launcher_gives_each_job_its_own_gpus(tmp_path):
+    """Three simulated GPUs, four jobs taking 2, 2, 1, 1 of them: every job sees exactly its own
+    devices, and jobs that ran at the same time never shared one."""
+    done = run_cli(["-m", "hydra/launcher=gpu_queue", "hydra.launcher.gpus=[0,1,2]", "hydra.launcher.poll_seconds=0.1",
+                    *DDP, "trainer.devices=2,1", "seed=1,2", *QUICK, "logger=none"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = job_folders(sweep_folder(tmp_path))
+    assert len(jobs) == 4
+    spans = []
+    for job in jobs:
+        record = read_json(job / "run.json")
+        devices = OmegaConf.load(job / ".hydra" / "config.yaml").trainer.devices
+        gpus = set(record["cuda_visible_devices"].split(","))
+        assert record["status"] == "completed" and len(gpus) == devices and gpus <= {"0", "1", "2"}
+        spans.append((record["started"], record["ended"], gpus))
+    for i, (start_a, end_a, gpus_a) in enumerate(spans):
+        for start_b, end_b, gpus_b in spans[i + 1:]:
+            if start_a < end_b and start_b < end_a:  # ran at the same time
+                assert not gpus_a & gpus_b
+    assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:]), \
+        "with 3 GPUs some jobs should have run in parallel"
+
+
+@pytest.mark.parametrize("sweep", sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")))
+def test_ready_sweeps_compose(sweep):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"+sweeps={sweep}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert len(params) >= 2 and all("," in str(values) for values in params.values())
+
+
+def test_a_ready_sweep_runs(tmp_path):
+    done = run_cli(["-m", "+sweeps=denoising_noise", "trainer=debug", "logger=none"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = job_folders(sweep_folder(tmp_path))
+    assert len(jobs) == 9
+    assert all(read_json(job / "run.json")["status"] == "completed" for job in jobs)
+    crossed = set()
+    for job in jobs:
+        noise = OmegaConf.load(job / ".hydra" / "config.yaml")
+        strength = noise.noise.std if noise.noise.kind == "gaussian" else noise.noise.p
+        crossed.add((noise.noise.kind, strength))
+    assert crossed == {(kind, level) for kind in ("gaussian", "masking", "salt_pepper")
+                       for level in (0.1, 0.25, 0.5)}
+
+
+def test_slurm_launcher_takes_gpus_nodes_and_tasks_from_the_trainer():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
+                                 "trainer.num_nodes=2"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (4, 4, 2)
