@@ -132,15 +132,22 @@ class SaltPepperNoise:
 
 
 @dataclass
-class DigitsConfig:
-    """scikit-learn's 8x8 handwritten digits; the split is drawn with `split_seed`, not `seed`."""
+class RandomSplitConfig:
+    """A data set split at random into train/val/test by `split_seed` (not the training `seed`)."""
 
-    name: str = "digits"
+    name: str = MISSING
     batch_size: int = 64
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     split_seed: int = 0
     num_workers: int = 0
+
+
+@dataclass
+class DigitsConfig(RandomSplitConfig):
+    """scikit-learn's 8x8 handwritten digits."""
+
+    name: str = "digits"
 
 
 class Binarize(str, Enum):
@@ -187,16 +194,12 @@ class DspritesConfig(DownloadedConfig):
 
 
 @dataclass
-class ShapesConfig:
+class ShapesConfig(RandomSplitConfig):
     """The generated dSprites-style set; `subsample` images drawn from the full grid (null: all 737,280)."""
 
     name: str = "shapes"
     subsample: Any = 20000
-    batch_size: int = 64
-    val_fraction: float = 0.1
     test_fraction: float = 0.1
-    split_seed: int = 0
-    num_workers: int = 0
 
 
 @dataclass
