@@ -449,6 +449,8 @@ class CheckBeforeRun(Callback):
         summary = write_summary(sweep_dir, jobs)
         Console().print(summary.read_text(), soft_wrap=True, markup=False)
         print(f"sweep folder: {sweep_dir} (summary: {summary})")
+        if any(sweep_dir.glob("*/wandb/offline-run-*")):
+            print(f"W&B runs saved offline; upload them all with: wandb sync {sweep_dir}/*/wandb/offline-run-*")
         failed = [job for job in jobs if job.status != "completed"]
         if failed:
             fail(f"{len(failed)} of {len(jobs)} jobs did not complete: see {summary}", exit_code=1)

@@ -7,6 +7,7 @@ flat `split/name` keys), `checkpoints/` (`last.ckpt`, `best.ckpt` by val/loss), 
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,8 @@ from ae_lab.data import ArrayDataModule, build_datamodule, input_shape
 from ae_lab.distributed import HydraJobDDPStrategy, isolated_job, launched_rank, resolve_strategy
 from ae_lab.figures import image_rows
 from ae_lab.module import Autoencoder
-from ae_lab.tracking import (RunRecord, build_logger, completed_metrics, finish_logger, write_config_files,
-                             write_json)
+from ae_lab.tracking import (RunRecord, build_logger, completed_metrics, finish_logger, log_results,
+                             write_config_files, write_json)
 
 log = logging.getLogger(__name__)
 # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, once per loop: noise, not news.
@@ -54,10 +55,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             record = RunRecord(run_dir, cfg, data.name, data.checksum)
         logger = None
         try:
-            logger = build_logger(cfg, run_dir)
-            metrics, best_checkpoint = _fit_and_test(cfg, run_dir, data, logger)
+            logger = build_logger(cfg, run_dir, math.prod(data.input_shape))
+            metrics, best_checkpoint, figures = _fit_and_test(cfg, run_dir, data, logger)
             if record is not None:
-                record.completed(best_checkpoint=best_checkpoint)
+                wandb_run = log_results(logger, metrics, figures)
+                record.completed(best_checkpoint=best_checkpoint, wandb_run_id=wandb_run)
             return metrics
         except BaseException as error:
             if record is not None:
@@ -68,8 +70,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
 
 def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule,
-                  logger: Any) -> tuple[dict[str, float], str | None]:
-    """Fit, then evaluate val and test with the best checkpoint; return the metrics and that path."""
+                  logger: Any) -> tuple[dict[str, float], str | None, dict[str, Path]]:
+    """Fit, then evaluate val and test with the best checkpoint; return the metrics, that checkpoint
+    and the figures drawn."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     module = Autoencoder({key: plain[key] for key in MODULE_SECTIONS}, data.input_shape)
@@ -90,14 +93,16 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule,
                     trainer.test(module, datamodule=data, ckpt_path="best", verbose=False)):
         metrics.update({key: float(value) for key, value in results[0].items()})
     metrics["epochs"] = trainer.current_epoch
+    figures = {}
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", dict(sorted(metrics.items())))
         test = data.splits["test"]
         shown = test.batch(torch.arange(min(cfg.num_reconstructions, len(test))))["x"]
-        save_reconstructions(module, shown, run_dir / "figures" / "reconstructions.png")
+        figures["reconstructions"] = save_reconstructions(module, shown,
+                                                          run_dir / "figures" / "reconstructions.png")
     if isinstance(trainer.strategy, HydraJobDDPStrategy):
         trainer.strategy.wait_for_children()
-    return metrics, checkpoints.best_model_path or None
+    return metrics, checkpoints.best_model_path or None, figures
 
 
 def save_reconstructions(module: Autoencoder, inputs: torch.Tensor, path: Path) -> Path:

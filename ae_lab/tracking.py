@@ -137,22 +137,98 @@ class RunRecord:
         self.update(status="failed", ended=_now(), error=message or type(error).__name__)
 
 
-def build_logger(cfg: DictConfig, run_dir: Path):
-    """The Lightning logger named by `logger.kind`; W&B writes into the run folder."""
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level of dotted keys: {"model": {"latent_dim": 8}} -> {"model.latent_dim": 8}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+INFRASTRUCTURE = ("trainer", "logger", "hydra")
+
+
+def run_name(overrides: list[str], groups: set[str]) -> str:
+    """A short name from a run's overrides: `model=vae loss.beta=4 model.latent_dim=8` ->
+    `vae_beta=4_latent_dim=8` (a config group's choice by its option, a key by its last part).
+    Overrides of how it runs (`trainer`, `logger`, `hydra`) are left out of the name."""
+    parts = []
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key.split(".")[0].split("/")[0] in INFRASTRUCTURE or not value:
+            continue
+        parts.append(value if key in groups else f"{key.rsplit('.', 1)[-1]}={value}")
+    return "_".join(parts) or "defaults"
+
+
+def variant_name(cfg: dict[str, Any], input_size: int) -> str:
+    """The family member a (plain) config trains, e.g. `beta_vae`, `denoising_ae`, `sparse_kl_ae`."""
+    model, loss = cfg["model"], cfg["loss"]
+    if model["latent"] == "gaussian":
+        name = "vae" if loss["beta"] == 1 else "beta_vae"
+    else:
+        name = "overcomplete_ae" if model["latent_dim"] > input_size else "ae"
+    if loss["sparsity_weight"] > 0:
+        name = f"sparse_{loss['sparsity']}_{name}"
+    if loss["contractive_weight"] > 0:
+        name = f"contractive_{name}"
+    if cfg["noise"]["kind"] != "none":
+        name = f"denoising_{name}"
+    return name
+
+
+def sweep_group() -> str | None:
+    """The sweep a job belongs to (its sweep folder's name), None for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().sweep.dir).name
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, input_size: int):
+    """The Lightning logger named by `logger.kind`.
+
+    W&B: one run per ae_lab run, written into the run folder; named after the run's overrides, grouped
+    by `logger.group` or else the sweep, `job_type` = the variant, tags = `logger.tags` + arch and data
+    set, config = the resolved config with flattened keys.
+    """
     if cfg.logger.kind == "none":
         return False
     if cfg.logger.kind == "csv":
         from pytorch_lightning.loggers import CSVLogger
 
         return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+    from hydra.core.hydra_config import HydraConfig
     from pytorch_lightning.loggers import WandbLogger
 
     os.environ.setdefault("WANDB_SILENT", "true")
+    overrides, groups = [], set()
+    if HydraConfig.initialized():
+        overrides, groups = list(HydraConfig.get().overrides.task), set(HydraConfig.get().runtime.choices)
+    plain = _plain(cfg)
     return WandbLogger(
-        project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
-        tags=list(cfg.logger.tags), mode=cfg.logger.mode, save_dir=str(run_dir), name=run_dir.name,
-        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
+        group=cfg.logger.group or sweep_group(), job_type=variant_name(plain, input_size),
+        name=run_name(overrides, groups), tags=[*cfg.logger.tags, plain["model"]["arch"], cfg.dataset.name],
+        save_dir=str(run_dir), config=flatten(plain),
     )
+
+
+def log_results(logger: Any, metrics: dict[str, float], figures: dict[str, Path]) -> str | None:
+    """Put the final metrics into the W&B summary (the names of metrics.json) and the figures in as
+    images; return the W&B run id (None for other loggers)."""
+    if not logger or type(logger).__name__ != "WandbLogger":
+        return None
+    import wandb
+
+    logger.experiment.summary.update(metrics)
+    logger.experiment.log({f"figures/{name}": wandb.Image(str(path)) for name, path in figures.items()})
+    return logger.experiment.id
 
 
 def finish_logger(logger: Any) -> None:

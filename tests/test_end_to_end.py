@@ -89,8 +89,8 @@ def test_cli_run_folder_contract(tmp_path):
 
     # W&B: offline, inside the run folder, config = the resolved Hydra config, summary = metrics
     wandb = run_contents(run_dir)
-    assert wandb["config"]["model"]["latent_dim"] == 12
-    assert wandb["config"]["loss"]["recon"] == "bce"
+    assert wandb["config"]["model.latent_dim"] == 12
+    assert wandb["config"]["loss.recon"] == "bce"
     assert wandb["summary"]["test/loss"] == pytest.approx(metrics["test/loss"])
     assert any("train/loss" in row for row in wandb["history"])
     assert "wandb sync" in done.stdout

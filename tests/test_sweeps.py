@@ -118,7 +118,7 @@ def test_jobs_leak_nothing_into_the_next(tmp_path):
     jobs = job_folders(sweep_folder(tmp_path))
     for job, latent_dim in zip(jobs, (3, 5)):
         wandb = run_contents(job)
-        assert wandb["config"]["model"]["latent_dim"] == latent_dim
+        assert wandb["config"]["model.latent_dim"] == latent_dim
         metrics = read_json(job / "metrics.json")
         for key in ("test/loss", "test/kl", "val/elbo"):
             assert wandb["summary"][key] == pytest.approx(metrics[key])

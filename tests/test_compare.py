@@ -1,0 +1,127 @@
+"""W&B runs as a sweep groups them, and `python -m ae_lab.compare` on real run folders."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import read_json, run_cli
+from wandb_records import run_contents
+
+QUICK = ["trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.enable_progress_bar=false",
+         "trainer.enable_model_summary=false"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A real 2x2 sweep of VAEs over beta and seed, plus a job that fails (its loss turns NaN)."""
+    cwd = tmp_path_factory.mktemp("compare")
+    sweep_dir = cwd / "outputs" / "sweeps" / "beta_seed"
+    done = run_cli(["-m", "model=vae", "loss.beta=1,4", "seed=0,1", *QUICK, f"hydra.sweep.dir={sweep_dir}"],
+                   cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    failing = run_cli(["-m", "model=vae", "loss.beta=2", "optim.name=sgd", "optim.lr=1e30", *QUICK,
+                       "logger=none", f"hydra.sweep.dir={cwd / 'outputs' / 'sweeps' / 'broken'}"], cwd=cwd)
+    assert failing.returncode == 1
+    return {"cwd": cwd, "dir": sweep_dir, "stdout": done.stdout}
+
+
+def compare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ae_lab.compare", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def jobs(sweep_dir):
+    return sorted(p for p in sweep_dir.iterdir() if p.is_dir())
+
+
+def test_each_job_is_one_wandb_run_in_the_sweeps_group(sweep):
+    runs = []
+    for job in jobs(sweep["dir"]):
+        wandb = run_contents(job)
+        config = read_json(job / "run.json")
+        metrics = read_json(job / "metrics.json")
+        run = wandb["run"]
+        assert run.run_group == "beta_seed"
+        assert run.job_type == ("vae" if wandb["config"]["loss.beta"] == 1 else "beta_vae")
+        assert run.display_name == f"vae_beta={wandb['config']['loss.beta']:g}_seed={wandb['config']['seed']}"
+        assert {"mlp", "digits"} <= set(run.tags)
+        assert run.run_id == config["wandb_run_id"]
+        # the summary holds the final metrics under metrics.json's names, and only this job's
+        for name, value in metrics.items():
+            assert wandb["summary"][name] == pytest.approx(value)
+        image = wandb["summary"]["figures/reconstructions/_type"]
+        assert image == "image-file"
+        assert (job / "wandb").glob("offline-run-*/files/media/images/*.png")
+        assert sum(1 for row in wandb["history"] if "train/loss" in row) == 2  # one per epoch
+        runs.append((wandb["config"]["loss.beta"], wandb["config"]["seed"], metrics["test/loss"]))
+    assert sorted((beta, seed) for beta, seed, _ in runs) == [(1, 0), (1, 1), (4, 0), (4, 1)]
+    assert len({loss for _, _, loss in runs}) == 4
+    assert f"wandb sync {sweep['dir']}/*/wandb/offline-run-*" in sweep["stdout"]
+
+
+def test_table_numbers_equal_the_jobs_metrics(sweep):
+    done = compare(str(sweep["dir"]), "--by-seed", "--format", "json", "--metrics", "test/loss,test/kl")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert len(rows) == 4
+    for row in rows:
+        [folder] = row["folders"]
+        metrics = json.loads((sweep["dir"] / folder.rsplit("/", 1)[-1] / "metrics.json").read_text())
+        assert row["test/loss"] == pytest.approx(metrics["test/loss"])
+        assert row["test/kl"] == pytest.approx(metrics["test/kl"])
+        assert row["status"] == "completed"
+
+
+def test_seeds_are_aggregated_as_mean_std_and_count(sweep):
+    done = compare(str(sweep["dir"]), "--format", "json", "--metrics", "test/loss")
+    rows = json.loads(done.stdout)
+    assert len(rows) == 2 and all("seed" not in row for row in rows)
+    for row in rows:
+        values = [read_json(sweep["dir"] / f.rsplit("/", 1)[-1] / "metrics.json")["test/loss"]
+                  for f in row["folders"]]
+        mean = sum(values) / 2
+        std = (sum((v - mean) ** 2 for v in values) / 1) ** 0.5  # sample std over the two seeds
+        assert row["test/loss"] == {"mean": pytest.approx(mean), "std": pytest.approx(std), "n": 2}
+
+
+def test_every_export_format_parses_and_failed_jobs_are_marked(sweep):
+    paths = [str(sweep["dir"]), str(sweep["cwd"] / "outputs" / "sweeps" / "broken")]
+    as_csv = list(csv.DictReader(io.StringIO(compare(*paths, "--format", "csv").stdout)))
+    assert len(as_csv) == 3 and {row["status"] for row in as_csv} == {"2 completed", "failed"}
+    markdown = compare(*paths, "--format", "markdown", "--sort", "test/loss").stdout.splitlines()
+    assert markdown[0].startswith("| loss.beta |") and len(markdown) == 5
+    assert "failed" in markdown[-1]  # no value: sorted last
+    descending = compare(*paths, "--format", "markdown", "--sort", "test/loss", "--descending").stdout.splitlines()
+    assert "failed" in descending[-1] and descending[2:4] == markdown[3:1:-1]
+    table = compare(*paths)
+    assert table.returncode == 0 and "failed" in table.stdout and "± " in table.stdout
+
+
+def test_plots_are_written(sweep, tmp_path):
+    done = compare(str(sweep["dir"]), "--plot", str(tmp_path), "--metrics", "test/recon")
+    assert done.returncode == 0, done.stderr
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {"test_recon_vs_loss.beta.png", "rate_distortion.png"}  # one swept key: no heat map
+    for path in tmp_path.iterdir():
+        assert path.stat().st_size > 5000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_heat_map_over_two_swept_keys(tmp_path):
+    done = run_cli(["-m", "loss.beta=0,1", "model.latent_dim=2,4", "trainer=debug", "logger=none"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plots = tmp_path / "plots"
+    assert compare(str(tmp_path / "outputs"), "--plot", str(plots)).returncode == 0
+    assert (plots / "heatmap_test_loss_model.latent_dim_loss.beta.png").stat().st_size > 5000
+
+
+def test_bad_arguments_get_one_clear_line(tmp_path):
+    done = compare(str(tmp_path / "nowhere"))
+    assert done.returncode == 2 and "no such folder" in done.stderr and "Traceback" not in done.stderr
+    empty = compare(str(tmp_path))
+    assert empty.returncode == 2 and "no run folders" in empty.stderr
