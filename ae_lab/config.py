@@ -83,6 +83,7 @@ class ModelConfig:
     kernel_size: int = 3
     activation: Activation = Activation.relu
     code_activation: CodeActivation = CodeActivation.none
+    compile: bool = False  # torch.compile the forward pass (benchmarks/RESULTS.md says when it pays)
 
 
 @dataclass
@@ -348,6 +349,10 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
              "a number >= 0")
     _require(loss.contractive_projections >= 1, "loss.contractive_projections",
              loss.contractive_projections, "an integer >= 1")
+    if model.compile:
+        _require(loss.contractive_weight == 0, "model.compile", True,
+                 "false with the contractive penalty (torch.compile does not support the double backward "
+                 "it needs)")
     if loss.sparsity == "kl" and loss.sparsity_weight > 0:
         _require(model.code_activation == "sigmoid" and model.latent == "deterministic",
                  "loss.sparsity", "kl",

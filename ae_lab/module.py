@@ -33,10 +33,11 @@ class Autoencoder(pl.LightningModule):
         self.head = build_latent_head(cfg.model, features)
         self.decoder = build_decoder(cfg.model, tuple(input_shape))
         self.objective = Objective(cfg.loss, gaussian_head=cfg.model.latent == "gaussian")
+        self.network = torch.compile(self.forward) if cfg.model.compile else self.forward
         # Epoch metrics: means over every example of the split, weighted by batch size and summed
         # across DDP ranks, so they equal the single-process value whatever the batching or sharding.
         self.epoch_means = nn.ModuleDict({
-            f"{stage}__{name}": MeanMetric()
+            f"{stage}__{name}": MeanMetric(nan_strategy="disable")  # NaN propagates; no sync
             for stage in ("train", "val", "test") for name in self.objective.term_names})
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Latent]:
@@ -56,7 +57,7 @@ class Autoencoder(pl.LightningModule):
         with grad_context:
             if self.objective.needs_input_grad:
                 inputs = inputs.detach().requires_grad_(True)
-            logits, latent = self(inputs)
+            logits, latent = self.network(inputs)
             terms = self.objective(logits, x, latent, inputs, create_graph=stage == "train")
         if stage == "train" and not torch.isfinite(terms["loss"]):
             raise FloatingPointError(self._non_finite_message(terms))

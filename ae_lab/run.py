@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -56,10 +57,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         logger = None
         try:
             logger = build_logger(cfg, run_dir, math.prod(data.input_shape))
-            metrics, best_checkpoint, figures = _fit_and_test(cfg, run_dir, data, logger)
+            metrics, best_checkpoint, figures, timings = _fit_and_test(cfg, run_dir, data, logger)
             if record is not None:
                 wandb_run = log_results(logger, metrics, figures)
-                record.completed(best_checkpoint=best_checkpoint, wandb_run_id=wandb_run)
+                record.completed(best_checkpoint=best_checkpoint, wandb_run_id=wandb_run, timings=timings)
             return metrics
         except BaseException as error:
             if record is not None:
@@ -70,18 +71,19 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
 
 def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule,
-                  logger: Any) -> tuple[dict[str, float], str | None, dict[str, Path]]:
-    """Fit, then evaluate val and test with the best checkpoint; return the metrics, that checkpoint
-    and the figures drawn."""
+                  logger: Any) -> tuple[dict[str, float], str | None, dict[str, Path], dict[str, float]]:
+    """Fit, then evaluate val and test with the best checkpoint; return the metrics, that checkpoint,
+    the figures drawn and the fit's timings."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     module = Autoencoder({key: plain[key] for key in MODULE_SECTIONS}, data.input_shape)
+    timer = StepTimer()
     checkpoints = pl.callbacks.ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min",
         save_top_k=1, save_last=True, enable_version_counter=False)
     trainer_args = OmegaConf.to_container(cfg.trainer)
     trainer_args["strategy"] = resolve_strategy(trainer_args["strategy"])
-    trainer = pl.Trainer(**trainer_args, logger=logger, callbacks=[checkpoints],
+    trainer = pl.Trainer(**trainer_args, logger=logger, callbacks=[checkpoints, timer],
                          default_root_dir=str(run_dir),
                          use_distributed_sampler=False,  # the data module shards (see ArrayDataModule)
                          inference_mode=False)  # the contractive term needs grads in evaluation
@@ -102,7 +104,29 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule,
                                                           run_dir / "figures" / "reconstructions.png")
     if isinstance(trainer.strategy, HydraJobDDPStrategy):
         trainer.strategy.wait_for_children()
-    return metrics, checkpoints.best_model_path or None, figures
+    return metrics, checkpoints.best_model_path or None, figures, timer.timings()
+
+
+class StepTimer(pl.Callback):
+    """When the first training step started (Unix time) and how long `fit` took, for run.json."""
+
+    def __init__(self) -> None:
+        self.first_step: float | None = None
+        self.fit_start = self.fit_end = 0.0
+
+    def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.fit_start = time.time()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.first_step is None:
+            self.first_step = time.time()
+
+    def on_fit_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.fit_end = time.time()
+
+    def timings(self) -> dict[str, float | None]:
+        return {"first_step_unix": self.first_step, "fit_seconds": self.fit_end - self.fit_start}
 
 
 def save_reconstructions(module: Autoencoder, inputs: torch.Tensor, path: Path) -> Path:
