@@ -61,11 +61,27 @@ class Autoencoder(pl.LightningModule):
             terms = self.objective(logits, x, latent, inputs, create_graph=stage == "train")
         if stage == "train" and not torch.isfinite(terms["loss"]):
             raise FloatingPointError(self._non_finite_message(terms))
-        for name, value in terms.items():
-            mean = self.epoch_means[f"{stage}__{name}"]
-            mean.update(value.detach(), weight=x.shape[0])
-            self.log(f"{stage}/{name}", mean, on_step=False, on_epoch=True, prog_bar=name == "loss")
+        for name, value in terms.items():  # accumulated on the device; logged once per epoch
+            self.epoch_means[f"{stage}__{name}"].update(value.detach(), weight=x.shape[0])
         return terms["loss"]
+
+    def _log_epoch(self, stage: str) -> None:
+        """Log the epoch's means. Logging once per epoch, not per step, keeps Lightning's per-call
+        logging cost (about a millisecond) out of the training step."""
+        for name in self.objective.term_names:
+            mean = self.epoch_means[f"{stage}__{name}"]
+            if mean.update_called:
+                self.log(f"{stage}/{name}", mean.compute(), prog_bar=name == "loss")
+                mean.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
 
     def _non_finite_message(self, terms: dict[str, torch.Tensor]) -> str:
         bad = [f"{name}={value.item()}" for name, value in terms.items()
