@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> float:
     """Train one run. In a sweep a failing job is recorded (run.json, the sweep's summary) and the
     sweep goes on; alone, a bad config ends the process with one line and exit code 2."""
     from ae_lab.report import print_summary
-    from ae_lab.run import train
+    from ae_lab.run import RunInterrupted, train
     from ae_lab.tracking import record_refused
 
     hydra_config = HydraConfig.get()
@@ -36,6 +36,12 @@ def main(cfg: DictConfig) -> float:
         record_refused(run_dir, cfg, error)
         log.error("job refused: %s", error)
         return math.nan
+    except RunInterrupted as error:  # recorded; a sweep stops here, with its summary
+        if in_sweep:
+            from ae_lab.sweep import summarize
+
+            summarize(Path(hydra_config.sweep.dir))
+        fail(str(error), exit_code=130)
     except FloatingPointError as error:  # recorded in run.json; the last good checkpoint is kept
         if not in_sweep:
             fail(f"run failed: {error} (run folder: {run_dir})", exit_code=1)

@@ -445,17 +445,10 @@ class CheckBeforeRun(Callback):
         Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from rich.console import Console
+        from ae_lab.sweep import summarize
 
-        from ae_lab.sweep import jobs_in, write_summary
-
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        jobs = jobs_in(sweep_dir)
-        summary = write_summary(sweep_dir, jobs)
-        Console().print(summary.read_text(), soft_wrap=True, markup=False)
-        print(f"sweep folder: {sweep_dir} (summary: {summary})")
-        if any(sweep_dir.glob("*/wandb/offline-run-*")):
-            print(f"W&B runs saved offline; upload them all with: wandb sync {sweep_dir}/*/wandb/offline-run-*")
+        jobs = summarize(Path(str(config.hydra.sweep.dir)))
         failed = [job for job in jobs if job.status != "completed"]
         if failed:
-            fail(f"{len(failed)} of {len(jobs)} jobs did not complete: see {summary}", exit_code=1)
+            fail(f"{len(failed)} of {len(jobs)} jobs did not complete: see the summary above", exit_code=1)
+

@@ -14,6 +14,7 @@ the next job of an in-process sweep starts as if it were the first.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -93,8 +94,9 @@ def resolve_strategy(name: Any) -> Any:
 @contextmanager
 def isolated_job() -> Iterator[None]:
     """Run one job and then undo the process-wide state it changed (environment, process group,
-    torch's determinism flags), waiting for any DDP ranks it started."""
+    torch's determinism flags, the Ctrl-C handler)."""
     environment = dict(os.environ)
+    interrupt_handler = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C once it caught one
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
@@ -107,3 +109,4 @@ def isolated_job() -> Iterator[None]:
         os.environ.update(environment)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+        signal.signal(signal.SIGINT, interrupt_handler)

@@ -55,23 +55,50 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             write_config_files(run_dir, cfg)
             record = RunRecord(run_dir, cfg, data.name, data.checksum)
         logger = None
+        interrupt = CheckpointOnInterrupt(run_dir / "checkpoints" / "interrupted.ckpt")
         try:
             logger = build_logger(cfg, run_dir, math.prod(data.input_shape))
-            metrics, best_checkpoint, figures, timings = _fit_and_test(cfg, run_dir, data, logger)
+            metrics, best_checkpoint, figures, timings = _fit_and_test(cfg, run_dir, data, logger, interrupt)
             if record is not None:
                 wandb_run = log_results(logger, metrics, figures)
                 record.completed(best_checkpoint=best_checkpoint, wandb_run_id=wandb_run, timings=timings)
             return metrics
         except BaseException as error:
+            if not interrupt.interrupted and not isinstance(error, KeyboardInterrupt):
+                if record is not None:
+                    record.failed(error)
+                raise
             if record is not None:
-                record.failed(error)
-            raise
+                record.interrupted(interrupt.checkpoint)
+            raise RunInterrupted(f"interrupted; run folder: {run_dir}"
+                                 + (f", checkpoint: {interrupt.checkpoint}" if interrupt.checkpoint else "")) from error
         finally:
             finish_logger(logger)
 
 
-def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule,
-                  logger: Any) -> tuple[dict[str, float], str | None, dict[str, Path], dict[str, float]]:
+class RunInterrupted(Exception):
+    """The user stopped the run (Ctrl-C); it was recorded as interrupted."""
+
+
+class CheckpointOnInterrupt(pl.Callback):
+    """On Ctrl-C during fit, save a checkpoint before Lightning shuts down (Lightning then exits)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.interrupted = False
+        self.checkpoint: Path | None = None
+
+    def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt):
+            return
+        self.interrupted = True
+        if trainer.state.fn == "fit" and trainer.global_step > 0:
+            trainer.save_checkpoint(self.path)  # rank 0 writes it
+            self.checkpoint = self.path
+
+
+def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger: Any,
+                  interrupt: pl.Callback) -> tuple[dict[str, float], str | None, dict[str, Path], dict[str, float]]:
     """Fit, then evaluate val and test with the best checkpoint; return the metrics, that checkpoint,
     the figures drawn and the fit's timings."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -83,7 +110,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule,
         save_top_k=1, save_last=True, enable_version_counter=False)
     trainer_args = OmegaConf.to_container(cfg.trainer)
     trainer_args["strategy"] = resolve_strategy(trainer_args["strategy"])
-    trainer = pl.Trainer(**trainer_args, logger=logger, callbacks=[checkpoints, timer],
+    trainer = pl.Trainer(**trainer_args, logger=logger, callbacks=[checkpoints, timer, interrupt],
                          default_root_dir=str(run_dir),
                          use_distributed_sampler=False,  # the data module shards (see ArrayDataModule)
                          inference_mode=False)  # the contractive term needs grads in evaluation
@@ -91,8 +118,8 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule,
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
                if key.startswith("train/")}
     # val and test both with the best weights, so the two splits describe the same model
-    for results in (trainer.validate(module, datamodule=data, ckpt_path="best", verbose=False),
-                    trainer.test(module, datamodule=data, ckpt_path="best", verbose=False)):
+    best = {"datamodule": data, "ckpt_path": "best", "verbose": False, "weights_only": True}
+    for results in (trainer.validate(module, **best), trainer.test(module, **best)):
         metrics.update({key: float(value) for key, value in results[0].items()})
     metrics["epochs"] = trainer.current_epoch
     figures = {}

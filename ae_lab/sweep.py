@@ -68,11 +68,25 @@ def write_summary(sweep_dir: Path, jobs: list[Job]) -> Path:
         status = job.status if job.error is None else f"{job.status}: {job.error}"
         lines.append(f"| {job.folder.name} | {' '.join(job.overrides)} | {status} | "
                      + " | ".join(values) + " |")
-    counts = {status: sum(job.status == status for job in jobs) for status in ("completed", "failed")}
+    counts = {status: sum(job.status == status for job in jobs) for status in ("completed", "failed", "interrupted")}
     lines += ["", f"{len(jobs)} jobs: {counts['completed']} completed, {counts['failed']} failed, "
-                  f"{len(jobs) - counts['completed'] - counts['failed']} other"]
+                  f"{counts['interrupted']} interrupted, "
+                  f"{len(jobs) - sum(counts.values())} other"]
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
     (sweep_dir / "summary.json").write_text(json.dumps(
         [{"folder": job.folder.name, "overrides": job.overrides, "status": job.status,
           "error": job.error, "metrics": job.metrics} for job in jobs], indent=2) + "\n")
     return sweep_dir / "summary.md"
+
+
+def summarize(sweep_dir: Path) -> list[Job]:
+    """Write and print the sweep's summary (and the command that uploads its W&B runs); return its jobs."""
+    from rich.console import Console
+
+    jobs = jobs_in(sweep_dir)
+    summary = write_summary(sweep_dir, jobs)
+    Console().print(summary.read_text(), soft_wrap=True, markup=False)
+    print(f"sweep folder: {sweep_dir} (summary: {summary})")
+    if any(sweep_dir.glob("*/wandb/offline-run-*")):
+        print(f"W&B runs saved offline; upload them all with: wandb sync {sweep_dir}/*/wandb/offline-run-*")
+    return jobs

@@ -101,7 +101,7 @@ def record_refused(run_dir: Path, cfg: DictConfig, error: BaseException) -> None
 
 
 class RunRecord:
-    """`run.json`: status (running | completed | failed), seed, code and package versions, data checksum,
+    """`run.json`: status (running | completed | failed | interrupted), seed, code and package versions, data checksum,
     start and end times, and the error when the run failed."""
 
     def __init__(self, run_dir: Path, cfg: DictConfig, data_name: str, data_checksum: str) -> None:
@@ -131,6 +131,10 @@ class RunRecord:
 
     def completed(self, **fields: Any) -> None:
         self.update(status="completed", ended=_now(), **fields)
+
+    def interrupted(self, checkpoint: Path | None) -> None:
+        self.update(status="interrupted", ended=_now(), error="interrupted by the user (Ctrl-C)",
+                    interrupted_checkpoint=str(checkpoint) if checkpoint else None)
 
     def failed(self, error: BaseException) -> None:
         message = "".join(traceback.format_exception_only(type(error), error)).strip()

@@ -62,7 +62,7 @@ def _test_recon_by_hand(job: Path) -> float:
     from ae_lab.objectives import reconstruction_error
 
     config = OmegaConf.load(job / ".hydra" / "config.yaml")
-    module = Autoencoder.load_from_checkpoint(job / "checkpoints" / "best.ckpt", weights_only=False)
+    module = Autoencoder.load_from_checkpoint(job / "checkpoints" / "best.ckpt", weights_only=True)
     module.eval()
     test = build_datamodule(config.dataset).splits["test"]
     with torch.no_grad():

@@ -1,0 +1,122 @@
+"""Reproducing a finished run, Ctrl-C, and secrets kept out of everything a run writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import read_json, run_cli
+from wandb_records import read_records
+
+SHORT = ["trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.enable_progress_bar=false",
+         "model=vae", "noise=masking"]
+
+
+def reproduce(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ae_lab.reproduce", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("reproduce")
+    done = run_cli([*SHORT, "logger=csv"], cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [run] = (cwd / "outputs" / "runs").iterdir()
+    return run
+
+
+def test_reproduce_matches_metric_by_metric(finished, tmp_path):
+    done = reproduce(str(finished), "--output", str(tmp_path / "again"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    count = len(read_json(finished / "metrics.json"))
+    assert f"{count} of {count} metrics match" in done.stdout
+    assert read_json(tmp_path / "again" / "metrics.json") == read_json(finished / "metrics.json")
+    assert "warning:" not in done.stderr
+
+
+def test_reproduce_reports_a_mismatch_and_a_changed_record(finished, tmp_path):
+    edited = tmp_path / "edited"
+    subprocess.run(["cp", "-r", str(finished), str(edited)], check=True)
+    metrics = read_json(edited / "metrics.json")
+    metrics["test/loss"] += 1.0
+    (edited / "metrics.json").write_text(json.dumps(metrics))
+    record = read_json(edited / "run.json")
+    record["packages"]["torch"] = "1.0.0"
+    record["data"]["sha256"] = "0" * 64
+    (edited / "run.json").write_text(json.dumps(record))
+    done = reproduce(str(edited), "--output", str(tmp_path / "again"))
+    assert done.returncode == 1
+    assert "differing: test/loss" in done.stdout
+    assert "package torch differs: recorded 1.0.0" in done.stderr and "data differs" in done.stderr
+
+
+def test_reproduce_refuses_what_is_not_a_finished_run(tmp_path):
+    done = reproduce(str(tmp_path))
+    assert done.returncode == 2 and "is not a finished run folder" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
+    return subprocess.Popen([sys.executable, "-m", "ae_lab", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _interrupt_when_training(process: subprocess.Popen, cwd: Path, pattern: str) -> tuple[str, str]:
+    deadline = time.time() + 120
+    while not list(cwd.glob(pattern)) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(4)  # past start-up, into the training steps
+    process.send_signal(signal.SIGINT)
+    return process.communicate(timeout=120)
+
+
+def test_ctrl_c_ends_a_run_cleanly(tmp_path):
+    process = _start(["trainer.max_epochs=100000", "trainer.enable_progress_bar=false"], tmp_path)
+    out, err = _interrupt_when_training(process, tmp_path, "outputs/runs/*/run.json")
+    assert process.returncode == 130
+    [run] = (tmp_path / "outputs" / "runs").iterdir()
+    record = read_json(run / "run.json")
+    assert record["status"] == "interrupted"
+    assert Path(record["interrupted_checkpoint"]) == run / "checkpoints" / "interrupted.ckpt"
+    import torch
+
+    checkpoint = torch.load(run / "checkpoints" / "interrupted.ckpt", weights_only=True)
+    assert checkpoint["global_step"] > 0
+    assert "interrupted" in err.splitlines()[-1] and "Traceback" not in err
+    [log] = run.glob("wandb/offline-run-*/run-*.wandb")
+    kinds = [record.WhichOneof("record_type") for record in read_records(log)]
+    assert "exit" in kinds  # the W&B run was finished
+
+
+def test_ctrl_c_stops_a_sweep_after_the_current_job_with_a_summary(tmp_path):
+    process = _start(["-m", "seed=0,1,2", "trainer.max_epochs=100000", "trainer.enable_progress_bar=false",
+                      "logger=none"], tmp_path)
+    out, err = _interrupt_when_training(process, tmp_path, "outputs/sweeps/*/*/run.json")
+    assert process.returncode == 130
+    [sweep] = (tmp_path / "outputs" / "sweeps").iterdir()
+    jobs = [p for p in sweep.iterdir() if p.is_dir()]
+    assert len(jobs) == 1 and read_json(jobs[0] / "run.json")["status"] == "interrupted"
+    assert "1 interrupted" in (sweep / "summary.md").read_text()
+
+
+def test_secrets_never_reach_what_a_run_writes(tmp_path):
+    secret = "ae-lab-test-secret-7f3c1d"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("WANDB_")},
+           "WANDB_API_KEY": secret, "MY_SERVICE_TOKEN": secret}
+    done = subprocess.run([sys.executable, "-m", "ae_lab", "trainer=debug"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert secret not in done.stdout + done.stderr
+    written = [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in written)
+    for path in written:
+        assert secret.encode() not in path.read_bytes(), f"{path} holds the secret"
