@@ -370,6 +370,12 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
     _require(optim.weight_decay >= 0, "optim.weight_decay", optim.weight_decay, "a number >= 0")
     _require(trainer.max_epochs >= 1 or trainer.max_epochs == -1, "trainer.max_epochs",
              trainer.max_epochs, "an integer >= 1, or -1 for no limit")
+    if trainer.accelerator in ("gpu", "cuda") and isinstance(trainer.devices, int):
+        import torch
+
+        available = torch.cuda.device_count()
+        _require(trainer.devices <= available, "trainer.devices", trainer.devices,
+                 f"at most the {available} GPU(s) this machine has")
     clip = trainer.gradient_clip_val
     _require(clip is None or (isinstance(clip, (int, float)) and clip >= 0), "trainer.gradient_clip_val",
              clip, "null or a number >= 0")
@@ -424,21 +430,29 @@ def fail(message: str, exit_code: int = 2) -> None:
 
 
 class CheckBeforeRun(Callback):
-    """Refuse a bad config, or a run folder that already holds a run, before Hydra creates it;
-    summarise a sweep when it ends."""
+    """Refuse a bad config, a run folder that already holds a run, or one that cannot be written,
+    before anything is written; summarise a sweep when it ends."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from ae_lab.data import input_shape
         from ae_lab.distributed import launched_rank
 
         run_dir = Path(str(config.hydra.run.dir))
-        if (run_dir / "run.json").exists() and launched_rank() == 0:  # DDP ranks join rank 0's run
+        first_rank = launched_rank() == 0  # DDP ranks > 0 join rank 0's run and write nothing
+        if first_rank and (run_dir / "run.json").exists():
             fail(f"hydra.run.dir={str(run_dir)!r} already holds a run: choose a new folder")
-        from ae_lab.data import input_shape
-
         try:
             validate(config, input_shape(config.dataset))
         except ConfigError as error:
             fail(str(error))
+        if first_rank:
+            try:  # the config is good: make the folder now, to refuse one that cannot be written
+                run_dir.mkdir(parents=True, exist_ok=True)
+                probe = run_dir / f".write-test-{os.getpid()}"
+                probe.touch()
+                probe.unlink()
+            except OSError as error:
+                fail(f"hydra.run.dir={str(run_dir)!r} cannot be written: {error.strerror or error}")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # sweepers may keep state in the sweep folder before the first job makes it (Optuna's study)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+import torch
 from omegaconf import OmegaConf
 
 from ae_lab.config import ConfigError, TrainerConfig, validate
@@ -111,11 +112,14 @@ CLI_BAD_INPUTS = [
     (["model=nonexistent"], "model/nonexistent"),
     (["model.latent_dim=eight"], "model.latent_dim"),
     (["model.arch=conv", "model.channels=[8,8,8,8]"], "model.channels"),
+    (["trainer.accelerator=gpu", f"trainer.devices={torch.cuda.device_count() + 1}"], "trainer.devices"),
+    (["hydra.run.dir=a_file/run"], "hydra.run.dir"),
 ]
 
 
 @pytest.mark.parametrize("overrides,key", CLI_BAD_INPUTS)
 def test_cli_refuses_bad_input_before_training(overrides, key, tmp_path):
+    (tmp_path / "a_file").write_text("a file where a run folder's parent should be\n")
     done = run_cli(overrides, cwd=tmp_path)
     assert done.returncode != 0
     assert key in done.stderr

@@ -71,17 +71,21 @@ def _start(args: list[str], cwd: Path) -> subprocess.Popen:
 
 
 def _interrupt_when_training(process: subprocess.Popen, cwd: Path, pattern: str) -> tuple[str, str]:
-    deadline = time.time() + 120
-    while not list(cwd.glob(pattern)) and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(4)  # past start-up, into the training steps
-    process.send_signal(signal.SIGINT)
-    return process.communicate(timeout=120)
+    """Send Ctrl-C once `pattern` (an epoch's checkpoint: training is under way) exists."""
+    try:
+        deadline = time.time() + 180
+        while not list(cwd.glob(pattern)) and time.time() < deadline:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        return process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:  # never leave a training process behind
+            process.kill()
 
 
 def test_ctrl_c_ends_a_run_cleanly(tmp_path):
     process = _start(["trainer.max_epochs=100000", "trainer.enable_progress_bar=false"], tmp_path)
-    out, err = _interrupt_when_training(process, tmp_path, "outputs/runs/*/run.json")
+    out, err = _interrupt_when_training(process, tmp_path, "outputs/runs/*/checkpoints/last.ckpt")
     assert process.returncode == 130
     [run] = (tmp_path / "outputs" / "runs").iterdir()
     record = read_json(run / "run.json")
@@ -100,7 +104,7 @@ def test_ctrl_c_ends_a_run_cleanly(tmp_path):
 def test_ctrl_c_stops_a_sweep_after_the_current_job_with_a_summary(tmp_path):
     process = _start(["-m", "seed=0,1,2", "trainer.max_epochs=100000", "trainer.enable_progress_bar=false",
                       "logger=none"], tmp_path)
-    out, err = _interrupt_when_training(process, tmp_path, "outputs/sweeps/*/*/run.json")
+    out, err = _interrupt_when_training(process, tmp_path, "outputs/sweeps/*/*/checkpoints/last.ckpt")
     assert process.returncode == 130
     [sweep] = (tmp_path / "outputs" / "sweeps").iterdir()
     jobs = [p for p in sweep.iterdir() if p.is_dir()]
