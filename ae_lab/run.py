@@ -58,7 +58,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         interrupt = CheckpointOnInterrupt(run_dir / "checkpoints" / "interrupted.ckpt")
         try:
             logger = build_logger(cfg, run_dir, math.prod(data.input_shape))
-            metrics, best_checkpoint, figures, timings = _fit_and_test(cfg, run_dir, data, logger, interrupt)
+            metrics, best_checkpoint, figures, timings = _fit_and_test(cfg, run_dir, data, logger,
+                                                                       interrupt)
             if record is not None:
                 wandb_run = log_results(logger, metrics, figures)
                 record.completed(best_checkpoint=best_checkpoint, wandb_run_id=wandb_run, timings=timings)
@@ -70,8 +71,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 raise
             if record is not None:
                 record.interrupted(interrupt.checkpoint)
-            raise RunInterrupted(f"interrupted; run folder: {run_dir}"
-                                 + (f", checkpoint: {interrupt.checkpoint}" if interrupt.checkpoint else "")) from error
+            saved = f", checkpoint: {interrupt.checkpoint}" if interrupt.checkpoint else ""
+            raise RunInterrupted(f"interrupted; run folder: {run_dir}{saved}") from error
         finally:
             finish_logger(logger)
 
@@ -98,7 +99,8 @@ class CheckpointOnInterrupt(pl.Callback):
 
 
 def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger: Any,
-                  interrupt: pl.Callback) -> tuple[dict[str, float], str | None, dict[str, Path], dict[str, float]]:
+                  interrupt: pl.Callback
+                  ) -> tuple[dict[str, float], str | None, dict[str, Path], dict[str, float | None]]:
     """Fit, then evaluate val and test with the best checkpoint; return the metrics, that checkpoint,
     the figures drawn and the fit's timings."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)

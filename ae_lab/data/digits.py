@@ -20,11 +20,9 @@ def load(cfg: DictConfig) -> ArrayDataModule:
     digits = load_digits()
     raw = digits.images.astype(np.uint8)  # integer counts 0..16
     labels = digits.target.astype(np.int64)
-    images = torch.from_numpy(raw.astype(np.float32) / 16.0).unsqueeze(1)
+    images, targets = torch.from_numpy(raw).unsqueeze(1), torch.from_numpy(labels)
     parts = split_indices(len(raw), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
-    splits = {
-        name: Split(images=images[idx], labels=torch.from_numpy(labels[idx]))
-        for name, idx in parts.items()
-    }
+    splits = {name: Split(images, targets, index=torch.from_numpy(index), pixel_scale=16.0)
+              for name, index in parts.items()}
     return ArrayDataModule("digits", splits, cfg.batch_size, cfg.num_workers,
                            checksum=sha256_of_arrays(raw, labels))
