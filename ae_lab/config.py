@@ -149,6 +149,7 @@ class DigitsConfig(RandomSplitConfig):
     """scikit-learn's 8x8 handwritten digits."""
 
     name: str = "digits"
+    held_out_class: Any = None  # anomaly detection: train and validate without this class (0-9)
 
 
 class Binarize(str, Enum):
@@ -180,6 +181,7 @@ class MnistConfig(DownloadedConfig):
     draw per training batch; validation and test use the static draw)."""
 
     name: str = "mnist"
+    held_out_class: Any = None  # anomaly detection: train and validate without this class (0-9)
     val_size: int = 5000
     binarize: Binarize = Binarize.none
     binarize_seed: int = 0
@@ -261,6 +263,34 @@ class OptimConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What `ae_lab/evaluation` measures and draws after fit, on the test split with the best weights.
+
+    A size of 0 switches its metric off. Metrics that do not apply to the model or data (the IW bound
+    without a Gaussian head, the probe without labels, disentanglement without factors) are skipped.
+    """
+
+    seed: int = 0  # evaluation's own randomness (test corruption, IW samples, subsets), apart from `seed`
+    batch_size: int = 500
+    max_decode_batch: int = 32768  # images decoded at once by the IW bound (memory)
+    iw_samples: int = 100  # k for the importance-weighted bound on log p(x); papers use 5000
+    active_unit_threshold: float = 0.01  # a unit is active when Var_x(E[z_d|x]) exceeds this
+    probe_train_size: int = 5000  # training-split codes the logistic probe learns from
+    disentanglement_pool: int = 10000  # test examples encoded for MIG / FactorVAE / DCI / SAP
+    disentanglement_train_size: int = 2000  # DCI/SAP fits and FactorVAE votes (dlib: 10000)
+    disentanglement_test_size: int = 1000  # DCI/SAP tests and FactorVAE eval votes (dlib: 5000)
+    jacobian_examples: int = 1000  # test examples for the encoder Jacobian norm
+    near_zero: float = 0.01  # |activation| below this counts as a silent unit in sparse-code stats
+    figures: bool = True
+    num_reconstructions: int = 10  # test images in figures/reconstructions.png
+    num_samples: int = 10  # prior samples (VAE)
+    traversal_dims: int = 10  # latent traversals: at most this many dims, most informative first
+    traversal_steps: int = 9
+    traversal_range: float = 3.0  # each dim swept over +-range standard deviations
+    interpolation_steps: int = 10
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -269,8 +299,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: Any = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
-    num_reconstructions: int = 10
     objective: str = "val/loss"  # the metric `python -m ae_lab` returns, for sweepers that optimise
     noise_level: Any = None  # when set, the strength of whichever noise is chosen (std or p)
 
@@ -379,8 +409,7 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
     clip = trainer.gradient_clip_val
     _require(clip is None or (isinstance(clip, (int, float)) and clip >= 0), "trainer.gradient_clip_val",
              clip, "null or a number >= 0")
-    _require(cfg.num_reconstructions >= 1, "num_reconstructions", cfg.num_reconstructions,
-             "an integer >= 1")
+    _validate_eval(cfg.eval)
 
     if cfg.logger.kind == "wandb":
         _require(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode", cfg.logger.mode,
@@ -408,12 +437,26 @@ def _validate_dataset(data: DictConfig) -> None:
     if "val_size" in data:
         _require(1 <= data.val_size < 60000, "dataset.val_size", data.val_size,
                  "between 1 and 59,999 of the 60,000 training images")
+    if data.get("held_out_class") is not None:
+        _require(data.held_out_class in range(10), "dataset.held_out_class", data.held_out_class,
+                 "null or a class label 0-9 (left out of training and validation; the test split keeps it)")
     if "download_timeout" in data:
         _require(data.download_timeout > 0, "dataset.download_timeout", data.download_timeout,
                  "a number of seconds > 0")
     if "subsample" in data and data.subsample is not None:
         _require(isinstance(data.subsample, int) and 10 <= data.subsample <= 737_280,
                  "dataset.subsample", data.subsample, "null (all 737,280 images) or an integer in [10, 737280]")
+
+
+def _validate_eval(ev: DictConfig) -> None:
+    for key in ("batch_size", "max_decode_batch", "num_reconstructions", "num_samples",
+                "traversal_steps", "interpolation_steps"):
+        _require(ev[key] >= 1, f"eval.{key}", ev[key], "an integer >= 1")
+    for key in ("iw_samples", "probe_train_size", "disentanglement_pool", "disentanglement_train_size",
+                "disentanglement_test_size", "jacobian_examples", "traversal_dims"):
+        _require(ev[key] >= 0, f"eval.{key}", ev[key], "an integer >= 0 (0 switches it off)")
+    for key in ("active_unit_threshold", "near_zero", "traversal_range"):
+        _require(ev[key] > 0, f"eval.{key}", ev[key], "a number > 0")
 
 
 def _wandb_key_available() -> bool:

@@ -22,9 +22,10 @@ def _show(axis: plt.Axes, image: torch.Tensor) -> None:
     axis.set_yticks([])
 
 
-def image_rows(rows: dict[str, torch.Tensor], path: Path, title: str = "") -> Path:
+def image_rows(rows: dict[str, torch.Tensor], path: Path, title: str = "",
+               columns: list[str] | None = None) -> Path:
     """Save a grid with one labelled row per entry of `rows` (each a batch (N, C, H, W)), column i
-    showing example i in every row."""
+    showing example i in every row; `columns` labels the columns above the first row."""
     count = next(iter(rows.values())).shape[0]
     figure, axes = plt.subplots(len(rows), count, figsize=(1.1 * count + 1.2, 1.2 * len(rows) + 0.4),
                                 squeeze=False)
@@ -32,10 +33,46 @@ def image_rows(rows: dict[str, torch.Tensor], path: Path, title: str = "") -> Pa
         for column in range(count):
             _show(axes[row, column], images[column])
         axes[row, 0].set_ylabel(label, rotation=0, ha="right", va="center")
+    for column, label in enumerate(columns or []):
+        axes[0, column].set_title(label, fontsize="small")
     if title:
         figure.suptitle(title)
+    return _save(figure, path)
+
+
+def _save(figure: plt.Figure, path: Path) -> Path:
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def scatter(points: torch.Tensor, colours: torch.Tensor, path: Path, title: str, axis_labels: tuple[str, str],
+            colour_label: str) -> Path:
+    """A 2-D scatter of `points` (N, 2) coloured by the integer `colours` (N,), with a legend of them
+    when there are at most 12 values and a colour bar otherwise."""
+    figure, axis = plt.subplots(figsize=(6.4, 5.4))
+    values = torch.unique(colours)
+    cmap = "tab10" if len(values) <= 10 else "viridis"
+    drawn = axis.scatter(points[:, 0].numpy(), points[:, 1].numpy(), c=colours.numpy(), cmap=cmap, s=6,
+                         alpha=0.7, linewidths=0)
+    if len(values) <= 12:
+        axis.legend(*drawn.legend_elements(), title=colour_label, loc="best", fontsize="small",
+                    markerscale=1.2)
+    else:
+        figure.colorbar(drawn, ax=axis, label=colour_label)
+    axis.set_xlabel(axis_labels[0])
+    axis.set_ylabel(axis_labels[1])
+    axis.set_title(title)
+    return _save(figure, path)
+
+
+def histogram(values: torch.Tensor, path: Path, title: str, xlabel: str, bins: int = 60) -> Path:
+    """A histogram of `values` with a log count axis, so rare large activations stay visible."""
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    axis.hist(values.flatten().numpy(), bins=bins, log=True)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("count (log scale)")
+    axis.set_title(title)
+    return _save(figure, path)

@@ -113,11 +113,16 @@ class GaussianHead(nn.Module):
         super().__init__()
         self.linear = nn.Linear(features, 2 * latent_dim)
 
+    def posterior(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and log-variance of q(z|x), each (B, latent_dim)."""
+        mean, logvar = self.linear(h).chunk(2, dim=-1)
+        return mean, logvar
+
     def code(self, h: torch.Tensor) -> torch.Tensor:
-        return self.linear(h).chunk(2, dim=-1)[0]
+        return self.posterior(h)[0]
 
     def forward(self, h: torch.Tensor) -> Latent:
-        mean, logvar = self.linear(h).chunk(2, dim=-1)
+        mean, logvar = self.posterior(h)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
         return Latent(z=z, code=mean, mean=mean, logvar=logvar)
 

@@ -30,9 +30,14 @@ def reconstruction_error(logits: torch.Tensor, x: torch.Tensor, kind: str) -> to
     return per_pixel.flatten(1).sum(1)
 
 
+def gaussian_kl_per_unit(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_d, exp(logvar_d)) || N(0, 1)) for every example and latent unit, in closed form."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
 def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, exp(logvar)) || N(0, I)) per example, in closed form, summed over latent units."""
-    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
+    """KL(N(mean, exp(logvar)) || N(0, I)) per example, summed over latent units."""
+    return gaussian_kl_per_unit(mean, logvar).sum(1)
 
 
 def l1_sparsity(code: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
-"""One run: check config -> seed -> data -> module -> trainer -> fit -> test -> write results.
+"""One run: check config -> seed -> data -> module -> trainer -> fit -> test -> evaluate -> write results.
 
-Results go into the run folder: `run.json` (record), `metrics.json` (final train/val/test metrics,
-flat `split/name` keys), `checkpoints/` (`last.ckpt`, `best.ckpt` by val/loss), `figures/`.
+Results go into the run folder: `run.json` (record), `metrics.json` (final train/val/test loss terms
+and the `eval/*` metrics, flat `split/name` keys), `evaluation.json` (per-unit vectors),
+`checkpoints/` (`last.ckpt`, `best.ckpt` by val/loss), `figures/`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ae_lab.config import validate
 from ae_lab.data import ArrayDataModule, build_datamodule, input_shape
 from ae_lab.distributed import HydraJobDDPStrategy, isolated_job, launched_rank, resolve_strategy
-from ae_lab.figures import image_rows
+from ae_lab.evaluation import evaluate
 from ae_lab.module import Autoencoder
 from ae_lab.tracking import (RunRecord, build_logger, completed_metrics, finish_logger, log_results,
                              write_config_files, write_json)
@@ -126,11 +126,11 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger:
     metrics["epochs"] = trainer.current_epoch
     figures = {}
     if trainer.is_global_zero:
+        evaluation = evaluate(module, data, cfg, run_dir)
+        metrics.update(evaluation.metrics)
+        figures = evaluation.figures
+        write_json(run_dir / "evaluation.json", evaluation.details)
         write_json(run_dir / "metrics.json", dict(sorted(metrics.items())))
-        test = data.splits["test"]
-        shown = test.batch(torch.arange(min(cfg.num_reconstructions, len(test))))["x"]
-        figures["reconstructions"] = save_reconstructions(module, shown,
-                                                          run_dir / "figures" / "reconstructions.png")
     if isinstance(trainer.strategy, HydraJobDDPStrategy):
         trainer.strategy.wait_for_children()
     return metrics, checkpoints.best_model_path or None, figures, timer.timings()
@@ -156,10 +156,3 @@ class StepTimer(pl.Callback):
 
     def timings(self) -> dict[str, float | None]:
         return {"first_step_unix": self.first_step, "fit_seconds": self.fit_end - self.fit_start}
-
-
-def save_reconstructions(module: Autoencoder, inputs: torch.Tensor, path: Path) -> Path:
-    module.eval()
-    outputs = module.reconstruct(inputs.to(module.device))
-    return image_rows({"input": inputs, "reconstruction": outputs}, path,
-                      title="Test inputs (top) and their reconstructions (bottom)")

@@ -27,4 +27,7 @@ def input_shape(cfg: DictConfig) -> tuple[int, ...]:
 
 
 def build_datamodule(cfg: DictConfig) -> ArrayDataModule:
-    return _module(cfg).load(cfg)
+    data = _module(cfg).load(cfg)
+    if cfg.get("held_out_class") is not None:
+        data.hold_out_class(cfg.held_out_class)
+    return data

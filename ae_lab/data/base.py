@@ -8,6 +8,7 @@ so any data set works with any model.
 from __future__ import annotations
 
 import hashlib
+import dataclasses
 from dataclasses import dataclass
 import os
 from typing import Any, Iterator
@@ -62,6 +63,12 @@ class Split:
                 batch["label" if key == "labels" else key] = values[rows]
         return batch
 
+    def without_class(self, label: int) -> "Split":
+        """The same split with every example of class `label` left out (for anomaly detection)."""
+        rows = self.rows(torch.arange(len(self)))
+        kept = rows[self.labels[rows] != label]
+        return dataclasses.replace(self, index=kept)
+
     def to(self, device: torch.device) -> "Split":
         def move(value: Any) -> Any:
             return value.to(device) if value is not None and hasattr(value, "to") else value
@@ -115,7 +122,7 @@ class ArrayDataModule(pl.LightningDataModule):
     """Train/val/test splits held in memory, served in batches."""
 
     def __init__(self, name: str, splits: dict[str, Split], batch_size: int, num_workers: int,
-                 checksum: str, on_device: bool = False) -> None:
+                 checksum: str, on_device: bool = False, factor_names: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.name = name
         self.splits = splits
@@ -123,10 +130,18 @@ class ArrayDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.checksum = checksum
         self.on_device = on_device
+        self.factor_names = factor_names  # names of the columns of `factors` / `factor_classes`
+        self.held_out_class: int | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return self.splits["train"].image_shape
+
+    def hold_out_class(self, label: int) -> None:
+        """Train and validate without class `label`; the test split keeps it as the anomaly to find."""
+        self.held_out_class = label
+        for name in ("train", "val"):
+            self.splits[name] = self.splits[name].without_class(label)
 
     def setup(self, stage: str) -> None:
         """With `dataset.on_device=true`, move the whole set to the accelerator once (batches are then

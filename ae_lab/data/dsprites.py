@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from ae_lab.data.base import ArrayDataModule, Split, split_indices
 from ae_lab.data.files import DataError, RemoteFile, cached_arrays, ensure_file
+from ae_lab.data.shapes import FACTOR_NAMES
 
 INPUT_SHAPE = (1, 64, 64)
 FILE_NAME = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
@@ -56,4 +57,4 @@ def load(cfg: DictConfig) -> ArrayDataModule:
     splits = {name: Split(images, factors=values, factor_classes=classes,
                           index=torch.from_numpy(index)) for name, index in parts.items()}
     return ArrayDataModule("dsprites", splits, cfg.batch_size, cfg.num_workers, checksum,
-                           on_device=cfg.on_device)
+                           on_device=cfg.on_device, factor_names=FACTOR_NAMES)

@@ -202,4 +202,4 @@ def load(cfg: DictConfig) -> ArrayDataModule:
               for name, index in parts.items()}
     source = np.frombuffer(Path(__file__).read_bytes(), dtype=np.uint8)
     return ArrayDataModule("shapes", splits, cfg.batch_size, cfg.num_workers,
-                           checksum=sha256_of_arrays(source, chosen))
+                           checksum=sha256_of_arrays(source, chosen), factor_names=FACTOR_NAMES)

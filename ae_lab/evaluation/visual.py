@@ -1,0 +1,106 @@
+"""The run's figures: what to show for this model and data (drawing itself is in `ae_lab/figures.py`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from sklearn.decomposition import PCA
+
+from ae_lab.data import ArrayDataModule
+from ae_lab.evaluation import Encoded
+from ae_lab.figures import histogram, image_rows, scatter
+from ae_lab.module import Autoencoder
+from ae_lab.objectives import gaussian_kl_per_unit
+
+
+@torch.no_grad()
+def draw_figures(module: Autoencoder, data: ArrayDataModule, test: Encoded, cfg: DictConfig,
+                 folder: Path) -> dict[str, Path]:
+    """Reconstructions, latent traversals, interpolations and the code scatter for every model; prior
+    samples for a VAE; the activation histogram for sparse codes. Returns name -> PNG path."""
+    ev = cfg.eval
+    split = data.splits["test"]
+    count = min(ev.num_reconstructions, len(split))
+    x = split.batch(torch.arange(count))["x"].to(module.device)
+    figures = {"reconstructions": _reconstructions(module, x, folder / "reconstructions.png")}
+    figures["traversals"] = _traversals(module, test, x[0], ev, folder / "traversals.png")
+    figures["interpolations"] = _interpolations(module, test, ev, folder / "interpolations.png")
+    figures["codes"] = _code_scatter(test, data, folder / "codes.png")
+    if test.mean is not None:
+        z = torch.randn(ev.num_samples, test.codes.shape[1], device=module.device)
+        figures["samples"] = image_rows({"sample": torch.sigmoid(module.decoder(z))}, folder / "samples.png",
+                                        title="Decoded samples from the prior N(0, I)")
+    if cfg.loss.sparsity_weight > 0:
+        figures["activations"] = histogram(
+            test.codes, folder / "activations.png", xlabel="code activation",
+            title=f"Code activations on the test split ({test.codes.shape[1]} units)")
+    return figures
+
+
+def _reconstructions(module: Autoencoder, x: torch.Tensor, path: Path) -> Path:
+    if module.corrupt is None:
+        return image_rows({"input": x, "reconstruction": module.reconstruct(x)}, path,
+                          title="Test inputs and their reconstructions")
+    corrupted = module.corrupt(x)
+    return image_rows({"clean": x, "corrupted": corrupted, "denoised": module.reconstruct(corrupted)}, path,
+                      title="Clean test inputs, their corruption, and the reconstruction of the corrupted input")
+
+
+def _traversals(module: Autoencoder, test: Encoded, x: torch.Tensor, ev: DictConfig, path: Path) -> Path:
+    """One row per latent unit, most informative first (highest mean KL for a VAE, highest code variance
+    otherwise): the first test image's code with that unit swept over +-range standard deviations (of the
+    prior N(0, 1) for a VAE, of the unit's test codes otherwise), the other units fixed."""
+    if test.mean is not None:
+        informativeness = gaussian_kl_per_unit(test.mean, test.logvar).mean(0)
+        centre, scale, measure = torch.zeros_like(informativeness), torch.ones_like(informativeness), "KL"
+    else:
+        informativeness = test.codes.std(0)
+        centre, scale, measure = test.codes.mean(0), informativeness, "sd"
+    order = informativeness.argsort(descending=True)[:ev.traversal_dims]
+    offsets = torch.linspace(-ev.traversal_range, ev.traversal_range, ev.traversal_steps)
+    base = module.head.code(module.encoder(x.unsqueeze(0))).cpu()
+    rows = {}
+    for unit in order.tolist():
+        codes = base.repeat(ev.traversal_steps, 1)
+        codes[:, unit] = centre[unit] + offsets * scale[unit]
+        rows[f"z{unit} ({measure} {informativeness[unit]:.2f})"] = torch.sigmoid(module.decoder(codes.to(module.device)))
+    return image_rows(rows, path, columns=[f"{offset:+.2g} sd" for offset in offsets.tolist()],
+                      title="Latent traversals of one test image, most informative units first")
+
+
+def _interpolations(module: Autoencoder, test: Encoded, ev: DictConfig, path: Path) -> Path:
+    """Decoded codes on the straight line between test images 0 and 1, 2 and 3, 4 and 5."""
+    weights = torch.linspace(0, 1, ev.interpolation_steps).unsqueeze(1)
+    rows = {}
+    for first in range(0, min(6, len(test.codes) - 1), 2):
+        start, end = test.codes[first], test.codes[first + 1]
+        codes = (1 - weights) * start + weights * end
+        rows[f"test {first} → {first + 1}"] = torch.sigmoid(module.decoder(codes.to(module.device)))
+    return image_rows(rows, path, columns=[f"{weight:.2f}" for weight in weights[:, 0].tolist()],
+                      title="Interpolation in code space between pairs of test images")
+
+
+def _code_scatter(test: Encoded, data: ArrayDataModule, path: Path) -> Path:
+    """The test codes in 2-D (the first two principal components when there are more than two units),
+    coloured by the label, or by the first ground-truth factor that varies."""
+    codes = test.codes
+    if codes.shape[1] > 2:
+        pca = PCA(n_components=2).fit(codes.numpy())
+        points = torch.from_numpy(pca.transform(codes.numpy()))
+        explained = pca.explained_variance_ratio_ * 100
+        axes = (f"PC 1 ({explained[0]:.0f}% of variance)", f"PC 2 ({explained[1]:.0f}%)")
+        title = f"Test codes ({codes.shape[1]} units), first two principal components"
+    else:
+        points = codes if codes.shape[1] == 2 else torch.cat([codes, torch.zeros_like(codes)], 1)
+        axes, title = ("z0", "z1"), "Test codes"
+    if test.labels is not None:
+        colours, name = test.labels, "label"
+    elif test.factor_classes is not None:
+        varying = [k for k in range(test.factor_classes.shape[1]) if test.factor_classes[:, k].unique().numel() > 1]
+        factor = varying[0] if varying else 0
+        colours, name = test.factor_classes[:, factor], data.factor_names[factor]
+    else:
+        colours, name = torch.zeros(len(codes), dtype=torch.long), "none"
+    return scatter(points.float(), colours, path, title=title, axis_labels=axes, colour_label=name)

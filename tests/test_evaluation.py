@@ -1,0 +1,238 @@
+"""Evaluation metrics against independent references (closed forms, brute force, other libraries), and
+the evaluation of real runs: which metrics appear for which model, and the figures it draws."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torchmetrics.functional.image import peak_signal_noise_ratio
+
+from conftest import QUICK, read_json, train_in_process
+from ae_lab.evaluation.codes import encoder_jacobian_norm, sparse_code_statistics
+from ae_lab.evaluation.downstream import anomaly_auroc
+from ae_lab.evaluation.likelihood import (active_units, bernoulli_log_likelihood, gaussian_log_density,
+                                          importance_weighted_bound)
+from ae_lab.evaluation.reconstruction import psnr
+
+
+class LinearGaussian:
+    """p(z) = N(0, I), p(x|z) = N(W z + b, s^2 I): log p(x) = log N(x; b, W W^T + s^2 I) in closed form,
+    and the exact posterior is Gaussian; q is a deliberately poor diagonal Gaussian near it."""
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.W = torch.randn(3, 2, generator=generator, dtype=torch.float64)
+        self.b = torch.randn(3, generator=generator, dtype=torch.float64)
+        self.s2 = 0.5
+        self.x = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+        precision = torch.eye(2, dtype=torch.float64) + self.W.T @ self.W / self.s2
+        covariance = torch.linalg.inv(precision)
+        # q: the posterior's mean shifted by 0.5 and its diagonal variance doubled, so the ELBO is loose
+        self.q_mean = covariance @ self.W.T @ (self.x - self.b) / self.s2 + 0.5
+        self.q_var = 2 * torch.diagonal(covariance)
+
+    def log_px(self) -> float:
+        marginal = torch.distributions.MultivariateNormal(
+            self.b, self.W @ self.W.T + self.s2 * torch.eye(3, dtype=torch.float64))
+        return float(marginal.log_prob(self.x))
+
+    def elbo(self) -> float:
+        """E_q log p(x|z) - KL(q || p), both in closed form."""
+        residual = self.x - self.W @ self.q_mean - self.b
+        expected_sq = residual @ residual + (self.W ** 2 @ self.q_var).sum()
+        log_lik = -0.5 * (expected_sq / self.s2 + 3 * math.log(2 * math.pi * self.s2))
+        kl = 0.5 * (self.q_mean @ self.q_mean + self.q_var.sum() - 2 - torch.log(self.q_var).sum())
+        return float(log_lik - kl)
+
+    def bound(self, samples: int, repeats: int, chunk: int = 1000) -> dict[str, torch.Tensor]:
+        """The IW bound for `repeats` independent copies of x (a batch), k = `samples` each."""
+        def log_likelihood(z: torch.Tensor) -> torch.Tensor:
+            return gaussian_log_density(self.x, z @ self.W.T + self.b, torch.full((3,), math.log(self.s2),
+                                                                                    dtype=torch.float64))
+
+        mean = self.q_mean.expand(repeats, 2)
+        logvar = torch.log(self.q_var).expand(repeats, 2)
+        return importance_weighted_bound(mean, logvar, log_likelihood, samples, chunk)
+
+
+def test_gaussian_log_density_matches_torch_distributions():
+    z, mean, logvar = torch.randn(5, 4), torch.randn(5, 4), torch.randn(5, 4)
+    reference = torch.distributions.Normal(mean, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
+    torch.testing.assert_close(gaussian_log_density(z, mean, logvar), reference)
+
+
+def test_bernoulli_log_likelihood_matches_torch_distributions():
+    decoder = nn.Sequential(nn.Linear(3, 12), nn.Unflatten(1, (1, 3, 4)))
+    x = torch.bernoulli(torch.full((5, 1, 3, 4), 0.5))
+    z = torch.randn(7, 5, 3)
+    logits = decoder(z.reshape(35, 3)).reshape(7, 5, 1, 3, 4)
+    reference = torch.distributions.Bernoulli(logits=logits).log_prob(x.expand_as(logits)).flatten(2).sum(2)
+    torch.testing.assert_close(bernoulli_log_likelihood(decoder, x)(z), reference)
+
+
+def test_iw_bound_with_one_sample_is_the_elbo_estimate():
+    model = LinearGaussian()
+    torch.manual_seed(0)
+    one = model.bound(samples=1, repeats=20000)
+    torch.testing.assert_close(one["iw_bound"], one["elbo"])  # the same draws: identical
+    standard_error = float(one["elbo"].std()) / math.sqrt(20000)
+    assert abs(float(one["elbo"].mean()) - model.elbo()) < 4 * standard_error
+
+
+def test_iw_bound_increases_with_k_and_converges_to_the_closed_form_log_likelihood():
+    model = LinearGaussian()
+    torch.manual_seed(0)
+    means = [float(model.bound(samples=k, repeats=200, chunk=500)["iw_bound"].mean()) for k in (1, 10, 100, 5000)]
+    assert means == sorted(means)
+    assert model.log_px() - model.elbo() > 3  # a loose ELBO (k = 1) ...
+    assert abs(means[-1] - model.log_px()) < 0.01  # ... closed by k = 5000
+
+
+def test_iw_bound_does_not_depend_on_the_chunk_size():
+    model = LinearGaussian()
+    torch.manual_seed(1)
+    whole = model.bound(samples=64, repeats=2000, chunk=64)["iw_bound"]
+    pieces = model.bound(samples=64, repeats=2000, chunk=5)["iw_bound"]  # 13 chunks, the last of 4
+    standard_error = math.sqrt((whole.var() + pieces.var()) / 2000)
+    assert abs(float(whole.mean() - pieces.mean())) < 4 * standard_error
+
+
+def test_active_units_counts_units_whose_posterior_mean_varies():
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.cat([torch.randn(1000, 2, generator=generator),  # variance ~1: active
+                      0.05 * torch.randn(1000, 3, generator=generator)], 1)  # variance ~0.0025: not
+    count, variance = active_units(mean, threshold=0.01)
+    assert count == 2
+    np.testing.assert_allclose(variance.numpy(), np.var(mean.numpy(), axis=0), rtol=1e-5)
+
+
+def test_psnr_matches_torchmetrics_per_image():
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(6, 1, 8, 8, generator=generator)
+    noisy = (target + 0.1 * torch.randn(6, 1, 8, 8, generator=generator)).clamp(0, 1)
+    reference = peak_signal_noise_ratio(noisy, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    torch.testing.assert_close(psnr(noisy, target), reference)
+    assert float(psnr(target, target)[0]) == pytest.approx(100.0)
+
+
+def _auroc_by_pair_counting(scores: np.ndarray, positive: np.ndarray) -> float:
+    """P(score of a random positive > score of a random negative), ties counting one half."""
+    wins = 0.0
+    for p in scores[positive]:
+        for n in scores[~positive]:
+            wins += 1.0 if p > n else 0.5 if p == n else 0.0
+    return wins / (positive.sum() * (~positive).sum())
+
+
+def test_anomaly_auroc():
+    positive = np.array([True] * 5 + [False] * 20)
+    assert anomaly_auroc(np.r_[np.full(5, 3.0), np.zeros(20)], positive) == 1.0
+    assert anomaly_auroc(np.ones(25), positive) == 0.5
+    scores = np.random.default_rng(0).normal(size=25) + positive
+    assert anomaly_auroc(scores, positive) == pytest.approx(_auroc_by_pair_counting(scores, positive))
+
+
+def test_sparse_code_statistics_by_hand():
+    codes = torch.tensor([[0.0, 0.5, 0.005], [0.0, -1.0, 0.2]])
+    stats = sparse_code_statistics(codes, near_zero=0.01)
+    assert stats == pytest.approx({"code_mean_activation": (0.5 + 0.005 + 1.0 + 0.2) / 6,
+                                   "code_near_zero_fraction": 3 / 6, "code_dead_units": 1.0})
+
+
+def test_encoder_jacobian_norm_matches_autograd_jacobian():
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.Tanh(), nn.Linear(5, 3))
+    x = torch.randn(4, 1, 3, 4)
+    expected = torch.stack([torch.autograd.functional.jacobian(lambda v: encoder(v.unsqueeze(0))[0], example)
+                            .pow(2).sum() for example in x])
+    torch.testing.assert_close(encoder_jacobian_norm(encoder, x), expected)
+
+
+# ---- the evaluation of real runs ------------------------------------------------------------------
+
+def _png(path) -> np.ndarray:
+    assert path.is_file(), path
+    return matplotlib.image.imread(path)
+
+
+def _assert_drawn(path, count: int, rows: int) -> None:
+    """An `image_rows` grid: the pixel size its layout gives, and not blank."""
+    pixels = _png(path)
+    assert pixels.shape[:2] == (round(100 * (1.2 * rows + 0.4)), round(100 * (1.1 * count + 1.2)))
+    assert pixels[..., :3].std() > 0.05
+
+
+def test_autoencoder_run_evaluates_and_draws(tmp_path):
+    metrics = train_in_process([*QUICK, "noise=masking", "eval.num_reconstructions=6"], tmp_path)
+    for key in ("mse", "bce", "psnr", "psnr_corrupted", "psnr_denoised", "psnr_gain", "probe_accuracy",
+                "probe_accuracy_pixels", "jacobian_frobenius_sq"):
+        assert np.isfinite(metrics[f"eval/{key}"]), key
+    assert metrics["eval/psnr_gain"] == pytest.approx(metrics["eval/psnr_denoised"] - metrics["eval/psnr_corrupted"])
+    assert "eval/elbo" not in metrics and "eval/mig" not in metrics  # no Gaussian head, no factors
+    assert read_json(tmp_path / "metrics.json") == metrics
+    figures = tmp_path / "figures"
+    _assert_drawn(figures / "reconstructions.png", count=6, rows=3)  # clean, corrupted, denoised
+    _assert_drawn(figures / "traversals.png", count=9, rows=10)
+    _assert_drawn(figures / "interpolations.png", count=10, rows=3)
+    assert _png(figures / "codes.png")[..., :3].std() > 0.05
+    assert not (figures / "samples.png").exists()
+    details = read_json(tmp_path / "evaluation.json")
+    assert len(details["code_variance_per_unit"]) == 16
+
+
+def test_probe_on_digits_is_far_above_chance(tmp_path):
+    metrics = train_in_process(["trainer.max_epochs=5", "trainer.enable_progress_bar=false", "logger=none",
+                                "eval.figures=false"], tmp_path)
+    assert metrics["eval/probe_accuracy"] > 0.6  # 10 classes: chance is 0.1
+    assert metrics["eval/probe_accuracy_pixels"] > 0.9
+
+
+def test_vae_run_reports_likelihood_metrics(tmp_path):
+    metrics = train_in_process([*QUICK, "model=vae", "eval.iw_samples=50", "model.latent_dim=4"], tmp_path)
+    # the IW bound is tighter than the ELBO: -log p(x) <= iw_nll <= -elbo
+    assert metrics["eval/iw_nll"] < -metrics["eval/elbo"]
+    assert metrics["eval/elbo"] == pytest.approx(-(metrics["eval/elbo_recon_nll"] + metrics["eval/kl"]), rel=1e-5)
+    assert 0 <= metrics["eval/active_units"] <= 4
+    details = read_json(tmp_path / "evaluation.json")
+    assert sum(details["kl_per_unit"]) == pytest.approx(metrics["eval/kl"], rel=1e-4)
+    _assert_drawn(tmp_path / "figures" / "samples.png", count=10, rows=1)
+    _assert_drawn(tmp_path / "figures" / "traversals.png", count=9, rows=4)
+
+
+def test_held_out_class_is_left_out_of_training_and_scored_as_the_anomaly(tmp_path):
+    from conftest import compose_config
+    from ae_lab.data import build_datamodule
+
+    cfg = compose_config([*QUICK, "dataset.held_out_class=3"])
+    data = build_datamodule(cfg.dataset)
+    for name in ("train", "val"):
+        split = data.splits[name]
+        assert 3 not in split.batch(torch.arange(len(split)))["label"]
+    test = data.splits["test"]
+    assert 3 in test.batch(torch.arange(len(test)))["label"]
+    metrics = train_in_process([*QUICK, "dataset.held_out_class=3", "model=vae", "eval.figures=false"], tmp_path)
+    assert 0 <= metrics["eval/anomaly_auroc_recon"] <= 1 and 0 <= metrics["eval/anomaly_auroc_elbo"] <= 1
+
+
+def test_sparse_and_factor_data_runs(tmp_path):
+    metrics = train_in_process([*QUICK, "loss=sparse_kl", "dataset=shapes", "dataset.subsample=2000",
+                                "model.arch=conv", "model.latent_dim=6", "eval.disentanglement_train_size=300",
+                                "eval.disentanglement_test_size=100"], tmp_path)
+    for key in ("code_mean_activation", "code_near_zero_fraction", "mig", "factor_vae", "dci_disentanglement",
+                "dci_completeness", "dci_informativeness", "sap"):
+        assert np.isfinite(metrics[f"eval/{key}"]), key
+    assert "eval/probe_accuracy" not in metrics  # shapes have factors, not labels
+    assert _png(tmp_path / "figures" / "activations.png")[..., :3].std() > 0.05
+    assert _png(tmp_path / "figures" / "codes.png")[..., :3].std() > 0.05
+
+
+def test_evaluation_is_repeatable(tmp_path):
+    first = train_in_process([*QUICK, "noise=gaussian", "model=vae", "logger=none", "eval.figures=false"],
+                             tmp_path / "a")
+    second = train_in_process([*QUICK, "noise=gaussian", "model=vae", "logger=none", "eval.figures=false"],
+                              tmp_path / "b")
+    assert first == second
