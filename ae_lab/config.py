@@ -273,7 +273,7 @@ class EvalConfig:
     seed: int = 0  # evaluation's own randomness (test corruption, IW samples, subsets), apart from `seed`
     batch_size: int = 500
     max_decode_batch: int = 32768  # images decoded at once by the IW bound (memory)
-    iw_samples: int = 100  # k for the importance-weighted bound on log p(x); papers use 5000
+    iw_samples: int = 10  # k for the importance-weighted bound on log p(x); papers use 5000 (eval=paper)
     active_unit_threshold: float = 0.01  # a unit is active when Var_x(E[z_d|x]) exceeds this
     probe_train_size: int = 5000  # training-split codes the logistic probe learns from
     disentanglement_pool: int = 10000  # test examples encoded for MIG / FactorVAE / DCI / SAP

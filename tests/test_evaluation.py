@@ -13,6 +13,7 @@ from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from conftest import QUICK, read_json, train_in_process
+from wandb_records import run_contents
 from ae_lab.evaluation.codes import encoder_jacobian_norm, sparse_code_statistics
 from ae_lab.evaluation.downstream import anomaly_auroc
 from ae_lab.evaluation.likelihood import (active_units, bernoulli_log_likelihood, gaussian_log_density,
@@ -182,6 +183,10 @@ def test_autoencoder_run_evaluates_and_draws(tmp_path):
     assert not (figures / "samples.png").exists()
     details = read_json(tmp_path / "evaluation.json")
     assert len(details["code_variance_per_unit"]) == 16
+    summary = run_contents(tmp_path)["summary"]  # the W&B run: every metric and figure
+    assert {key: summary[key] for key in metrics} == metrics
+    drawn = {path.stem for path in figures.glob("*.png")}
+    assert {key.split("/")[1] for key in summary if key.endswith("/_type")} == drawn
 
 
 def test_probe_on_digits_is_far_above_chance(tmp_path):
