@@ -73,7 +73,8 @@ class Optimizer(str, Enum):
 
 @dataclass
 class ModelConfig:
-    """Networks and latent head. `hidden_dims` is read by `arch=mlp`, `channels` by `arch=conv`."""
+    """Networks and latent head. `hidden_dims` is read by `arch=mlp`; `channels`, `kernel_size` and
+    `fc_dims` (fully connected layers between the conv stack and the latent) by `arch=conv`."""
 
     arch: Arch = Arch.mlp
     latent: LatentHead = LatentHead.deterministic
@@ -81,6 +82,7 @@ class ModelConfig:
     hidden_dims: list[int] = field(default_factory=lambda: [256, 128])
     channels: list[int] = field(default_factory=lambda: [32, 64])
     kernel_size: int = 3
+    fc_dims: list[int] = field(default_factory=list)
     activation: Activation = Activation.relu
     code_activation: CodeActivation = CodeActivation.none
     compile: bool = False  # torch.compile the forward pass (benchmarks/RESULTS.md says when it pays)
@@ -362,14 +364,18 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
              "a list of integers >= 1")
     _require(len(model.channels) >= 1 and all(c >= 1 for c in model.channels), "model.channels",
              list(model.channels), "a non-empty list of integers >= 1")
-    _require(model.kernel_size >= 1 and model.kernel_size % 2 == 1, "model.kernel_size",
-             model.kernel_size, "an odd integer >= 1")
+    _require(2 <= model.kernel_size <= 7, "model.kernel_size", model.kernel_size, "an integer from 2 to 7")
+    _require(all(d >= 1 for d in model.fc_dims), "model.fc_dims", list(model.fc_dims),
+             "a list of integers >= 1")
     if input_shape is not None and model.arch == "conv":
-        smallest = min(input_shape[1:])
-        deepest = max(0, smallest.bit_length() - 1)  # stride-2 layers that still halve a side >= 2
+        from ae_lab.nets import conv_sizes
+
+        sizes = conv_sizes(min(input_shape[1:]), len(model.channels), model.kernel_size)
+        # every stride-2 layer needs an input side >= 2
+        deepest = next((depth for depth, side in enumerate(sizes) if side < 2), len(model.channels))
         _require(len(model.channels) <= deepest, "model.channels", list(model.channels),
-                 f"at most {deepest} stride-2 conv layers for {input_shape[1]}x{input_shape[2]} "
-                 f"images of dataset={data.name}")
+                 f"at most {deepest} stride-2 conv layers with kernel_size={model.kernel_size} for "
+                 f"{input_shape[1]}x{input_shape[2]} images of dataset={data.name}")
 
     _require(loss.beta >= 0, "loss.beta", loss.beta, "a number >= 0")
     _require(loss.sparsity_weight >= 0, "loss.sparsity_weight", loss.sparsity_weight, "a number >= 0")

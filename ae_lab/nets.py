@@ -25,59 +25,73 @@ def activation(name: str) -> nn.Module:
     return _ACTIVATIONS[name]()
 
 
-def conv_sizes(side: int, layers: int) -> list[int]:
-    """Side lengths through `layers` stride-2 convolutions with 'same' padding: ceil-halving."""
+def conv_padding(kernel_size: int) -> int:
+    """'Same'-style padding: an odd kernel keeps ceil(n / 2) at stride 2, an even one n / 2."""
+    return (kernel_size - 1) // 2
+
+
+def conv_sizes(side: int, layers: int, kernel_size: int) -> list[int]:
+    """Side lengths through `layers` stride-2 convolutions with `conv_padding`."""
     sizes = [side]
     for _ in range(layers):
-        sizes.append(math.ceil(sizes[-1] / 2))
+        sizes.append((sizes[-1] + 2 * conv_padding(kernel_size) - kernel_size) // 2 + 1)
     return sizes
 
 
+def _dense_stack(width: int, hidden_dims: list[int], act: str) -> tuple[list[nn.Module], int]:
+    """Linear + activation layers through `hidden_dims`; returns them and the output width."""
+    layers: list[nn.Module] = []
+    for hidden in hidden_dims:
+        layers += [nn.Linear(width, hidden), activation(act)]
+        width = hidden
+    return layers, width
+
+
 def build_encoder(cfg: DictConfig, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
-    """Return the encoder (images -> features h of shape (B, F)) and F."""
+    """Return the encoder (images -> features h of shape (B, F)) and F.
+
+    mlp: Flatten, then `hidden_dims`. conv: stride-2 convolutions through `channels`, Flatten, then
+    the fully connected `fc_dims`.
+    """
     act = cfg.activation
     if cfg.arch == "mlp":
-        layers: list[nn.Module] = [nn.Flatten()]
-        width = math.prod(input_shape)
-        for hidden in cfg.hidden_dims:
-            layers += [nn.Linear(width, hidden), activation(act)]
-            width = hidden
-        return nn.Sequential(*layers), width
+        layers, width = _dense_stack(math.prod(input_shape), list(cfg.hidden_dims), act)
+        return nn.Sequential(nn.Flatten(), *layers), width
     channels, height, width = input_shape
     layers = []
     for out_channels in cfg.channels:
         layers += [nn.Conv2d(channels, out_channels, cfg.kernel_size, stride=2,
-                             padding=cfg.kernel_size // 2), activation(act)]
+                             padding=conv_padding(cfg.kernel_size)), activation(act)]
         channels = out_channels
-    layers.append(nn.Flatten())
     depth = len(cfg.channels)
-    features = channels * conv_sizes(height, depth)[-1] * conv_sizes(width, depth)[-1]
-    return nn.Sequential(*layers), features
+    flat = channels * conv_sizes(height, depth, cfg.kernel_size)[-1] * conv_sizes(width, depth, cfg.kernel_size)[-1]
+    dense, features = _dense_stack(flat, list(cfg.fc_dims), act)
+    return nn.Sequential(*layers, nn.Flatten(), *dense), features
 
 
 def build_decoder(cfg: DictConfig, input_shape: tuple[int, ...]) -> nn.Module:
-    """Return the decoder: codes (B, latent_dim) -> logits of shape (B, *input_shape)."""
+    """Return the decoder: codes (B, latent_dim) -> logits of shape (B, *input_shape); the encoder's
+    layers in reverse."""
     act = cfg.activation
     if cfg.arch == "mlp":
-        layers: list[nn.Module] = []
-        width = cfg.latent_dim
-        for hidden in reversed(cfg.hidden_dims):
-            layers += [nn.Linear(width, hidden), activation(act)]
-            width = hidden
-        layers += [nn.Linear(width, math.prod(input_shape)), nn.Unflatten(1, tuple(input_shape))]
-        return nn.Sequential(*layers)
+        layers, width = _dense_stack(cfg.latent_dim, list(reversed(cfg.hidden_dims)), act)
+        return nn.Sequential(*layers, nn.Linear(width, math.prod(input_shape)),
+                             nn.Unflatten(1, tuple(input_shape)))
     image_channels, height, width = input_shape
-    depth = len(cfg.channels)
-    heights, widths = conv_sizes(height, depth), conv_sizes(width, depth)
+    depth, kernel, padding = len(cfg.channels), cfg.kernel_size, conv_padding(cfg.kernel_size)
+    heights, widths = conv_sizes(height, depth, kernel), conv_sizes(width, depth, kernel)
     channels = list(cfg.channels)
-    layers = [nn.Linear(cfg.latent_dim, channels[-1] * heights[-1] * widths[-1]), activation(act),
+    dense, features = _dense_stack(cfg.latent_dim, list(reversed(cfg.fc_dims)), act)
+    layers = [*dense, nn.Linear(features, channels[-1] * heights[-1] * widths[-1]), activation(act),
               nn.Unflatten(1, (channels[-1], heights[-1], widths[-1]))]
     targets = [image_channels] + channels[:-1]
     for level in range(depth, 0, -1):
-        # a transposed stride-2 conv gives 2*in - 1 + output_padding: pad to hit the encoder's size
-        pad = (heights[level - 1] - (2 * heights[level] - 1), widths[level - 1] - (2 * widths[level] - 1))
-        layers.append(nn.ConvTranspose2d(channels[level - 1], targets[level - 1], cfg.kernel_size,
-                                         stride=2, padding=cfg.kernel_size // 2, output_padding=pad))
+        # a transposed stride-2 conv gives 2 (in - 1) - 2 padding + kernel + output_padding: pad to hit
+        # the encoder's size
+        natural = [2 * (sizes[level] - 1) - 2 * padding + kernel for sizes in (heights, widths)]
+        output_padding = (heights[level - 1] - natural[0], widths[level - 1] - natural[1])
+        layers.append(nn.ConvTranspose2d(channels[level - 1], targets[level - 1], kernel, stride=2,
+                                         padding=padding, output_padding=output_padding))
         if level > 1:
             layers.append(activation(act))
     return nn.Sequential(*layers)

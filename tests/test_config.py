@@ -69,7 +69,8 @@ BAD_VALUES = [
     (["trainer.max_epochs=0"], "trainer.max_epochs"),
     (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val"),
     (["model.hidden_dims=[64,0]"], "model.hidden_dims"),
-    (["model.kernel_size=4"], "model.kernel_size"),
+    (["model.kernel_size=8"], "model.kernel_size"),
+    (["model.fc_dims=[0]"], "model.fc_dims"),
     (["loss=sparse_kl", "model=vae"], "loss.sparsity"),
     (["loss.sparsity=kl", "loss.sparsity_weight=1"], "loss.sparsity"),
 ]
@@ -83,7 +84,7 @@ def test_bad_values_are_refused_naming_the_key(overrides, key):
 
 def test_conv_deeper_than_the_image_allows_is_refused():
     cfg = compose_config(["model.arch=conv", "model.channels=[8,8,8,8]"])
-    with pytest.raises(ConfigError, match="at most 3 stride-2 conv layers for 8x8"):
+    with pytest.raises(ConfigError, match="at most 3 stride-2 conv layers with kernel_size=3 for 8x8"):
         validate(cfg, (1, 8, 8))
     validate(cfg, (1, 28, 28))  # four halvings of 28 are fine
 

@@ -12,10 +12,11 @@ from ae_lab.nets import build_decoder, build_encoder, build_latent_head
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 64, 64), (1, 9, 7)])
 @pytest.mark.parametrize("latent", ["deterministic", "gaussian"])
-def test_decoder_output_matches_input_shape(arch, shape, latent):
+@pytest.mark.parametrize("kernel_size,fc_dims", [(3, []), (4, [12]), (5, [])])
+def test_decoder_output_matches_input_shape(arch, shape, latent, kernel_size, fc_dims):
     cfg = OmegaConf.create(dict(arch=arch, latent=latent, latent_dim=6, hidden_dims=[20],
-                                channels=[4, 8], kernel_size=3, activation="relu",
-                                code_activation="none"))
+                                channels=[4, 8], kernel_size=kernel_size, fc_dims=fc_dims,
+                                activation="relu", code_activation="none"))
     encoder, features = build_encoder(cfg, shape)
     head = build_latent_head(cfg, features)
     decoder = build_decoder(cfg, shape)
@@ -25,3 +26,20 @@ def test_decoder_output_matches_input_shape(arch, shape, latent):
     latent_out = head(h)
     assert latent_out.z.shape == (3, 6)
     assert decoder(latent_out.z).shape == (3, *shape)
+
+
+def test_locatello_conv_encoder_has_the_papers_layers():
+    """Locatello et al. (2019), Table 1: conv 32x4x4 s2, 32x4x4 s2, 64x4x4 s2, 64x4x4 s2, FC 256, FC 2x10
+    on 64x64x1 images; parameters counted by hand from those shapes."""
+    cfg = OmegaConf.create(dict(arch="conv", latent="gaussian", latent_dim=10, hidden_dims=[], fc_dims=[256],
+                                channels=[32, 32, 64, 64], kernel_size=4, activation="relu"))
+    encoder, features = build_encoder(cfg, (1, 64, 64))
+    head = build_latent_head(cfg, features)
+    convs = [m for m in encoder if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (1, 32, (4, 4), (2, 2)), (32, 32, (4, 4), (2, 2)), (32, 64, (4, 4), (2, 2)), (64, 64, (4, 4), (2, 2))]
+    by_hand = (16 * 1 * 32 + 32) + (16 * 32 * 32 + 32) + (16 * 32 * 64 + 64) + (16 * 64 * 64 + 64) \
+        + (4 * 4 * 64 * 256 + 256) + (256 * 20 + 20)
+    assert sum(p.numel() for p in [*encoder.parameters(), *head.parameters()]) == by_hand
+    decoder = build_decoder(cfg, (1, 64, 64))
+    assert decoder(torch.zeros(2, 10)).shape == (2, 1, 64, 64)

@@ -61,7 +61,7 @@ def test_reconstruction_errors_match_references():
 def _encoder(arch: str, latent: str, code_activation: str = "none"):
     torch.manual_seed(0)
     cfg = OmegaConf.create(dict(arch=arch, latent=latent, latent_dim=5, hidden_dims=[12, 7],
-                                channels=[4, 3], kernel_size=3, activation="tanh",
+                                channels=[4, 3], kernel_size=3, fc_dims=[6], activation="tanh",
                                 code_activation=code_activation))
     encoder, features = build_encoder(cfg, (2, 9, 7))
     head = build_latent_head(cfg, features)

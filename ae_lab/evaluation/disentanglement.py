@@ -319,10 +319,10 @@ def disentanglement_metrics(codes: np.ndarray, factors: np.ndarray, rng: np.rand
     capped at `num_train` and `num_test` rows (disentanglement_lib's 10000 and 5000: a pool of
     15000 or more gives exactly those). DCI and SAP fit on the training part and score on the test
     part; MIG uses the training part (disentanglement_lib's MIG draws num_train=10000 points);
-    FactorVAE samples its batches from the whole pool (`factor_vae_score`, with `batch_size`, `factor_vae_num_train`,
-    `factor_vae_num_eval`, `num_variance_estimate`, `prune_threshold`). `n_jobs` parallelises DCI's
-    per-factor trees, which take most of the time. `rng` drives the split, the trees' `random_state`
-    and the FactorVAE sampling: one seed, one result."""
+    FactorVAE samples its batches from the whole pool (`factor_vae_score`, with `batch_size`,
+    `factor_vae_num_train`, `factor_vae_num_eval`, `num_variance_estimate`, `prune_threshold`).
+    `n_jobs` parallelises DCI's per-factor trees, which take most of the time. `rng` drives the
+    split, the trees' `random_state` and the FactorVAE sampling: one seed, one result."""
     codes, factors = _checked(codes, factors)
     train, test = _split(codes.shape[0], rng, train_fraction, num_train, num_test)
     dci_scores = dci(codes[train], factors[train], codes[test], factors[test],
