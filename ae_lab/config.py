@@ -258,10 +258,16 @@ class NoLoggerConfig:
 
 @dataclass
 class OptimConfig:
+    """The optimiser, and a step schedule: the learning rate is multiplied by `gamma` at the start of
+    each epoch listed in `milestones` (none by default)."""
+
     name: Optimizer = Optimizer.adam
     lr: float = 1e-3
     weight_decay: float = 0.0
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd
+    eps: float = 1e-8  # adam, adamw
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
 
 
 @dataclass
@@ -273,6 +279,7 @@ class EvalConfig:
     """
 
     seed: int = 0  # evaluation's own randomness (test corruption, IW samples, subsets), apart from `seed`
+    test_examples: Any = None  # evaluate on the first N test examples only (null: all of them)
     batch_size: int = 500
     max_decode_batch: int = 32768  # images decoded at once by the IW bound (memory)
     iw_samples: int = 10  # k for the importance-weighted bound on log p(x); papers use 5000 (eval=paper)
@@ -404,6 +411,11 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
 
     _require(optim.lr > 0, "optim.lr", optim.lr, "a learning rate > 0")
     _require(optim.weight_decay >= 0, "optim.weight_decay", optim.weight_decay, "a number >= 0")
+    _require(optim.eps > 0, "optim.eps", optim.eps, "a number > 0")
+    milestones = list(optim.milestones)
+    _require(all(m >= 1 for m in milestones) and milestones == sorted(set(milestones)), "optim.milestones",
+             milestones, "strictly increasing epoch numbers >= 1")
+    _require(0 < optim.gamma <= 1, "optim.gamma", optim.gamma, "a factor in (0, 1]")
     _require(trainer.max_epochs >= 1 or trainer.max_epochs == -1, "trainer.max_epochs",
              trainer.max_epochs, "an integer >= 1, or -1 for no limit")
     if trainer.accelerator in ("gpu", "cuda") and isinstance(trainer.devices, int):
@@ -461,6 +473,8 @@ def _validate_eval(ev: DictConfig) -> None:
     for key in ("iw_samples", "probe_train_size", "disentanglement_pool", "disentanglement_train_size",
                 "disentanglement_test_size", "jacobian_examples", "traversal_dims"):
         _require(ev[key] >= 0, f"eval.{key}", ev[key], "an integer >= 0 (0 switches it off)")
+    _require(ev.test_examples is None or (isinstance(ev.test_examples, int) and ev.test_examples >= 2),
+             "eval.test_examples", ev.test_examples, "null (the whole test split) or an integer >= 2")
     for key in ("active_unit_threshold", "near_zero", "traversal_range"):
         _require(ev[key] > 0, f"eval.{key}", ev[key], "a number > 0")
 

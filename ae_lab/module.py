@@ -98,10 +98,15 @@ class Autoencoder(pl.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim_cfg
         if cfg.name == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay)
-        optimizer = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-        return optimizer(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            optimizer = torch.optim.SGD(self.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                        weight_decay=cfg.weight_decay)
+        else:
+            adam = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+            optimizer = adam(self.parameters(), lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        if not cfg.milestones:
+            return {"optimizer": optimizer}
+        schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.milestones), cfg.gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}

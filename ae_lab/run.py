@@ -119,8 +119,12 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger:
     trainer.fit(module, datamodule=data)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
                if key.startswith("train/")}
-    # val and test both with the best weights, so the two splits describe the same model
-    best = {"datamodule": data, "ckpt_path": "best", "verbose": False, "weights_only": True}
+    # val and test both with the best weights, so the two splits describe the same model; when no
+    # validation ran (max_steps ended training within the first epoch), with the final weights
+    if not checkpoints.best_model_path:
+        log.warning("no validation ran before training stopped: val, test and evaluation use the final weights")
+    best = {"datamodule": data, "ckpt_path": "best" if checkpoints.best_model_path else None,
+            "verbose": False, "weights_only": True}
     for results in (trainer.validate(module, **best), trainer.test(module, **best)):
         metrics.update({key: float(value) for key, value in results[0].items()})
     metrics["epochs"] = trainer.current_epoch

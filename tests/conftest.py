@@ -16,6 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 # the smallest real training: a couple of batches of one epoch
 QUICK = ["trainer=debug"]
+# verified MNIST and Fashion-MNIST files beside the checkout (see shared/data/README.md)
+SHARED = ROOT.parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(
+    not (SHARED / "mnist").is_dir() or not (SHARED / "fashion_mnist").is_dir(),
+    reason=f"the MNIST and Fashion-MNIST files are not in {SHARED} (see shared/data/README.md)")
 
 register_configs()
 

@@ -19,12 +19,7 @@ import torch
 from ae_lab.data import build_datamodule
 from ae_lab.data.files import DataError, RemoteFile, ensure_file, read_idx
 from ae_lab.data.mnist import FILES, read_arrays
-from conftest import ROOT, compose_config
-
-SHARED = ROOT.parent / "shared" / "data"
-needs_shared = pytest.mark.skipif(
-    not (SHARED / "mnist").is_dir() or not (SHARED / "fashion_mnist").is_dir(),
-    reason=f"the MNIST and Fashion-MNIST files are not in {SHARED} (see shared/data/README.md)")
+from conftest import SHARED, compose_config, needs_shared
 
 
 def mnist_config(*overrides: str, name: str = "mnist", root: Path = SHARED):

@@ -123,3 +123,10 @@ def test_same_seed_gives_identical_metrics_and_runs_keep_their_own_folders(tmp_p
     metrics = [read_json(run / "metrics.json") for run in runs]
     assert metrics[0] == metrics[1]
     assert metrics[0]["test/loss"] != metrics[2]["test/loss"]  # the seed matters
+
+
+def test_training_stopped_by_max_steps_before_any_validation_is_still_evaluated(tmp_path):
+    metrics = train_in_process(["trainer.max_steps=1", "trainer.limit_train_batches=5",
+                                "trainer.enable_progress_bar=false", "logger=none", "eval=minimal"], tmp_path)
+    assert np.isfinite(metrics["val/loss"]) and np.isfinite(metrics["test/loss"])
+    assert read_json(tmp_path / "run.json")["best_checkpoint"] is None

@@ -63,6 +63,10 @@ class Split:
                 batch["label" if key == "labels" else key] = values[rows]
         return batch
 
+    def head(self, count: int) -> "Split":
+        """The first `count` examples (all when there are fewer)."""
+        return dataclasses.replace(self, index=self.rows(torch.arange(min(count, len(self)))))
+
     def without_class(self, label: int) -> "Split":
         """The same split with every example of class `label` left out (for anomaly detection)."""
         rows = self.rows(torch.arange(len(self)))

@@ -1,7 +1,7 @@
 """Evaluation after fit: the metrics researchers report for autoencoders, and the run's figures.
 
-`evaluate` runs on one process with the best weights, on the test split (plus a sample of the training
-split for the probe). Its randomness (test-time corruption, importance samples, subsets) comes from
+`evaluate` runs on one process with the best weights, on the test split (its first
+`eval.test_examples`, when set) plus a sample of the training split for the probe. Its randomness (test-time corruption, importance samples, subsets) comes from
 `eval.seed` inside a forked RNG, so evaluating changes no training state and repeats exactly.
 
 Metrics (`eval/*` in metrics.json and the W&B summary; `test/*` are the training loss terms on test):
@@ -71,13 +71,16 @@ def evaluate(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, run_di
     devices = [module.device] if module.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.eval.seed)
-        test = encode_split(module, data.splits["test"], cfg)
+        test_split = data.splits["test"]
+        if cfg.eval.test_examples is not None:
+            test_split = test_split.head(cfg.eval.test_examples)
+        test = encode_split(module, test_split, cfg)
         metrics = {name: float(values.mean()) for name, values in test.values.items()}
         details: dict[str, Any] = {}
         if "psnr_denoised" in metrics:
             metrics["psnr_gain"] = metrics["psnr_denoised"] - metrics["psnr_corrupted"]
         metrics.update(_latent_metrics(test, cfg, details))
-        metrics.update(_downstream_metrics(module, data, test, cfg))
+        metrics.update(_downstream_metrics(module, data, test_split, test, cfg))
         if test.factor_classes is not None and cfg.eval.disentanglement_pool > 0:
             pool = slice(0, cfg.eval.disentanglement_pool)
             metrics.update(disentanglement_metrics(
@@ -89,7 +92,7 @@ def evaluate(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, run_di
         if cfg.loss.sparsity_weight > 0:
             metrics.update(sparse_code_statistics(test.codes, cfg.eval.near_zero))
         if cfg.eval.jacobian_examples > 0:
-            metrics["jacobian_frobenius_sq"] = _jacobian_norm(module, data.splits["test"], cfg.eval)
+            metrics["jacobian_frobenius_sq"] = _jacobian_norm(module, test_split, cfg.eval)
         figures = draw_figures(module, data, test, cfg, run_dir / "figures") if cfg.eval.figures else {}
     return Evaluation({f"eval/{name}": value for name, value in sorted(metrics.items())}, details, figures)
 
@@ -165,7 +168,7 @@ def _latent_metrics(test: Encoded, cfg: DictConfig, details: dict[str, Any]) -> 
     return {"active_units": float(count)}
 
 
-def _downstream_metrics(module: Autoencoder, data: ArrayDataModule, test: Encoded,
+def _downstream_metrics(module: Autoencoder, data: ArrayDataModule, test_split: Split, test: Encoded,
                         cfg: DictConfig) -> dict[str, float]:
     """The linear probe (labelled data) and anomaly AUROC (with a held-out class)."""
     if test.labels is None:
@@ -191,8 +194,8 @@ def _downstream_metrics(module: Autoencoder, data: ArrayDataModule, test: Encode
             pixels.append(batch["x"].flatten(1))
             labels.append(batch["label"])
     known = (test.labels != held_out) if held_out is not None else torch.ones_like(test.labels, dtype=torch.bool)
-    test_pixels = torch.cat([batch["x"].flatten(1).cpu() for batch in _batches(
-        data.splits["test"], len(data.splits["test"]), cfg.eval.batch_size, torch.device("cpu"))])
+    test_pixels = torch.cat([batch["x"].flatten(1) for batch in _batches(
+        test_split, len(test_split), cfg.eval.batch_size, torch.device("cpu"))])
     train_labels = torch.cat(labels).numpy()
     test_labels = test.labels[known].numpy()
     metrics["probe_accuracy"] = probe_accuracy(torch.cat(codes).numpy(), train_labels,

@@ -1,0 +1,101 @@
+"""The published-setting presets (conf/experiment/): each composes, trains, and has its source's
+architecture and learning-rate schedule (parameter counts and learning rates derived by hand from the
+papers' descriptions, not from our configs)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+from omegaconf import OmegaConf
+
+from ae_lab.data import build_datamodule
+from ae_lab.module import Autoencoder
+from conftest import CONF, SHARED, compose_config, needs_shared, train_in_process
+
+PRESETS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml"))
+SMOKE = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+         "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "logger=none", "eval=minimal",
+         "eval.test_examples=64"]
+
+
+def _module(cfg, input_shape: tuple[int, ...] = (1, 28, 28)) -> Autoencoder:
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return Autoencoder({key: plain[key] for key in ("model", "loss", "noise", "optim")}, input_shape)
+
+
+def test_presets_exist():
+    assert {"iwae_vae_mnist", "pythae_vae_mnist", "locatello_beta_vae", "classic_ae_mnist"} <= set(PRESETS)
+
+
+@needs_shared
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_trains(name, tmp_path):
+    data_root = [f"dataset.root={SHARED}"] if "root" in compose_config([f"experiment={name}"]).dataset else []
+    metrics = train_in_process([f"experiment={name}", *data_root, *SMOKE], tmp_path)
+    assert np.isfinite(metrics["test/loss"]) and np.isfinite(metrics["eval/psnr"])
+
+
+def _parameters(module: Autoencoder) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_iwae_preset_is_burdas_784_200_200_50_tanh_network():
+    cfg = compose_config(["experiment=iwae_vae_mnist"])
+    by_hand = (784 * 200 + 200) + (200 * 200 + 200) + (200 * 2 * 50 + 2 * 50) \
+        + (50 * 200 + 200) + (200 * 200 + 200) + (200 * 784 + 784)
+    module = _module(cfg)
+    assert _parameters(module) == by_hand
+    assert sum(type(m).__name__ == "Tanh" for m in module.modules()) == 4
+    assert cfg.dataset.binarize == "dynamic" and cfg.dataset.batch_size == 20 and cfg.eval.iw_samples == 5000
+
+
+def test_pythae_preset_is_the_784_400_40_relu_network():
+    cfg = compose_config(["experiment=pythae_vae_mnist"])
+    by_hand = (784 * 400 + 400) + (400 * 80 + 80) + (40 * 400 + 400) + (400 * 784 + 784)
+    assert _parameters(_module(cfg)) == by_hand
+    assert cfg.dataset.binarize == "static" and cfg.dataset.batch_size == 100 and cfg.optim.lr == 1e-4
+    assert cfg.trainer.max_epochs == 500 and cfg.eval.iw_samples == 200
+
+
+def test_classic_preset_is_a_one_layer_sigmoid_autoencoder():
+    cfg = compose_config(["experiment=classic_ae_mnist"])
+    assert _parameters(_module(cfg)) == (784 * 1000 + 1000) + (1000 * 784 + 784)
+
+
+def test_locatello_preset_and_sweep():
+    cfg = compose_config(["experiment=locatello_beta_vae"])
+    assert cfg.trainer.max_epochs == -1
+    assert (cfg.model.latent_dim, cfg.dataset.batch_size, cfg.optim.lr, cfg.trainer.max_steps) == (10, 64, 1e-4, 300000)
+    assert cfg.dataset.subsample is None and cfg.eval.disentanglement_train_size == 10000
+    swept = compose_config(["+sweeps=locatello_beta"])
+    assert swept.model == cfg.model
+    params = OmegaConf.load(CONF.parent / "sweeps" / "locatello_beta.yaml").hydra.sweeper.params
+    assert [float(b) for b in params["loss.beta"].split(",")] == [1, 2, 4, 6, 8, 16]
+
+
+class LearningRates(pl.Callback):
+    def __init__(self) -> None:
+        self.by_epoch: list[float] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.by_epoch.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_iwae_preset_follows_burdas_learning_rate_schedule():
+    """Burda et al., section 5: 'for i = 0..7, 3^i epochs with learning rate 0.001 * 10^(-i/7)'."""
+    cfg = compose_config(["experiment=iwae_vae_mnist"])
+    digits = compose_config(["trainer=debug"])
+    module = _module(cfg, input_shape=(1, 8, 8))
+    recorder = LearningRates()
+    epochs = 45
+    trainer = pl.Trainer(max_epochs=epochs, limit_train_batches=1, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[recorder])
+    trainer.fit(module, datamodule=build_datamodule(digits.dataset))
+    stage_starts = np.cumsum([0] + [3 ** i for i in range(8)])
+    expected = [1e-3 * 10 ** (-(np.searchsorted(stage_starts, epoch, side="right") - 1) / 7) for epoch in range(epochs)]
+    np.testing.assert_allclose(recorder.by_epoch, expected, rtol=1e-9)
+    assert math.isclose(recorder.by_epoch[-1], 1e-3 * 10 ** (-4 / 7))  # epochs 40..120: stage 4
