@@ -288,6 +288,7 @@ class EvalConfig:
     disentanglement_pool: int = 10000  # test examples encoded for MIG / FactorVAE / DCI / SAP
     disentanglement_train_size: int = 2000  # DCI/SAP fits and FactorVAE votes (dlib: 10000)
     disentanglement_test_size: int = 1000  # DCI/SAP tests and FactorVAE eval votes (dlib: 5000)
+    dci: bool = False  # DCI's gradient-boosted trees take about a minute even at the sizes above
     jacobian_examples: int = 1000  # test examples for the encoder Jacobian norm
     near_zero: float = 0.01  # |activation| below this counts as a silent unit in sparse-code stats
     figures: bool = True

@@ -226,7 +226,7 @@ def test_held_out_class_is_left_out_of_training_and_scored_as_the_anomaly(tmp_pa
 def test_sparse_and_factor_data_runs(tmp_path):
     metrics = train_in_process([*QUICK, "loss=sparse_kl", "dataset=shapes", "dataset.subsample=2000",
                                 "model.arch=conv", "model.latent_dim=6", "eval.disentanglement_train_size=300",
-                                "eval.disentanglement_test_size=100"], tmp_path)
+                                "eval.disentanglement_test_size=100", "eval.dci=true"], tmp_path)
     for key in ("code_mean_activation", "code_near_zero_fraction", "mig", "factor_vae", "dci_disentanglement",
                 "dci_completeness", "dci_informativeness", "sap"):
         assert np.isfinite(metrics[f"eval/{key}"]), key

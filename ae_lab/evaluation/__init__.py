@@ -16,7 +16,8 @@ Metrics (`eval/*` in metrics.json and the W&B summary; `test/*` are the training
   `iw_nll`, minus the importance-weighted bound with k = `eval.iw_samples` (an upper bound on -log p(x));
 - labelled data: `probe_accuracy` of a logistic regression on the codes and `probe_accuracy_pixels`
   on raw pixels; with `dataset.held_out_class`, `anomaly_auroc_recon` (and `anomaly_auroc_elbo`);
-- data with ground-truth factors: MIG, FactorVAE score, DCI and SAP (`disentanglement.py`);
+- data with ground-truth factors: MIG, FactorVAE score, SAP, and DCI with `eval.dci` (slow: gradient-
+  boosted trees) (`disentanglement.py`);
 - sparse codes (`loss.sparsity_weight` > 0): `code_mean_activation`, `code_near_zero_fraction`,
   `code_dead_units`.
 
@@ -88,7 +89,7 @@ def evaluate(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, run_di
                 np.random.default_rng(cfg.eval.seed),
                 num_train=cfg.eval.disentanglement_train_size, num_test=cfg.eval.disentanglement_test_size,
                 factor_vae_num_train=cfg.eval.disentanglement_train_size,
-                factor_vae_num_eval=cfg.eval.disentanglement_test_size))
+                factor_vae_num_eval=cfg.eval.disentanglement_test_size, with_dci=cfg.eval.dci))
         if cfg.loss.sparsity_weight > 0:
             metrics.update(sparse_code_statistics(test.codes, cfg.eval.near_zero))
         if cfg.eval.jacobian_examples > 0:
