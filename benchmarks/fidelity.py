@@ -1,0 +1,169 @@
+"""Train the published-setting presets (conf/experiment/) and write benchmarks/FIDELITY.md: the
+source's figure next to ours, with the command, the budget it ran with and the machine.
+
+    python benchmarks/fidelity.py --budget cpu    # shortened budgets that fit in about an hour on a CPU
+    python benchmarks/fidelity.py --budget full   # the sources' own budgets (a GPU; days for the IWAE VAE)
+
+Runs go to `outputs/fidelity/<budget>/<setting>/` (CSV logger, for the learning curves); a setting
+whose folder already holds a completed run is not trained again, and `--report` only rewrites the
+table from the folders there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY / "benchmarks"))
+from run import machine  # noqa: E402  (benchmarks/run.py)
+
+Metrics = dict[str, float]
+
+
+@dataclass
+class Setting:
+    name: str
+    source: str
+    published: str
+    overrides: list[str]
+    ours: Callable[[Metrics], str]
+    cpu_budget: list[str] = field(default_factory=list)  # what --budget cpu changes, and says so
+    curve_target: float | None = None  # published NLL drawn on the learning curve
+
+
+def _nll(metrics: Metrics) -> str:
+    return f"{metrics['eval/iw_nll']:.2f} nats (−ELBO {-metrics['eval/elbo']:.2f})"
+
+
+def _disentanglement(metrics: Metrics) -> str:
+    return f"MIG {metrics['eval/mig']:.3f}, FactorVAE {metrics['eval/factor_vae']:.3f}"
+
+
+MNIST = "dataset.root={data}"
+LOCATELLO_CPU = ["trainer.max_steps=3000", "eval=default", "eval.test_examples=10000"]
+SETTINGS = [
+    Setting("iwae_vae_mnist", "Burda et al. (2016), Table 1: VAE, one stochastic layer, trained with k = 1",
+            "86.76 nats test NLL (k = 5000)", ["experiment=iwae_vae_mnist", MNIST], _nll,
+            ["trainer.max_epochs=40", "eval.test_examples=1000"], curve_target=86.76),
+    Setting("pythae_vae_mnist", "pythae's reproduction of Rezende & Mohamed (2015), Table 1: VAE 784-400-40",
+            "89.78 nats test NLL (k = 200); the paper: 89.9", ["experiment=pythae_vae_mnist", MNIST], _nll,
+            ["trainer.max_epochs=50"], curve_target=89.78),
+    *[Setting(f"locatello_beta{beta}", f"Locatello et al. (2019): β-VAE, β = {beta}, on dSprites",
+              "a distribution over seeds per β; MIG and FactorVAE score rise with β from near 0 at β = 1",
+              ["experiment=locatello_beta_vae", f"loss.beta={beta}"], _disentanglement, LOCATELLO_CPU)
+      for beta in (1, 4, 16)],
+    Setting("classic_ae", "one-layer sigmoid autoencoder, 1,000 units (the classic baseline)",
+            "(reference for the three rows below)", ["experiment=classic_ae_mnist", MNIST],
+            lambda m: f"test BCE {m['eval/bce']:.1f}, ‖J‖²_F {m['eval/jacobian_frobenius_sq']:.1f}",
+            ["trainer.max_epochs=5"]),
+    Setting("classic_dae", "Vincent et al. (2010): denoising AE, masking noise 25%",
+            "reconstructs the clean input better than the corrupted input is",
+            ["experiment=classic_ae_mnist", MNIST, "noise=masking", "noise.p=0.25"],
+            lambda m: f"PSNR {m['eval/psnr_corrupted']:.2f} dB corrupted → {m['eval/psnr_denoised']:.2f} dB "
+                      f"denoised (gain {m['eval/psnr_gain']:+.2f} dB)", ["trainer.max_epochs=5"]),
+    Setting("classic_sparse", "Ng's sparse AE (pylearn2 `SparseActivation`): KL to ρ = 0.05, weight 1",
+            "mean activation reaches the target rate 0.05", ["experiment=classic_ae_mnist", MNIST, "loss=sparse_kl"],
+            lambda m: f"mean activation {m['eval/code_mean_activation']:.4f}, test BCE {m['eval/bce']:.1f}",
+            ["trainer.max_epochs=5"]),
+    Setting("classic_cae", "Rifai et al. (2011): contractive AE, λ = 0.1",
+            "lower test ‖J‖²_F than the plain AE at similar reconstruction",
+            ["experiment=classic_ae_mnist", MNIST, "loss=contractive", "loss.contractive_weight=0.1"],
+            lambda m: f"test BCE {m['eval/bce']:.1f}, ‖J‖²_F {m['eval/jacobian_frobenius_sq']:.1f}",
+            # the exact penalty of 1,000 units takes seconds per step on a CPU; the unbiased estimator
+            ["trainer.max_epochs=5", "loss.contractive_estimator=projection"]),
+]
+
+
+def run_setting(setting: Setting, budget: str, folder: Path, data_root: Path) -> None:
+    """Train one setting into `folder`, unless it holds a completed run."""
+    record = folder / "run.json"
+    if record.is_file() and json.loads(record.read_text()).get("status") == "completed":
+        return
+    args = [arg.format(data=data_root) for arg in setting.overrides]
+    args += setting.cpu_budget if budget == "cpu" else []
+    args += ["logger=csv", "trainer.enable_progress_bar=false", f"hydra.run.dir={folder}"]
+    print(f"{setting.name}: python -m ae_lab {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, "-m", "ae_lab", *args], check=True, cwd=REPOSITORY)
+
+
+def learning_curve(setting: Setting, folder: Path, figures: Path) -> str:
+    """Validation −ELBO per epoch (an upper bound on the NLL) against the published endpoint."""
+    rows = list(csv.DictReader((folder / "csv" / "metrics.csv").open()))
+    points = sorted({int(row["epoch"]): -float(row["val/elbo"]) for row in rows if row.get("val/elbo")}.items())
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    axis.plot([epoch + 1 for epoch, _ in points], [value for _, value in points], marker=".",
+              label="ours: validation −ELBO (1 sample)")
+    axis.axhline(setting.curve_target, color="black", linestyle="--",
+                 label=f"published test NLL {setting.curve_target}")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("nats")
+    axis.set_title(f"{setting.name}: learning curve")
+    axis.legend()
+    figure.tight_layout()
+    path = figures / f"{setting.name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return str(path.relative_to(REPOSITORY / "benchmarks"))
+
+
+def report(budget: str, runs: Path, output: Path) -> None:
+    lines = ["# Fidelity: published figures and ours", "",
+             f"Command: `python benchmarks/fidelity.py --budget {budget}`. Machine: {machine()}.", "",
+             "Budget `cpu` shortens training (and some evaluation sizes) to fit a CPU; every change from the "
+             "preset is in the command column. **Rows at budget `cpu` are not full-budget reproductions**: they "
+             "show the presets run and where the numbers head. Full budgets need a GPU (none was lent to the "
+             "sessions that wrote this file); `--budget full` runs them.", "",
+             "| setting | source | its figure | ours | command | budget | fit time |", "|---|---|---|---|---|---|---|"]
+    curves = []
+    for setting in SETTINGS:
+        folder = runs / setting.name
+        if not (folder / "metrics.json").is_file():
+            continue
+        metrics = json.loads((folder / "metrics.json").read_text())
+        fit = json.loads((folder / "run.json").read_text())["timings"]["fit_seconds"]
+        overrides = [arg.format(data="DATA") for arg in setting.overrides]
+        overrides += setting.cpu_budget if budget == "cpu" else []
+        epochs = f"{metrics['epochs']} epochs" if "epochs" in metrics else ""
+        lines.append(f"| {setting.name} | {setting.source} | {setting.published} | {setting.ours(metrics)} | "
+                     f"`python -m ae_lab {' '.join(overrides)}` | {budget}: {epochs} | {fit / 60:.1f} min |")
+        if setting.curve_target is not None:
+            curves.append(f"![{setting.name}]({learning_curve(setting, folder, output.parent / 'figures')})")
+    lines += ["", "`DATA` is the folder holding `mnist/` (`dataset.root`). NLL rows: `eval/iw_nll`, the importance-"
+              "weighted bound on the test split (its first `eval.test_examples` images when set). "
+              "Disentanglement rows: the generated dSprites-style set (`dataset=shapes`; real dSprites could "
+              "not be downloaded here), one seed per β.", "", "## Learning curves", "", *curves, ""]
+    output.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", choices=("cpu", "full"), default="cpu")
+    parser.add_argument("--data-root", type=Path, default=REPOSITORY.parent / "shared" / "data")
+    parser.add_argument("--runs", type=Path, default=None, help="default: outputs/fidelity/<budget>")
+    parser.add_argument("--only", nargs="*", default=None, help="setting names to run (default: all)")
+    parser.add_argument("--report", action="store_true", help="only rewrite the table from the run folders")
+    parser.add_argument("--output", type=Path, default=REPOSITORY / "benchmarks" / "FIDELITY.md")
+    args = parser.parse_args()
+    runs = args.runs or REPOSITORY / "outputs" / "fidelity" / args.budget
+    if not args.report:
+        for setting in SETTINGS:
+            if args.only is None or setting.name in args.only:
+                run_setting(setting, args.budget, runs / setting.name, args.data_root.resolve())
+    report(args.budget, runs, args.output)
+
+
+if __name__ == "__main__":
+    main()
