@@ -56,10 +56,10 @@ LOCATELLO_CPU = ["trainer.max_steps=3000", "eval=default", "eval.test_examples=1
 SETTINGS = [
     Setting("iwae_vae_mnist", "Burda et al. (2016), Table 1: VAE, one stochastic layer, trained with k = 1",
             "86.76 nats test NLL (k = 5000)", ["experiment=iwae_vae_mnist", MNIST], _nll,
-            ["trainer.max_epochs=40", "eval.test_examples=1000"], curve_target=86.76),
+            ["trainer.max_epochs=13", "eval.test_examples=1000"], curve_target=86.76),
     Setting("pythae_vae_mnist", "pythae's reproduction of Rezende & Mohamed (2015), Table 1: VAE 784-400-40",
             "89.78 nats test NLL (k = 200); the paper: 89.9", ["experiment=pythae_vae_mnist", MNIST], _nll,
-            ["trainer.max_epochs=50"], curve_target=89.78),
+            ["trainer.max_epochs=30"], curve_target=89.78),
     *[Setting(f"locatello_beta{beta}", f"Locatello et al. (2019): β-VAE, β = {beta}, on dSprites",
               "a distribution over seeds per β; MIG and FactorVAE score rise with β from near 0 at β = 1",
               ["experiment=locatello_beta_vae", f"loss.beta={beta}"], _disentanglement, LOCATELLO_CPU)
