@@ -74,6 +74,20 @@ class Autoencoder(pl.LightningModule):
                 self.log(f"{stage}/{name}", mean.compute(), prog_bar=name == "loss")
                 mean.reset()
 
+    def epoch_sums(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The running epoch means' states (weighted sums and weights), for a checkpoint taken mid-epoch."""
+        return {key: {name: value.detach().cpu() for name, value in mean.metric_state.items()}
+                for key, mean in self.epoch_means.items()}
+
+    def load_epoch_sums(self, sums: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Go on accumulating the epoch's means from a checkpoint's `epoch_sums` (a resumed run)."""
+        for key, state in sums.items():
+            mean = self.epoch_means[key]
+            mean.reset()
+            mean.merge_state({name: value.to(mean.device) for name, value in state.items()})  # 0 + sums: exact
+            if mean.weight > 0:  # counts as updated, so the epoch's end logs it; adds nothing to the sums
+                mean.update(torch.zeros((), device=mean.device), weight=0.0)
+
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
 
