@@ -444,7 +444,6 @@ class CheckBeforeRun(Callback):
     resume that cannot continue its run, before anything is written; summarise a sweep when it ends."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from ae_lab.data import input_shape
         from ae_lab.distributed import launched_rank
 
         run_dir = Path(str(config.hydra.run.dir))
@@ -455,6 +454,8 @@ class CheckBeforeRun(Callback):
             if first_rank and (run_dir / "run.json").exists():
                 fail(f"hydra.run.dir={str(run_dir)!r} already holds a run: choose a new folder, "
                      f"or continue it with resume={run_dir}")
+            from ae_lab.data import input_shape
+
             try:
                 validate(config, input_shape(config.dataset))
             except ConfigError as error:

@@ -18,12 +18,13 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ae_lab.checkpoints import AtomicCheckpointIO, ResumeState, StepCheckpoint
 from ae_lab.config import ConfigError, validate
 from ae_lab.data import ArrayDataModule, build_datamodule, input_shape
 from ae_lab.distributed import HydraJobDDPStrategy, isolated_job, launched_rank, resolve_strategy
 from ae_lab.figures import image_rows
 from ae_lab.module import Autoencoder
-from ae_lab.resume import AtomicCheckpointIO, ResumePoint, ResumeState, StepCheckpoint
+from ae_lab.resume import ResumePoint
 from ae_lab.tracking import (RunRecord, build_logger, completed_metrics, finish_logger, log_results,
                              wandb_run_id, write_config_files, write_json)
 
