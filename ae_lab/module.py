@@ -85,8 +85,8 @@ class Autoencoder(pl.LightningModule):
             mean = self.epoch_means[key]
             mean.reset()
             mean.merge_state({name: value.to(mean.device) for name, value in state.items()})  # 0 + sums: exact
-            if mean.weight > 0:  # counts as updated, so the epoch's end logs it; adds nothing to the sums
-                mean.update(torch.zeros((), device=mean.device), weight=0.0)
+            # merge_state counts no update, and the epoch's end logs only updated means
+            mean._update_count = int(mean.weight > 0)
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")

@@ -65,15 +65,16 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_as_an_uninterrupted_run(tmp_pat
                                   f"hydra.run.dir={reference_dir}"], cwd=tmp_path, env=_environment(),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        # killed at step 7 (epoch 0): the newest checkpoint is step 5's, mid-epoch
-        _kill_after_step([*RUN, f"hydra.run.dir={run_dir}"], tmp_path, step=7)
+        # killed after the last batch of epoch 0, before its validation: no checkpoint is taken there
+        # (Lightning would resume it past the validation), so step 5's, mid-epoch, is the newest
+        _kill_after_step([*RUN, f"hydra.run.dir={run_dir}"], tmp_path, step=10)
         assert _global_step(run_dir / "checkpoints" / "last.ckpt") == 5
         assert read_json(run_dir / "run.json")["status"] == "running"
         wandb_id = read_json(run_dir / "run.json")["wandb_run_id"]
-        # resumed, then killed again after the last batch of epoch 1, before its validation: no
-        # checkpoint is taken there (Lightning would resume it past the validation), step 15's stands
-        _kill_after_step([f"resume={run_dir}"], tmp_path, step=20)
-        assert _global_step(run_dir / "checkpoints" / "last.ckpt") == 15
+        # resumed, then killed again in the last epoch (2) at step 27: it resumes from step 25, so the
+        # final training metrics depend on the epoch sums of steps 21-25 carried in the checkpoint
+        _kill_after_step([f"resume={run_dir}"], tmp_path, step=27)
+        assert _global_step(run_dir / "checkpoints" / "last.ckpt") == 25
         done = run_cli([f"resume={run_dir}"], cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         _, errors = reference.communicate(timeout=300)
@@ -86,7 +87,7 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_as_an_uninterrupted_run(tmp_pat
     assert read_json(run_dir / "metrics.json") == read_json(reference_dir / "metrics.json")
     record = read_json(run_dir / "run.json")
     assert record["status"] == "completed" and record["wandb_run_id"] == wandb_id
-    assert record["resumed_from"]["global_step"] == 15 and record["resumed_from"]["epoch"] == 1
+    assert record["resumed_from"]["global_step"] == 25 and record["resumed_from"]["epoch"] == 2
     attempts = sorted(run_dir.glob("run.attempt-*.json"))
     assert [read_json(path)["status"] for path in attempts] == ["running", "running"]
     assert record["resumed_from"]["previous_record"] in [path.name for path in attempts]
