@@ -43,12 +43,16 @@ class StepCheckpoint(pl.callbacks.ModelCheckpoint):
     def __init__(self, folder: Path, every_n_steps: int) -> None:
         super().__init__(dirpath=folder, every_n_train_steps=every_n_steps, save_top_k=0, save_last=True,
                          enable_version_counter=False)
+        self.every_n_steps = every_n_steps
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        loop = trainer.fit_loop.epoch_loop
-        if loop.batch_progress.is_last_batch or loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
-            return
+        if trainer.global_step % self.every_n_steps == 0:  # a step ModelCheckpoint would save at
+            loop = trainer.fit_loop.epoch_loop
+            # Lightning's own test of "a validation follows this batch" (private API of Lightning 2.6)
+            ends = loop.batch_progress.is_last_batch or loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+            if trainer.strategy.broadcast(ends):  # rank 0 decides: a time-based test may differ across ranks
+                return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 

@@ -62,16 +62,17 @@ def _differences(saved: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
 
 
 def _running_elsewhere(record: dict[str, Any]) -> bool:
-    """Whether the record's process (on this host) is still alive: the run is not dead, only running."""
-    if record.get("status") != "running" or record.get("host") != socket.gethostname() or not record.get("pid"):
+    """Whether the process that runs the recorded run (on this host) is still alive: not dead, only running."""
+    pid = record.get("pid")
+    if record.get("status") != "running" or record.get("host") != socket.gethostname() or pid in (None, os.getpid()):
         return False
     try:
-        os.kill(int(record["pid"]), 0)
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, owned by someone else
+    except PermissionError:  # it exists, another user's
         return True
-    return int(record["pid"]) != os.getpid()
+    return True
 
 
 def check_resume(config: DictConfig, first_rank: bool = True) -> bool:
