@@ -215,14 +215,22 @@ def variant_name(cfg: dict[str, Any], input_size: int) -> str:
     return name
 
 
-def sweep_group() -> str | None:
-    """The sweep a job belongs to (its sweep folder's name), None for a single run."""
+def run_naming(run_dir: Path, resumed: bool) -> tuple[list[str], set[str], str | None]:
+    """What names a run's W&B run: its command-line overrides, the config groups, and its sweep (the
+    sweep folder's name, None for a single run). From this process's Hydra config; for a resumed run
+    from the one recorded when the run started (the resume's own command line is `resume=…`)."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    return Path(HydraConfig.get().sweep.dir).name
+    recorded = run_dir / ".hydra" / "hydra.yaml"
+    if resumed and recorded.exists():
+        hydra = OmegaConf.load(recorded).hydra
+        sweep = run_dir.parent.name if hydra.mode == "MULTIRUN" else None  # sweep.dir is kept unresolved
+    elif HydraConfig.initialized():
+        hydra = HydraConfig.get()
+        sweep = Path(hydra.sweep.dir).name if hydra.mode.name == "MULTIRUN" else None
+    else:
+        return [], set(), None
+    return [str(override) for override in hydra.overrides.task], set(hydra.runtime.choices), sweep
 
 
 def build_logger(cfg: DictConfig, run_dir: Path, input_size: int, run_id: str | None = None):
@@ -231,7 +239,7 @@ def build_logger(cfg: DictConfig, run_dir: Path, input_size: int, run_id: str | 
     W&B: one run per ae_lab run, written into the run folder; named after the run's overrides, grouped
     by `logger.group` or else the sweep, `job_type` = the variant, tags = `logger.tags` + arch and data
     set, config = the resolved config with flattened keys. `run_id` (a resumed run) continues that W&B
-    run (`resume="allow"`); offline, each attempt writes its own `wandb/offline-run-*` folder with
+    run (`resume="allow"`), named and grouped as it was; offline, each attempt writes its own `wandb/offline-run-*` folder with
     that id, and `wandb sync` given all of them uploads them, in order, into the one run.
     """
     if cfg.logger.kind == "none":
@@ -240,17 +248,14 @@ def build_logger(cfg: DictConfig, run_dir: Path, input_size: int, run_id: str | 
         from pytorch_lightning.loggers import CSVLogger
 
         return CSVLogger(save_dir=str(run_dir), name="csv", version="")
-    from hydra.core.hydra_config import HydraConfig
     from pytorch_lightning.loggers import WandbLogger
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    overrides, groups = [], set()
-    if HydraConfig.initialized():
-        overrides, groups = list(HydraConfig.get().overrides.task), set(HydraConfig.get().runtime.choices)
+    overrides, groups, sweep = run_naming(run_dir, resumed=run_id is not None)
     plain = _plain(cfg)
     return WandbLogger(
         project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
-        group=cfg.logger.group or sweep_group(), job_type=variant_name(plain, input_size),
+        group=cfg.logger.group or sweep, job_type=variant_name(plain, input_size),
         name=run_name(overrides, groups), tags=[*cfg.logger.tags, plain["model"]["arch"], cfg.dataset.name],
         save_dir=str(run_dir), config=flatten(plain),
         **({"id": run_id, "resume": "allow"} if run_id else {}),

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import QUICK, ROOT, read_json, run_cli, train_in_process
+from wandb_records import read_records
 
 SHARED = ROOT.parent / "shared" / "data"
 STALL = Path(__file__).resolve().parent / "stall"  # a sitecustomize that stops a run after a given step
@@ -90,6 +91,11 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_as_an_uninterrupted_run(tmp_pat
     # one W&B run, written offline in one folder per attempt, both with the run's id
     parts = sorted(run_dir.glob("wandb/offline-run-*"))
     assert len(parts) == 2 and all(part.name.endswith(f"-{wandb_id}") for part in parts)
+    runs = [record.run for part in parts for record in read_records(next(part.glob("run-*.wandb")))
+            if record.WhichOneof("record_type") == "run"]
+    # named as the run was, not after the resume's command line
+    assert len(runs) == 2 and len({(run.display_name, run.run_group, run.job_type) for run in runs}) == 1
+    assert runs[0].display_name.startswith("mnist_") and "resume" not in runs[1].display_name
     assert f"wandb sync {run_dir / 'wandb'}/offline-run-*" in done.stdout
 
 
