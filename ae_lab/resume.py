@@ -129,7 +129,8 @@ def _check_checkpoint(value: Any, checkpoint: Path, recorded: DictConfig) -> Non
         raise _refuse(value, f"a run whose checkpoint can be read; {checkpoint} cannot: {error}") from None
     state = saved.get("callbacks", {}).get(ResumeState.__qualname__) if isinstance(saved, dict) else None
     if not state:
-        raise _refuse(value, f"a run with an ae_lab checkpoint; {checkpoint} was not written by ae_lab")
+        raise _refuse(value, f"a run with a resumable checkpoint; {checkpoint} was not written by ae_lab "
+                             "(or by a version from before resuming)")
     differing = _differences(state["config"], OmegaConf.to_container(recorded, resolve=True, enum_to_str=True))
     if differing:
         shown = "; ".join(differing[:5]) + (f"; and {len(differing) - 5} more" if len(differing) > 5 else "")
