@@ -29,7 +29,13 @@ def main(cfg: DictConfig) -> float:
     run_dir = Path(hydra_config.runtime.output_dir)
     in_sweep = hydra_config.mode == RunMode.MULTIRUN
     try:
-        metrics = train(cfg, run_dir)
+        if cfg.resume is not None:  # CheckBeforeRun has checked that the run can be resumed
+            from ae_lab.resume import resume_point
+
+            cfg, resume = resume_point(cfg, list(hydra_config.overrides.task))
+            metrics = train(cfg, run_dir, resume)
+        else:
+            metrics = train(cfg, run_dir)
     except ConfigError as error:
         if not in_sweep:
             fail(str(error))

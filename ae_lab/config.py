@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
@@ -313,6 +313,9 @@ class Config:
     seed: int = 0
     objective: str = "val/loss"  # the metric `python -m ae_lab` returns, for sweepers that optimise
     noise_level: Any = None  # when set, the strength of whichever noise is chosen (std or p)
+    # checkpoints/last.ckpt is rewritten every this many training steps (0: only after validations)
+    checkpoint_every_n_steps: int = 500
+    resume: Optional[str] = None  # a run folder: continue that run from its last checkpoint (ae_lab/resume.py)
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -343,7 +346,7 @@ def register_configs() -> None:
 
     from ae_lab.sweep import config_hash, noise_level
 
-    for name, resolver in (("config_hash", config_hash), ("noise_level", noise_level)):
+    for name, resolver in (("config_hash", config_hash), ("noise_level", noise_level), ("run_folder", run_folder)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
     store = ConfigStore.instance()
@@ -351,6 +354,11 @@ def register_configs() -> None:
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
             store.store(group=group, name=name, node=node)
+
+
+def run_folder(new: str, *, _root_: Any) -> str:
+    """OmegaConf resolver for `hydra.run.dir`: the `resume` folder when resuming a run, else `new`."""
+    return _root_.get("resume") or new
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -429,6 +437,8 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
     _require(clip is None or (isinstance(clip, (int, float)) and clip >= 0), "trainer.gradient_clip_val",
              clip, "null or a number >= 0")
     _validate_eval(cfg.eval)
+    _require(cfg.checkpoint_every_n_steps >= 0, "checkpoint_every_n_steps", cfg.checkpoint_every_n_steps,
+             "an integer >= 0 (0: checkpoint only after validations)")
 
     if cfg.logger.kind == "wandb":
         _require(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode", cfg.logger.mode,
@@ -494,21 +504,26 @@ def fail(message: str, exit_code: int = 2) -> None:
 
 
 class CheckBeforeRun(Callback):
-    """Refuse a bad config, a run folder that already holds a run, or one that cannot be written,
-    before anything is written; summarise a sweep when it ends."""
+    """Refuse a bad config, a run folder that already holds a run, or one that cannot be written, or a
+    resume that cannot continue its run, before anything is written; summarise a sweep when it ends."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from ae_lab.data import input_shape
         from ae_lab.distributed import launched_rank
 
         run_dir = Path(str(config.hydra.run.dir))
         first_rank = launched_rank() == 0  # DDP ranks > 0 join rank 0's run and write nothing
-        if first_rank and (run_dir / "run.json").exists():
-            fail(f"hydra.run.dir={str(run_dir)!r} already holds a run: choose a new folder")
-        try:
-            validate(config, input_shape(config.dataset))
-        except ConfigError as error:
-            fail(str(error))
+        if config.resume is not None:
+            self._check_resume(config, first_rank)  # checks the run's recorded config
+        else:
+            if first_rank and (run_dir / "run.json").exists():
+                fail(f"hydra.run.dir={str(run_dir)!r} already holds a run: choose a new folder, "
+                     f"or continue it with resume={run_dir}")
+            from ae_lab.data import input_shape
+
+            try:
+                validate(config, input_shape(config.dataset))
+            except ConfigError as error:
+                fail(str(error))
         if first_rank:
             try:  # the config is good: make the folder now, to refuse one that cannot be written
                 run_dir.mkdir(parents=True, exist_ok=True)
@@ -518,7 +533,24 @@ class CheckBeforeRun(Callback):
             except OSError as error:
                 fail(f"hydra.run.dir={str(run_dir)!r} cannot be written: {error.strerror or error}")
 
+    @staticmethod
+    def _check_resume(config: DictConfig, first_rank: bool) -> None:
+        """Refuse a resume that cannot continue its run; end at once (exit 0) when it has completed."""
+        from ae_lab.resume import check_resume
+
+        try:
+            completed = check_resume(config, first_rank)
+        except ConfigError as error:
+            fail(str(error))
+        if completed:
+            print(f"ae_lab: {config.resume} has completed: nothing to resume "
+                  f"(its metrics: {Path(str(config.resume)) / 'metrics.json'})")
+            raise SystemExit(0)
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("resume") is not None:
+            fail(f"resume={config.resume!r} is not allowed with -m: resume one run at a time (a sweep "
+                 "continues when run again with hydra.sweep.dir=<its folder>)")
         # sweepers may keep state in the sweep folder before the first job makes it (Optuna's study)
         Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
 

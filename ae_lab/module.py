@@ -62,7 +62,8 @@ class Autoencoder(pl.LightningModule):
         if stage == "train" and not torch.isfinite(terms["loss"]):
             raise FloatingPointError(self._non_finite_message(terms))
         for name, value in terms.items():  # accumulated on the device; logged once per epoch
-            self.epoch_means[f"{stage}__{name}"].update(value.detach(), weight=x.shape[0])
+            # one copy per example: MeanMetric ignores `weight=` under nan_strategy="disable"
+            self.epoch_means[f"{stage}__{name}"].update(value.detach().expand(x.shape[0]))
         return terms["loss"]
 
     def _log_epoch(self, stage: str) -> None:
@@ -73,6 +74,20 @@ class Autoencoder(pl.LightningModule):
             if mean.update_called:
                 self.log(f"{stage}/{name}", mean.compute(), prog_bar=name == "loss")
                 mean.reset()
+
+    def epoch_sums(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The running epoch means' states (weighted sums and weights), for a checkpoint taken mid-epoch."""
+        return {key: {name: value.detach().cpu() for name, value in mean.metric_state.items()}
+                for key, mean in self.epoch_means.items()}
+
+    def load_epoch_sums(self, sums: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Go on accumulating the epoch's means from a checkpoint's `epoch_sums` (a resumed run)."""
+        for key, state in sums.items():
+            mean = self.epoch_means[key]
+            mean.reset()
+            mean.merge_state({name: value.to(mean.device) for name, value in state.items()})  # 0 + sums: exact
+            # merge_state counts no update, and the epoch's end logs only updated means
+            mean._update_count = int(mean.weight > 0)
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")

@@ -21,5 +21,8 @@ def print_summary(run_dir: Path, metrics: dict[str, float]) -> None:
     console.print(table)
     console.print(f"run folder: {run_dir}", soft_wrap=True)
     offline = sorted((run_dir / "wandb").glob("offline-run-*"))
-    if offline:
-        console.print(f"W&B run saved offline; upload it with: wandb sync {offline[-1]}", soft_wrap=True)
+    if len(offline) == 1:
+        console.print(f"W&B run saved offline; upload it with: wandb sync {offline[0]}", soft_wrap=True)
+    elif offline:  # a resumed run: one folder per attempt, all of the same W&B run
+        console.print(f"W&B run saved offline in {len(offline)} parts (it was resumed); upload them, in order, "
+                      f"into the one run with: wandb sync {run_dir / 'wandb'}/offline-run-*", soft_wrap=True)

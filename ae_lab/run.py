@@ -2,7 +2,8 @@
 
 Results go into the run folder: `run.json` (record), `metrics.json` (final train/val/test loss terms
 and the `eval/*` metrics, flat `split/name` keys), `evaluation.json` (per-unit vectors),
-`checkpoints/` (`last.ckpt`, `best.ckpt` by val/loss), `figures/`.
+`checkpoints/` (`last.ckpt`, the resume point, and `best.ckpt` by val/loss), `figures/`. A resumed
+run (ae_lab/resume.py) goes on in the same folder.
 """
 
 from __future__ import annotations
@@ -17,49 +18,64 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from ae_lab.config import validate
+from ae_lab.checkpoints import AtomicCheckpointIO, ResumeState, StepCheckpoint
+from ae_lab.config import ConfigError, validate
 from ae_lab.data import ArrayDataModule, build_datamodule, input_shape
 from ae_lab.distributed import HydraJobDDPStrategy, isolated_job, launched_rank, resolve_strategy
 from ae_lab.evaluation import evaluate
 from ae_lab.module import Autoencoder
+from ae_lab.resume import ResumePoint
 from ae_lab.tracking import (RunRecord, build_logger, completed_metrics, finish_logger, log_results,
-                             write_config_files, write_json)
+                             wandb_run_id, write_config_files, write_json)
 
 log = logging.getLogger(__name__)
 # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, once per loop: noise, not news.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# a resumed run (or a sweep job run again) finds its checkpoints folder filled, as it should
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 MODULE_SECTIONS = ("model", "loss", "noise", "optim")
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> dict[str, float]:
     """Train and evaluate one configuration into `run_dir`; return the final metrics.
 
     Raises ConfigError before anything is written when the config is bad. A folder that already holds
     a completed run of this same config (a resumed sweep) is not trained again: its metrics are
-    returned. Under DDP every rank calls this; only rank 0 writes files.
+    returned. With `resume`, the run in `run_dir` goes on from that checkpoint (its config files stay
+    as they are; its W&B run goes on). Under DDP every rank calls this; only rank 0 writes files.
     """
     for warning in validate(cfg, input_shape(cfg.dataset)):
         log.warning(warning)
     rank_zero = launched_rank() == 0
-    if rank_zero:
+    if rank_zero and resume is None:
         finished = completed_metrics(run_dir, cfg)
         if finished is not None:
             log.info("%s already holds a completed run of this config: not run again", run_dir)
             return finished
     data = build_datamodule(cfg.dataset)
+    if rank_zero and resume is not None and resume.record.get("data", {}).get("sha256") != data.checksum:
+        raise ConfigError(f"resume={str(run_dir)!r} is not allowed: the data set {data.name} has changed since "
+                          "the run started (its checksum differs from the one in run.json)")
     with isolated_job():
         record = None
         if rank_zero:
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_config_files(run_dir, cfg)
-            record = RunRecord(run_dir, cfg, data.name, data.checksum)
+            if resume is None:
+                write_config_files(run_dir, cfg)
+            resumed_from = None if resume is None else {
+                "checkpoint": str(resume.checkpoint.resolve()), "global_step": resume.global_step,
+                "epoch": resume.epoch}
+            record = RunRecord(run_dir, cfg, data.name, data.checksum, resumed_from=resumed_from)
         logger = None
         interrupt = CheckpointOnInterrupt(run_dir / "checkpoints" / "interrupted.ckpt")
         try:
-            logger = build_logger(cfg, run_dir, math.prod(data.input_shape))
+            logger = build_logger(cfg, run_dir, math.prod(data.input_shape),
+                                  run_id=resume.record.get("wandb_run_id") if resume else None)
+            if record is not None:  # known from the start, so that a resumed run goes on with it
+                record.update(wandb_run_id=wandb_run_id(logger))
             metrics, best_checkpoint, figures, timings = _fit_and_test(cfg, run_dir, data, logger,
-                                                                       interrupt)
+                                                                       interrupt, resume)
             if record is not None:
                 wandb_run = log_results(logger, metrics, figures)
                 record.completed(best_checkpoint=best_checkpoint, wandb_run_id=wandb_run, timings=timings)
@@ -99,32 +115,40 @@ class CheckpointOnInterrupt(pl.Callback):
 
 
 def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger: Any,
-                  interrupt: pl.Callback
+                  interrupt: pl.Callback, resume: ResumePoint | None = None
                   ) -> tuple[dict[str, float], str | None, dict[str, Path], dict[str, float | None]]:
-    """Fit, then evaluate val and test with the best checkpoint; return the metrics, that checkpoint,
-    the figures drawn and the fit's timings."""
+    """Fit (from `resume`'s checkpoint when given), then evaluate val and test with the best
+    checkpoint; return the metrics, that checkpoint, the figures drawn and the fit's timings.
+
+    `checkpoints/last.ckpt`, the resume point, is rewritten after each validation and every
+    `checkpoint_every_n_steps` steps; every checkpoint is written atomically.
+    """
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     module = Autoencoder({key: plain[key] for key in MODULE_SECTIONS}, data.input_shape)
     timer = StepTimer()
+    folder = run_dir / "checkpoints"
     checkpoints = pl.callbacks.ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min",
+        dirpath=folder, filename="best", monitor="val/loss", mode="min",
         save_top_k=1, save_last=True, enable_version_counter=False)
+    callbacks = [checkpoints, timer, interrupt, ResumeState(plain)]
+    if cfg.checkpoint_every_n_steps:
+        callbacks.append(StepCheckpoint(folder, cfg.checkpoint_every_n_steps))
     trainer_args = OmegaConf.to_container(cfg.trainer)
     trainer_args["strategy"] = resolve_strategy(trainer_args["strategy"])
-    trainer = pl.Trainer(**trainer_args, logger=logger, callbacks=[checkpoints, timer, interrupt],
+    trainer = pl.Trainer(**trainer_args, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
                          default_root_dir=str(run_dir),
                          use_distributed_sampler=False,  # the data module shards (see ArrayDataModule)
                          inference_mode=False)  # the contractive term needs grads in evaluation
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=resume.checkpoint if resume else None, weights_only=True)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
                if key.startswith("train/")}
     # val and test both with the best weights, so the two splits describe the same model; when no
     # validation ran (max_steps ended training within the first epoch), with the final weights
     if not checkpoints.best_model_path:
         log.warning("no validation ran before training stopped: val, test and evaluation use the final weights")
-    best = {"datamodule": data, "ckpt_path": "best" if checkpoints.best_model_path else None,
-            "verbose": False, "weights_only": True}
+    best = {"datamodule": data, "ckpt_path": checkpoints.best_model_path or None, "verbose": False,
+            "weights_only": True}
     for results in (trainer.validate(module, **best), trainer.test(module, **best)):
         metrics.update({key: float(value) for key, value in results[0].items()})
     metrics["epochs"] = trainer.current_epoch

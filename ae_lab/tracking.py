@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -12,7 +13,7 @@ import traceback
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -47,11 +48,21 @@ def git_state() -> dict[str, Any]:
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a reader (or a crash) never sees a half-written file."""
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write `path` with `write(file)` atomically: into a temporary file in the same folder, flushed to
+    disk, then renamed over `path` (one step on POSIX). A reader, or a process killed mid-write, sees
+    the previous file or the new one, never a part of one; a killed write leaves only the temporary
+    file, which the next write replaces."""
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    with open(temporary, "wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(temporary, path)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    atomic_write(path, lambda file: file.write((json.dumps(payload, indent=2) + "\n").encode()))
 
 
 def _now() -> str:
@@ -102,12 +113,16 @@ def record_refused(run_dir: Path, cfg: DictConfig, error: BaseException) -> None
 
 class RunRecord:
     """`run.json`: status (running | completed | failed | interrupted), seed, code and package versions, data checksum,
-    start and end times, and the error when the run failed."""
+    start and end times, and the error when the run failed.
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, data_name: str, data_checksum: str) -> None:
+    An earlier attempt's record in the folder (a failed or cut-off job run again, a resumed run) is kept
+    as `run.attempt-<time>.json`; a resumed run's record says where it resumed from (`resumed_from`).
+    """
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, data_name: str, data_checksum: str,
+                 resumed_from: dict[str, Any] | None = None) -> None:
         self.path = run_dir / "run.json"
-        if self.path.exists():  # an earlier attempt that failed or was cut off: keep its record
-            os.replace(self.path, run_dir / f"run.attempt-{int(self.path.stat().st_mtime)}.json")
+        previous = self._keep_previous(run_dir)
         self.payload: dict[str, Any] = {
             "status": "running",
             "seed": cfg.seed,
@@ -116,11 +131,27 @@ class RunRecord:
             "data": {"name": data_name, "sha256": data_checksum},
             "command": [sys.executable, *sys.argv],
             "host": socket.gethostname(),
+            "pid": os.getpid(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "started": _now(),
             "ended": None,
         }
+        if resumed_from is not None:
+            self.payload["resumed_from"] = {**resumed_from, "previous_record": previous}
         self._write()
+
+    def _keep_previous(self, run_dir: Path) -> str | None:
+        """Rename an earlier attempt's run.json to a name no other attempt has; return that name."""
+        if not self.path.exists():
+            return None
+        stem = f"run.attempt-{int(self.path.stat().st_mtime)}"
+        kept = run_dir / f"{stem}.json"
+        for number in itertools.count(2):
+            if not kept.exists():
+                break
+            kept = run_dir / f"{stem}-{number}.json"
+        os.replace(self.path, kept)
+        return kept.name
 
     def _write(self) -> None:
         write_json(self.path, self.payload)
@@ -184,22 +215,32 @@ def variant_name(cfg: dict[str, Any], input_size: int) -> str:
     return name
 
 
-def sweep_group() -> str | None:
-    """The sweep a job belongs to (its sweep folder's name), None for a single run."""
+def run_naming(run_dir: Path, resumed: bool) -> tuple[list[str], set[str], str | None]:
+    """What names a run's W&B run: its command-line overrides, the config groups, and its sweep (the
+    sweep folder's name, None for a single run). From this process's Hydra config; for a resumed run
+    from the one recorded when the run started (the resume's own command line is `resume=…`)."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    return Path(HydraConfig.get().sweep.dir).name
+    recorded = run_dir / ".hydra" / "hydra.yaml"
+    if resumed and recorded.exists():
+        hydra = OmegaConf.load(recorded).hydra
+        sweep = run_dir.parent.name if hydra.mode == "MULTIRUN" else None  # sweep.dir is kept unresolved
+    elif HydraConfig.initialized():
+        hydra = HydraConfig.get()
+        sweep = Path(hydra.sweep.dir).name if hydra.mode.name == "MULTIRUN" else None
+    else:
+        return [], set(), None
+    return [str(override) for override in hydra.overrides.task], set(hydra.runtime.choices), sweep
 
 
-def build_logger(cfg: DictConfig, run_dir: Path, input_size: int):
+def build_logger(cfg: DictConfig, run_dir: Path, input_size: int, run_id: str | None = None):
     """The Lightning logger named by `logger.kind`.
 
     W&B: one run per ae_lab run, written into the run folder; named after the run's overrides, grouped
     by `logger.group` or else the sweep, `job_type` = the variant, tags = `logger.tags` + arch and data
-    set, config = the resolved config with flattened keys.
+    set, config = the resolved config with flattened keys. `run_id` (a resumed run) continues that W&B
+    run (`resume="allow"`), named and grouped as it was; offline, each attempt writes its own `wandb/offline-run-*` folder with
+    that id, and `wandb sync` given all of them uploads them, in order, into the one run.
     """
     if cfg.logger.kind == "none":
         return False
@@ -207,32 +248,38 @@ def build_logger(cfg: DictConfig, run_dir: Path, input_size: int):
         from pytorch_lightning.loggers import CSVLogger
 
         return CSVLogger(save_dir=str(run_dir), name="csv", version="")
-    from hydra.core.hydra_config import HydraConfig
     from pytorch_lightning.loggers import WandbLogger
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    overrides, groups = [], set()
-    if HydraConfig.initialized():
-        overrides, groups = list(HydraConfig.get().overrides.task), set(HydraConfig.get().runtime.choices)
+    overrides, groups, sweep = run_naming(run_dir, resumed=run_id is not None)
     plain = _plain(cfg)
     return WandbLogger(
         project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
-        group=cfg.logger.group or sweep_group(), job_type=variant_name(plain, input_size),
+        group=cfg.logger.group or sweep, job_type=variant_name(plain, input_size),
         name=run_name(overrides, groups), tags=[*cfg.logger.tags, plain["model"]["arch"], cfg.dataset.name],
         save_dir=str(run_dir), config=flatten(plain),
+        **({"id": run_id, "resume": "allow"} if run_id else {}),
     )
+
+
+def wandb_run_id(logger: Any) -> str | None:
+    """The W&B run id of a WandbLogger (starting its run if need be); None for other loggers."""
+    if not logger or type(logger).__name__ != "WandbLogger":
+        return None
+    return logger.experiment.id
 
 
 def log_results(logger: Any, metrics: dict[str, float], figures: dict[str, Path]) -> str | None:
     """Put the final metrics into the W&B summary (the names of metrics.json) and the figures in as
     images; return the W&B run id (None for other loggers)."""
-    if not logger or type(logger).__name__ != "WandbLogger":
+    run_id = wandb_run_id(logger)
+    if run_id is None:
         return None
     import wandb
 
     logger.experiment.summary.update(metrics)
     logger.experiment.log({f"figures/{name}": wandb.Image(str(path)) for name, path in figures.items()})
-    return logger.experiment.id
+    return run_id
 
 
 def finish_logger(logger: Any) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -68,6 +67,7 @@ BAD_VALUES = [
     (["optim.lr=0"], "optim.lr"),
     (["trainer.max_epochs=0"], "trainer.max_epochs"),
     (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val"),
+    (["checkpoint_every_n_steps=-1"], "checkpoint_every_n_steps"),
     (["model.hidden_dims=[64,0]"], "model.hidden_dims"),
     (["model.kernel_size=8"], "model.kernel_size"),
     (["model.fc_dims=[0]"], "model.fc_dims"),

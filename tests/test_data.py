@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ae_lab.data import build_datamodule
-from ae_lab.data.files import DataError, RemoteFile, ensure_file, read_idx
+from ae_lab.data.files import DataError, ensure_file, read_idx
 from ae_lab.data.mnist import FILES, read_arrays
 from conftest import SHARED, compose_config, needs_shared
 

@@ -130,3 +130,24 @@ def test_training_stopped_by_max_steps_before_any_validation_is_still_evaluated(
                                 "trainer.enable_progress_bar=false", "logger=none", "eval=minimal"], tmp_path)
     assert np.isfinite(metrics["val/loss"]) and np.isfinite(metrics["test/loss"])
     assert read_json(tmp_path / "run.json")["best_checkpoint"] is None
+
+
+def test_epoch_metrics_weight_every_example_equally():
+    """A split served in batches of 3 and 1: the epoch's reconstruction error is the mean over the 4
+    examples, not the mean of the two batch means."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from ae_lab.module import Autoencoder
+    from ae_lab.objectives import reconstruction_error
+
+    cfg = compose_config(["model.latent_dim=3"])
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    module = Autoencoder({key: plain[key] for key in ("model", "loss", "noise", "optim")}, (1, 8, 8))
+    x = torch.rand(4, 1, 8, 8)
+    for batch in (x[:3], x[3:]):
+        module._step({"x": batch}, "val")
+    with torch.no_grad():
+        logits, _ = module(x)
+        per_example = reconstruction_error(logits, x, "bce")
+    assert float(module.epoch_means["val__recon"].compute()) == pytest.approx(float(per_example.mean()), rel=1e-6)

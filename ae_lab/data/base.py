@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import dataclasses
-from dataclasses import dataclass
+import itertools
 import os
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -85,8 +86,7 @@ class BatchedTensors(Dataset):
     """A split indexed a whole batch at a time.
 
     DataLoader calls `__getitems__` with the batch's indices, so a batch is one fancy-indexing op per
-    tensor instead of one Python call per example. The sampler stays a standard one, so Lightning can
-    still swap in a DistributedSampler under DDP.
+    tensor instead of one Python call per example. Any sampler can order it (see `ArrayDataModule._loader`).
     """
 
     def __init__(self, split: Split) -> None:
@@ -115,6 +115,51 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class EpochSampler(DistributedSampler):
+    """The training order: this rank's share of a permutation drawn from (seed, epoch) alone (the
+    permutation and sharding of DistributedSampler, which one process uses too), so a resumed run can
+    draw the same epoch again and start it part-way (`start`, used once) instead of at its beginning."""
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0
+        super().set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        start, self.start = self.start, 0
+        return itertools.islice(super().__iter__(), start, None)
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, resumable mid-epoch. Its `state_dict` (the epoch and how many of its
+    batches were served) is what Lightning saves in a checkpoint for a loader that has one, and
+    Lightning loads it into the new loader before a resumed run iterates: the run goes on with the
+    next batch of the same order. `len` stays the whole epoch's, as Lightning counts batches itself."""
+
+    sampler: EpochSampler
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.served = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.served = self.sampler.start // self.batch_size
+        for batch in super().__iter__():
+            self.served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(state["epoch"])
+        self.sampler.start = state["batches"] * self.batch_size
 
 
 def keep_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -154,31 +199,35 @@ class ArrayDataModule(pl.LightningDataModule):
         if self.on_device and device is not None and device.type != "cpu":
             self.splits = {name: split.to(device) for name, split in self.splits.items()}
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        """Batches of one split. Under DDP (the Trainer runs with use_distributed_sampler=False) the
-        training split is shuffled and sharded by a seeded DistributedSampler, evaluation splits by
-        ShardSampler."""
+    def _loader(self, split: str) -> DataLoader:
+        """Batches of one split. The training split is shuffled by an EpochSampler seeded with the
+        run's seed (and sharded by it under DDP: the Trainer runs with use_distributed_sampler=False),
+        evaluation splits are read in order (sharded by ShardSampler under DDP).
+
+        Each loader has its own generator, so making an iterator (every epoch, every validation) draws
+        nothing from torch's global RNG: that one is left to the model's and the data's random draws
+        (noise, sampling, dynamic binarisation), which a resumed run restores.
+        """
         dataset = BatchedTensors(self.splits[split])
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        sampler = None
-        if world_size > 1 and shuffle:
-            sampler = DistributedSampler(dataset, world_size, self.trainer.global_rank, shuffle=True,
-                                         seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
-        elif world_size > 1:
-            sampler = ShardSampler(len(dataset), self.trainer.global_rank, world_size)
+        trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # the run's seed (pl.seed_everything sets it)
         workers = 0 if self.on_device else self.num_workers  # CUDA tensors stay in this process
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle and sampler is None,
-                          sampler=sampler, num_workers=workers, collate_fn=keep_batch,
-                          persistent_workers=workers > 0)
+        options = {"batch_size": self.batch_size, "num_workers": workers, "collate_fn": keep_batch,
+                   "persistent_workers": workers > 0, "generator": torch.Generator().manual_seed(seed)}
+        if split == "train":
+            return ResumableLoader(dataset, sampler=EpochSampler(dataset, rank, world_size, seed), **options)
+        sampler = ShardSampler(len(dataset), rank, world_size) if world_size > 1 else None
+        return DataLoader(dataset, sampler=sampler, **options)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
 
 def sha256_of_arrays(*arrays: np.ndarray) -> str:

@@ -1,0 +1,23 @@
+"""Test helper, not part of ae_lab: Python runs this at start-up when this folder is on PYTHONPATH.
+
+With AE_LAB_STALL_AFTER_STEP=N in the environment, a training process stops making progress once
+training step N has ended (and its checkpoints, if any, are written): it touches the file named by
+AE_LAB_STALL_MARKER and sleeps, so a test can kill it at a known point through the real command line.
+"""
+
+import os
+
+if os.environ.get("AE_LAB_STALL_AFTER_STEP"):
+    import time
+    from pathlib import Path
+
+    from ae_lab.module import Autoencoder
+
+    STALL_AFTER = int(os.environ["AE_LAB_STALL_AFTER_STEP"])
+
+    def _stall_after_step(self, outputs, batch, batch_idx):  # called after the callbacks' hooks
+        if self.global_step >= STALL_AFTER:
+            Path(os.environ["AE_LAB_STALL_MARKER"]).touch()
+            time.sleep(3600)
+
+    Autoencoder.on_train_batch_end = _stall_after_step
