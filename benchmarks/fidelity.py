@@ -52,7 +52,8 @@ def _disentanglement(metrics: Metrics) -> str:
 
 
 MNIST = "dataset.root={data}"
-LOCATELLO_CPU = ["trainer.max_steps=3000", "eval=default", "eval.test_examples=10000"]
+LOCATELLO_CPU = ["trainer.max_steps=3000", "trainer.limit_val_batches=50", "trainer.limit_test_batches=50",
+                 "eval=default", "eval.test_examples=10000"]
 SETTINGS = [
     Setting("iwae_vae_mnist", "Burda et al. (2016), Table 1: VAE, one stochastic layer, trained with k = 1",
             "86.76 nats test NLL (k = 5000)", ["experiment=iwae_vae_mnist", MNIST], _nll,
@@ -119,6 +120,16 @@ def learning_curve(setting: Setting, folder: Path, figures: Path) -> str:
     return str(path.relative_to(REPOSITORY / "benchmarks"))
 
 
+def recorded_overrides(folder: Path) -> list[str]:
+    """The overrides the run in `folder` was started with (from its .hydra/overrides.yaml), less those
+    that only choose where and how it logs; the data folder shown as DATA."""
+    overrides = [line[2:].strip() for line in (folder / ".hydra" / "overrides.yaml").read_text().splitlines()
+                 if line.startswith("- ")]
+    hidden = ("logger=", "trainer.enable_progress_bar=", "hydra.run.dir=")
+    return ["dataset.root=DATA" if arg.startswith("dataset.root=") else arg
+            for arg in overrides if not arg.startswith(hidden)]
+
+
 def report(budget: str, runs: Path, output: Path) -> None:
     lines = ["# Fidelity: published figures and ours", "",
              f"Command: `python benchmarks/fidelity.py --budget {budget}`. Machine: {machine()}.", "",
@@ -134,8 +145,7 @@ def report(budget: str, runs: Path, output: Path) -> None:
             continue
         metrics = json.loads((folder / "metrics.json").read_text())
         fit = json.loads((folder / "run.json").read_text())["timings"]["fit_seconds"]
-        overrides = [arg.format(data="DATA") for arg in setting.overrides]
-        overrides += setting.cpu_budget if budget == "cpu" else []
+        overrides = recorded_overrides(folder)
         epochs = f"{metrics['epochs']} epochs" if "epochs" in metrics else ""
         lines.append(f"| {setting.name} | {setting.source} | {setting.published} | {setting.ours(metrics)} | "
                      f"`python -m ae_lab {' '.join(overrides)}` | {budget}: {epochs} | {fit / 60:.1f} min |")

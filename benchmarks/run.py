@@ -134,7 +134,7 @@ def lightning_rate(cfg: DictConfig, images: torch.Tensor, sizes: Sizes, per_item
 def hand_rate(cfg: DictConfig, images: torch.Tensor, sizes: Sizes) -> float:
     """Examples/s of a minimal hand-written loop over in-memory tensors, same model and optimizer."""
     module = module_for(cfg, tuple(images.shape[1:]))
-    optimizer = module.configure_optimizers()
+    optimizer = module.configure_optimizers()["optimizer"]
     order = torch.randperm(len(images))
     start = 0.0
     for step in range(sizes.warmup + sizes.steps):
@@ -198,7 +198,7 @@ def options(images: torch.Tensor, sizes: Sizes, quick: bool) -> list[str]:
 
 def step_seconds(cfg: DictConfig, shape: tuple[int, ...], sizes: Sizes) -> float:
     module = module_for(cfg, shape)
-    optimizer = module.configure_optimizers()
+    optimizer = module.configure_optimizers()["optimizer"]
     x = torch.rand(sizes.batch_size, *shape)
     times = []
     for step in range(2 + sizes.contractive_steps):

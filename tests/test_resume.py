@@ -93,9 +93,10 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_as_an_uninterrupted_run(tmp_pat
     assert len(parts) == 2 and all(part.name.endswith(f"-{wandb_id}") for part in parts)
     runs = [record.run for part in parts for record in read_records(next(part.glob("run-*.wandb")))
             if record.WhichOneof("record_type") == "run"]
-    # named as the run was, not after the resume's command line
-    assert len(runs) == 2 and len({(run.display_name, run.run_group, run.job_type) for run in runs}) == 1
-    assert runs[0].display_name.startswith("mnist_") and "resume" not in runs[1].display_name
+    # named as the run was, not after the resume's command line (the killed attempt's own run record
+    # may never have reached its file under load: SIGKILL allows no flush)
+    assert runs and len({(run.display_name, run.run_group, run.job_type) for run in runs}) == 1
+    assert runs[0].display_name.startswith("mnist_") and "resume" not in runs[-1].display_name
     assert f"wandb sync {run_dir / 'wandb'}/offline-run-*" in done.stdout
 
 
