@@ -99,3 +99,26 @@ def test_iwae_preset_follows_burdas_learning_rate_schedule():
     expected = [1e-3 * 10 ** (-(np.searchsorted(stage_starts, epoch, side="right") - 1) / 7) for epoch in range(epochs)]
     np.testing.assert_allclose(recorder.by_epoch, expected, rtol=1e-9)
     assert math.isclose(recorder.by_epoch[-1], 1e-3 * 10 ** (-4 / 7))  # epochs 40..120: stage 4
+
+
+@needs_shared
+def test_fidelity_report_shows_each_runs_recorded_command_and_numbers(tmp_path):
+    """benchmarks/fidelity.py --report: a row per setting with a run, its figures from metrics.json and its
+    command from the run's own record."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, read_json, run_cli
+
+    run = tmp_path / "runs" / "classic_dae"
+    done = run_cli(["experiment=classic_ae_mnist", f"dataset.root={SHARED}", "noise=masking", *SMOKE,
+                    f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = tmp_path / "FIDELITY.md"
+    report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--report", "--runs",
+                             str(tmp_path / "runs"), "--output", str(output)], capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr[-3000:]
+    [row] = [line for line in output.read_text().splitlines() if line.startswith("| classic_dae |")]
+    gain = read_json(run / "metrics.json")["eval/psnr_gain"]
+    assert f"gain {gain:+.2f} dB" in row
+    assert "`python -m ae_lab experiment=classic_ae_mnist dataset.root=DATA noise=masking trainer.max_epochs=1" in row
