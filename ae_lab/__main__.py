@@ -11,7 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from ae_lab.config import ConfigError, fail, register_configs
+from ae_lab.config import register_configs
+from ae_lab.errors import ConfigError, fail
 
 register_configs()
 log = logging.getLogger("ae_lab")

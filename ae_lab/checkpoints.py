@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from ae_lab.tracking import atomic_write
+from ae_lab.storage import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

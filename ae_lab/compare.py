@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
-from ae_lab.tracking import flatten
+from ae_lab.config import flatten
 
 KEY_METRICS = ("test/loss", "test/recon", "test/kl", "test/elbo")
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ae_lab.config import ConfigError
-from ae_lab.tracking import flatten
+from ae_lab.config import flatten
+from ae_lab.errors import ConfigError
 
 RESUME_POINT = Path("checkpoints") / "last.ckpt"
 # what a resume may set besides `resume`: how a run shows progress and checkpoints, never its numbers
@@ -119,7 +119,7 @@ def _check_checkpoint(value: Any, checkpoint: Path, recorded: DictConfig) -> Non
     import torch
 
     from ae_lab.checkpoints import ResumeState
-    from ae_lab.config import validate
+    from ae_lab.checks import validate
     from ae_lab.data import input_shape
 
     validate(recorded, input_shape(recorded.dataset))

@@ -19,14 +19,16 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from ae_lab.checkpoints import AtomicCheckpointIO, ResumeState, StepCheckpoint
-from ae_lab.config import ConfigError, validate
+from ae_lab.checks import validate
+from ae_lab.errors import ConfigError
 from ae_lab.data import ArrayDataModule, build_datamodule, input_shape
 from ae_lab.distributed import HydraJobDDPStrategy, isolated_job, launched_rank, resolve_strategy
-from ae_lab.evaluation import evaluate
+from ae_lab.evaluation.evaluate import evaluate
 from ae_lab.module import Autoencoder
 from ae_lab.resume import ResumePoint
+from ae_lab.storage import write_json
 from ae_lab.tracking import (RunRecord, build_logger, completed_metrics, finish_logger, log_results,
-                             wandb_run_id, write_config_files, write_json)
+                             wandb_run_id, write_config_files)
 
 log = logging.getLogger(__name__)
 # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, once per loop: noise, not news.

@@ -13,9 +13,13 @@ import traceback
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from ae_lab.config import flatten
+from ae_lab.errors import ConfigError
+from ae_lab.storage import write_json
 
 PACKAGES = ("ae_lab", "torch", "pytorch-lightning", "hydra-core", "omegaconf", "wandb", "numpy",
             "scikit-learn", "matplotlib")
@@ -48,23 +52,6 @@ def git_state() -> dict[str, Any]:
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write `path` with `write(file)` atomically: into a temporary file in the same folder, flushed to
-    disk, then renamed over `path` (one step on POSIX). A reader, or a process killed mid-write, sees
-    the previous file or the new one, never a part of one; a killed write leaves only the temporary
-    file, which the next write replaces."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    atomic_write(path, lambda file: file.write((json.dumps(payload, indent=2) + "\n").encode()))
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -92,8 +79,6 @@ def completed_metrics(run_dir: Path, cfg: DictConfig) -> dict[str, float] | None
 
     Raises ConfigError when the folder holds a completed run of another config: it is not overwritten.
     """
-    from ae_lab.config import ConfigError
-
     record, metrics, config = run_dir / "run.json", run_dir / "metrics.json", run_dir / ".hydra" / "config.yaml"
     if not record.exists() or json.loads(record.read_text()).get("status") != "completed":
         return None
@@ -170,17 +155,6 @@ class RunRecord:
     def failed(self, error: BaseException) -> None:
         message = "".join(traceback.format_exception_only(type(error), error)).strip()
         self.update(status="failed", ended=_now(), error=message or type(error).__name__)
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one level of dotted keys: {"model": {"latent_dim": 8}} -> {"model.latent_dim": 8}."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 INFRASTRUCTURE = ("trainer", "logger", "hydra")

@@ -9,7 +9,9 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from ae_lab.config import ConfigError, TrainerConfig, validate
+from ae_lab.checks import validate
+from ae_lab.config import TrainerConfig
+from ae_lab.errors import ConfigError
 from conftest import CONF, compose_config, run_cli
 
 GROUP_OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))

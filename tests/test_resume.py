@@ -109,7 +109,7 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one(tmp_path):
     script = f"""
 import time
 from pathlib import Path
-from ae_lab.tracking import atomic_write
+from ae_lab.storage import atomic_write
 def half_then_killed(file):
     file.write(b"half a checkpoint")
     file.flush()
@@ -238,7 +238,7 @@ def _check(run: Path, *overrides: str) -> bool:
 
 
 def test_resumes_that_cannot_continue_their_run_are_refused(two_runs, tmp_path):
-    from ae_lab.config import ConfigError
+    from ae_lab.errors import ConfigError
 
     with pytest.raises(ConfigError, match="is not allowed: a run folder .*; there is no folder"):
         _check(tmp_path / "missing")

@@ -14,7 +14,7 @@ __all__ = ["ArrayDataModule", "Split", "build_datamodule", "input_shape"]
 
 
 def _module(cfg: DictConfig):
-    from ae_lab.config import ConfigError
+    from ae_lab.errors import ConfigError
 
     if cfg.name not in _DATASETS:
         raise ConfigError(f"dataset.name={cfg.name!r} is not allowed: one of {', '.join(_DATASETS)}")

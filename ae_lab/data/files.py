@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ae_lab.config import ConfigError
+from ae_lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from sklearn.decomposition import PCA
 
 from ae_lab.data import ArrayDataModule
-from ae_lab.evaluation import Encoded
+from ae_lab.evaluation.encoded import Encoded
 from ae_lab.figures import histogram, image_rows, scatter
 from ae_lab.module import Autoencoder
 from ae_lab.objectives import gaussian_kl_per_unit

@@ -86,7 +86,7 @@ class GpuQueueLauncher(Launcher):
         return _Job(index, list(overrides), config, folder, devices)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from ae_lab.config import ConfigError
+        from ae_lab.errors import ConfigError
         from ae_lab.tracking import completed_metrics
 
         setup_globals()

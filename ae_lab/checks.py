@@ -1,0 +1,151 @@
+"""The checks Hydra's types cannot express: ranges and combinations of config values.
+
+`validate` runs before anything is trained or written and raises `ConfigError` naming the key and what
+is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from ae_lab.errors import ConfigError
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> list[str]:
+    """Check ranges and combinations; raise ConfigError on the first bad value.
+
+    `input_shape` (C, H, W), when known, lets the conv depth be checked against the image size.
+    Returns warnings for settings that are allowed but probably not meant.
+    """
+    model, loss, noise, data, trainer, optim = (
+        cfg.model, cfg.loss, cfg.noise, cfg.dataset, cfg.trainer, cfg.optim
+    )
+    _require(model.latent_dim >= 1, "model.latent_dim", model.latent_dim, "an integer >= 1")
+    _require(all(d >= 1 for d in model.hidden_dims), "model.hidden_dims", list(model.hidden_dims),
+             "a list of integers >= 1")
+    _require(len(model.channels) >= 1 and all(c >= 1 for c in model.channels), "model.channels",
+             list(model.channels), "a non-empty list of integers >= 1")
+    _require(2 <= model.kernel_size <= 7, "model.kernel_size", model.kernel_size, "an integer from 2 to 7")
+    _require(all(d >= 1 for d in model.fc_dims), "model.fc_dims", list(model.fc_dims),
+             "a list of integers >= 1")
+    if input_shape is not None and model.arch == "conv":
+        from ae_lab.nets import conv_sizes
+
+        sizes = conv_sizes(min(input_shape[1:]), len(model.channels), model.kernel_size)
+        # every stride-2 layer needs an input side >= 2
+        deepest = next((depth for depth, side in enumerate(sizes) if side < 2), len(model.channels))
+        _require(len(model.channels) <= deepest, "model.channels", list(model.channels),
+                 f"at most {deepest} stride-2 conv layers with kernel_size={model.kernel_size} for "
+                 f"{input_shape[1]}x{input_shape[2]} images of dataset={data.name}")
+
+    _require(loss.beta >= 0, "loss.beta", loss.beta, "a number >= 0")
+    _require(loss.sparsity_weight >= 0, "loss.sparsity_weight", loss.sparsity_weight, "a number >= 0")
+    _require(0 < loss.sparsity_target < 1, "loss.sparsity_target", loss.sparsity_target,
+             "a rate strictly between 0 and 1")
+    _require(loss.contractive_weight >= 0, "loss.contractive_weight", loss.contractive_weight,
+             "a number >= 0")
+    _require(loss.contractive_projections >= 1, "loss.contractive_projections",
+             loss.contractive_projections, "an integer >= 1")
+    if model.compile:
+        _require(loss.contractive_weight == 0, "model.compile", True,
+                 "false with the contractive penalty (torch.compile does not support the double backward "
+                 "it needs)")
+    if loss.sparsity == "kl" and loss.sparsity_weight > 0:
+        _require(model.code_activation == "sigmoid" and model.latent == "deterministic",
+                 "loss.sparsity", "kl",
+                 "KL sparsity needs code activations in (0, 1): use model.code_activation=sigmoid "
+                 "with model.latent=deterministic, or loss.sparsity=l1")
+
+    if noise.kind == "gaussian":
+        _require(noise.std >= 0, "noise.std", noise.std, "a standard deviation >= 0")
+    elif noise.kind in ("masking", "salt_pepper"):
+        _require(0 <= noise.p <= 1, "noise.p", noise.p, "a probability in [0, 1]")
+
+    _validate_dataset(data)
+
+    _require(optim.lr > 0, "optim.lr", optim.lr, "a learning rate > 0")
+    _require(optim.weight_decay >= 0, "optim.weight_decay", optim.weight_decay, "a number >= 0")
+    _require(optim.eps > 0, "optim.eps", optim.eps, "a number > 0")
+    milestones = list(optim.milestones)
+    _require(all(m >= 1 for m in milestones) and milestones == sorted(set(milestones)), "optim.milestones",
+             milestones, "strictly increasing epoch numbers >= 1")
+    _require(0 < optim.gamma <= 1, "optim.gamma", optim.gamma, "a factor in (0, 1]")
+    _require(trainer.max_epochs >= 1 or trainer.max_epochs == -1, "trainer.max_epochs",
+             trainer.max_epochs, "an integer >= 1, or -1 for no limit")
+    if trainer.accelerator in ("gpu", "cuda") and isinstance(trainer.devices, int):
+        import torch
+
+        available = torch.cuda.device_count()
+        _require(trainer.devices <= available, "trainer.devices", trainer.devices,
+                 f"at most the {available} GPU(s) this machine has")
+    clip = trainer.gradient_clip_val
+    _require(clip is None or (isinstance(clip, (int, float)) and clip >= 0), "trainer.gradient_clip_val",
+             clip, "null or a number >= 0")
+    _validate_eval(cfg.eval)
+    _require(cfg.checkpoint_every_n_steps >= 0, "checkpoint_every_n_steps", cfg.checkpoint_every_n_steps,
+             "an integer >= 0 (0: checkpoint only after validations)")
+
+    if cfg.logger.kind == "wandb":
+        _require(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode", cfg.logger.mode,
+                 "one of offline, online, disabled")
+        if cfg.logger.mode == "online":
+            _require(_wandb_key_available(), "logger.mode", "online",
+                     "no W&B API key found: run `wandb login` or set WANDB_API_KEY, "
+                     "or keep logger.mode=offline and `wandb sync` the run later")
+
+    warnings = []
+    if loss.beta > 0 and model.latent == "deterministic":
+        warnings.append(f"loss.beta={loss.beta} has no effect: there is no KL term without "
+                        "model.latent=gaussian (e.g. model=vae)")
+    return warnings
+
+
+def _validate_dataset(data: DictConfig) -> None:
+    _require(data.batch_size >= 1, "dataset.batch_size", data.batch_size, "an integer >= 1")
+    _require(data.num_workers >= 0, "dataset.num_workers", data.num_workers, "an integer >= 0")
+    if "val_fraction" in data:
+        for key in ("val_fraction", "test_fraction"):
+            _require(0 < data[key] < 1, f"dataset.{key}", data[key], "a fraction strictly between 0 and 1")
+        _require(data.val_fraction + data.test_fraction < 1, "dataset.val_fraction", data.val_fraction,
+                 f"val_fraction + test_fraction < 1 (test_fraction={data.test_fraction})")
+    if "val_size" in data:
+        _require(1 <= data.val_size < 60000, "dataset.val_size", data.val_size,
+                 "between 1 and 59,999 of the 60,000 training images")
+    if data.get("held_out_class") is not None:
+        _require(data.held_out_class in range(10), "dataset.held_out_class", data.held_out_class,
+                 "null or a class label 0-9 (left out of training and validation; the test split keeps it)")
+    if "download_timeout" in data:
+        _require(data.download_timeout > 0, "dataset.download_timeout", data.download_timeout,
+                 "a number of seconds > 0")
+    if "subsample" in data and data.subsample is not None:
+        _require(isinstance(data.subsample, int) and 10 <= data.subsample <= 737_280,
+                 "dataset.subsample", data.subsample, "null (all 737,280 images) or an integer in [10, 737280]")
+
+
+def _validate_eval(ev: DictConfig) -> None:
+    for key in ("batch_size", "max_decode_batch", "num_reconstructions", "num_samples",
+                "traversal_steps", "interpolation_steps"):
+        _require(ev[key] >= 1, f"eval.{key}", ev[key], "an integer >= 1")
+    for key in ("iw_samples", "probe_train_size", "disentanglement_pool", "disentanglement_train_size",
+                "disentanglement_test_size", "jacobian_examples", "traversal_dims"):
+        _require(ev[key] >= 0, f"eval.{key}", ev[key], "an integer >= 0 (0 switches it off)")
+    _require(ev.test_examples is None or (isinstance(ev.test_examples, int) and ev.test_examples >= 2),
+             "eval.test_examples", ev.test_examples, "null (the whole test split) or an integer >= 2")
+    for key in ("active_unit_threshold", "near_zero", "traversal_range"):
+        _require(ev[key] > 0, f"eval.{key}", ev[key], "a number > 0")
+
+
+def _wandb_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")

@@ -1,0 +1,18 @@
+"""The errors a user sees as one line: what is refused and why, with no traceback.
+
+Imports nothing from ae_lab, so every part can raise `ConfigError` without an import circle.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: its message names the key and what is allowed."""
+
+
+def fail(message: str, exit_code: int = 2) -> None:
+    """End the process with one line on stderr and `exit_code` (no traceback)."""
+    print(f"ae_lab: error: {message}", file=sys.stderr)
+    raise SystemExit(exit_code)

@@ -1,0 +1,203 @@
+"""Evaluation after fit: the metrics researchers report for autoencoders, and the run's figures.
+
+`evaluate` runs on one process with the best weights, on the test split (its first
+`eval.test_examples`, when set) plus a sample of the training split for the probe. Its randomness (test-time corruption, importance samples, subsets) comes from
+`eval.seed` inside a forked RNG, so evaluating changes no training state and repeats exactly.
+
+Metrics (`eval/*` in metrics.json and the W&B summary; `test/*` are the training loss terms on test):
+
+- every model: `mse`, `bce` (per example, summed over pixels) and `psnr` (dB, mean over images) of the
+  reconstruction from the code (the posterior mean for a VAE); `jacobian_frobenius_sq`, the mean
+  ||d code / d x||_F^2 on `eval.jacobian_examples` test images;
+- denoising (`noise` set): `psnr_corrupted` (the corrupted test input, clipped to [0, 1], against the
+  clean one), `psnr_denoised` (the reconstruction of the corrupted input against the clean one) and
+  `psnr_gain`, their difference;
+- Gaussian head: `kl`, `active_units`; with a Bernoulli decoder also `elbo`, `elbo_recon_nll`, and
+  `iw_nll`, minus the importance-weighted bound with k = `eval.iw_samples` (an upper bound on -log p(x));
+- labelled data: `probe_accuracy` of a logistic regression on the codes and `probe_accuracy_pixels`
+  on raw pixels; with `dataset.held_out_class`, `anomaly_auroc_recon` (and `anomaly_auroc_elbo`);
+- data with ground-truth factors: MIG, FactorVAE score, SAP, and DCI with `eval.dci` (slow: gradient-
+  boosted trees) (`disentanglement.py`);
+- sparse codes (`loss.sparsity_weight` > 0): `code_mean_activation`, `code_near_zero_fraction`,
+  `code_dead_units`.
+
+Per-unit vectors (KL per latent unit, variance of each code unit) go to `evaluation.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from ae_lab.data import ArrayDataModule, Split
+from ae_lab.evaluation.codes import encoder_jacobian_norm, sparse_code_statistics
+from ae_lab.evaluation.disentanglement import disentanglement_metrics
+from ae_lab.evaluation.encoded import Encoded
+from ae_lab.evaluation.downstream import anomaly_auroc, probe_accuracy
+from ae_lab.evaluation.likelihood import active_units, bernoulli_log_likelihood, importance_weighted_bound
+from ae_lab.evaluation.reconstruction import psnr
+from ae_lab.evaluation.visual import draw_figures
+from ae_lab.module import Autoencoder
+from ae_lab.objectives import gaussian_kl_per_unit, reconstruction_error
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    details: dict[str, Any]
+    figures: dict[str, Path] = field(default_factory=dict)
+
+
+def evaluate(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, run_dir: Path) -> Evaluation:
+    """Measure the trained `module` on `data`'s test split as `cfg.eval` says; draw its figures into
+    `run_dir/figures` when `eval.figures` is set."""
+    module.eval()
+    devices = [module.device] if module.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.eval.seed)
+        test_split = data.splits["test"]
+        if cfg.eval.test_examples is not None:
+            test_split = test_split.head(cfg.eval.test_examples)
+        test = encode_split(module, test_split, cfg)
+        metrics = {name: float(values.mean()) for name, values in test.values.items()}
+        details: dict[str, Any] = {}
+        if "psnr_denoised" in metrics:
+            metrics["psnr_gain"] = metrics["psnr_denoised"] - metrics["psnr_corrupted"]
+        metrics.update(_latent_metrics(test, cfg, details))
+        metrics.update(_downstream_metrics(module, data, test_split, test, cfg))
+        if test.factor_classes is not None and cfg.eval.disentanglement_pool > 0:
+            pool = slice(0, cfg.eval.disentanglement_pool)
+            metrics.update(disentanglement_metrics(
+                test.codes[pool].numpy(), test.factor_classes[pool].numpy(),
+                np.random.default_rng(cfg.eval.seed),
+                num_train=cfg.eval.disentanglement_train_size, num_test=cfg.eval.disentanglement_test_size,
+                factor_vae_num_train=cfg.eval.disentanglement_train_size,
+                factor_vae_num_eval=cfg.eval.disentanglement_test_size, with_dci=cfg.eval.dci))
+        if cfg.loss.sparsity_weight > 0:
+            metrics.update(sparse_code_statistics(test.codes, cfg.eval.near_zero))
+        if cfg.eval.jacobian_examples > 0:
+            metrics["jacobian_frobenius_sq"] = _jacobian_norm(module, test_split, cfg.eval)
+        figures = draw_figures(module, data, test, cfg, run_dir / "figures") if cfg.eval.figures else {}
+    return Evaluation({f"eval/{name}": value for name, value in sorted(metrics.items())}, details, figures)
+
+
+def _batches(split: Split, count: int, batch_size: int, device: torch.device):
+    """The first `count` examples of `split` in batches, moved to `device`."""
+    for start in range(0, count, batch_size):
+        batch = split.batch(torch.arange(start, min(start + batch_size, count)))
+        yield {key: value.to(device) for key, value in batch.items()}
+
+
+@torch.no_grad()
+def encode_split(module: Autoencoder, split: Split, cfg: DictConfig) -> Encoded:
+    """One pass over `split`: codes, posterior parameters and every per-example metric."""
+    gaussian = module.objective.gaussian_head
+    likelihood = gaussian and cfg.loss.recon == "bce"
+    collected: dict[str, list[torch.Tensor]] = {}
+
+    def keep(name: str, value: torch.Tensor) -> None:
+        collected.setdefault(name, []).append(value.detach().cpu())
+
+    for batch in _batches(split, len(split), cfg.eval.batch_size, module.device):
+        x = batch["x"]
+        features = module.encoder(x)
+        if gaussian:
+            mean, logvar = module.head.posterior(features)
+            keep("mean", mean)
+            keep("logvar", logvar)
+            code = mean
+        else:
+            code = module.head.code(features)
+        keep("codes", code)
+        logits = module.decoder(code)
+        keep("bce", reconstruction_error(logits, x, "bce"))
+        keep("mse", reconstruction_error(logits, x, "mse"))
+        keep("psnr", psnr(torch.sigmoid(logits), x))
+        if module.corrupt is not None:
+            corrupted = module.corrupt(x)
+            keep("psnr_corrupted", psnr(corrupted.clamp(0, 1), x))
+            keep("psnr_denoised", psnr(module.reconstruct(corrupted), x))
+        if likelihood:
+            samples = max(cfg.eval.iw_samples, 1)
+            chunk = max(1, cfg.eval.max_decode_batch // x.shape[0])
+            bound = importance_weighted_bound(mean, logvar, bernoulli_log_likelihood(module.decoder, x),
+                                              samples, chunk)
+            keep("elbo_recon_nll", -bound["log_likelihood"])
+            keep("iw_bound", bound["iw_bound"])
+        for key in ("label", "factor_classes"):
+            if key in batch:
+                keep(key, batch[key])
+    tensors = {name: torch.cat(parts) for name, parts in collected.items()}
+    values = {name: tensors[name] for name in ("bce", "mse", "psnr", "psnr_corrupted", "psnr_denoised")
+              if name in tensors}
+    if gaussian:
+        values["kl"] = gaussian_kl_per_unit(tensors["mean"], tensors["logvar"]).sum(1)
+    if likelihood:  # the ELBO with its KL in closed form and its reconstruction part from k samples
+        values["elbo_recon_nll"] = tensors["elbo_recon_nll"]
+        values["elbo"] = -(values["elbo_recon_nll"] + values["kl"])
+        if cfg.eval.iw_samples > 0:
+            values["iw_nll"] = -tensors["iw_bound"]
+    return Encoded(tensors["codes"], values, tensors.get("label"), tensors.get("factor_classes"),
+                   tensors.get("mean"), tensors.get("logvar"))
+
+
+def _latent_metrics(test: Encoded, cfg: DictConfig, details: dict[str, Any]) -> dict[str, float]:
+    """Active units (Gaussian head) and the per-unit vectors that go into evaluation.json."""
+    details["code_variance_per_unit"] = test.codes.var(0, unbiased=False).tolist()
+    if test.mean is None:
+        return {}
+    count, variance = active_units(test.mean, cfg.eval.active_unit_threshold)
+    details["kl_per_unit"] = gaussian_kl_per_unit(test.mean, test.logvar).mean(0).tolist()
+    details["active_units"] = [d for d, v in enumerate(variance.tolist()) if v > cfg.eval.active_unit_threshold]
+    return {"active_units": float(count)}
+
+
+def _downstream_metrics(module: Autoencoder, data: ArrayDataModule, test_split: Split, test: Encoded,
+                        cfg: DictConfig) -> dict[str, float]:
+    """The linear probe (labelled data) and anomaly AUROC (with a held-out class)."""
+    if test.labels is None:
+        return {}
+    metrics = {}
+    held_out = data.held_out_class
+    if held_out is not None:
+        is_anomaly = (test.labels == held_out).numpy()
+        metrics["anomaly_auroc_recon"] = anomaly_auroc(test.values[cfg.loss.recon].numpy(), is_anomaly)
+        if "elbo" in test.values:
+            metrics["anomaly_auroc_elbo"] = anomaly_auroc(-test.values["elbo"].numpy(), is_anomaly)
+    train = data.splits["train"]
+    count = min(cfg.eval.probe_train_size, len(train))
+    if count == 0:
+        return metrics
+    positions = torch.randperm(len(train))[:count]
+    codes, pixels, labels = [], [], []
+    with torch.no_grad():
+        for start in range(0, count, cfg.eval.batch_size):
+            batch = train.batch(positions[start:start + cfg.eval.batch_size])
+            x = batch["x"].to(module.device)
+            codes.append(module.head.code(module.encoder(x)).cpu())
+            pixels.append(batch["x"].flatten(1))
+            labels.append(batch["label"])
+    known = (test.labels != held_out) if held_out is not None else torch.ones_like(test.labels, dtype=torch.bool)
+    test_pixels = torch.cat([batch["x"].flatten(1) for batch in _batches(
+        test_split, len(test_split), cfg.eval.batch_size, torch.device("cpu"))])
+    train_labels = torch.cat(labels).numpy()
+    test_labels = test.labels[known].numpy()
+    metrics["probe_accuracy"] = probe_accuracy(torch.cat(codes).numpy(), train_labels,
+                                               test.codes[known].numpy(), test_labels)
+    metrics["probe_accuracy_pixels"] = probe_accuracy(torch.cat(pixels).numpy(), train_labels,
+                                                      test_pixels[known].numpy(), test_labels)
+    return metrics
+
+
+def _jacobian_norm(module: Autoencoder, split: Split, ev: DictConfig) -> float:
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return module.head.code(module.encoder(x))
+
+    norms = [encoder_jacobian_norm(encode, batch["x"])
+             for batch in _batches(split, min(ev.jacobian_examples, len(split)), ev.batch_size, module.device)]
+    return float(torch.cat(norms).mean())
