@@ -11,13 +11,15 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MeanMetric
 
 from ae_lab.nets import Latent, build_decoder, build_encoder, build_latent_head
 from ae_lab.noise import build_corruption
 from ae_lab.objectives import Objective
+
+MODULE_SECTIONS = ("model", "loss", "noise", "optim")  # what of a run's config the module holds
 
 
 class Autoencoder(pl.LightningModule):
@@ -40,6 +42,12 @@ class Autoencoder(pl.LightningModule):
             f"{stage}__{name}": MeanMetric(nan_strategy="disable")  # NaN propagates; no sync
             for stage in ("train", "val", "test") for name in self.objective.term_names})
 
+    @classmethod
+    def from_config(cls, cfg: DictConfig | dict[str, Any], input_shape: tuple[int, ...]) -> "Autoencoder":
+        """The module of a full run config (resolved): it keeps the sections in `MODULE_SECTIONS`."""
+        plain = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        return cls({key: plain[key] for key in MODULE_SECTIONS}, input_shape)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Latent]:
         latent = self.head(self.encoder(x))
         return self.decoder(latent.z), latent
@@ -58,7 +66,8 @@ class Autoencoder(pl.LightningModule):
             if self.objective.needs_input_grad:
                 inputs = inputs.detach().requires_grad_(True)
             logits, latent = self.network(inputs)
-            terms = self.objective(logits, x, latent, inputs, create_graph=stage == "train")
+            terms = self.objective(logits, x, latent, inputs, self.objective.weights(self.global_step),
+                                   create_graph=stage == "train")
         if stage == "train" and not torch.isfinite(terms["loss"]):
             raise FloatingPointError(self._non_finite_message(terms))
         for name, value in terms.items():  # accumulated on the device; logged once per epoch

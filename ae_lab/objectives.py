@@ -45,7 +45,7 @@ def l1_sparsity(code: torch.Tensor) -> torch.Tensor:
     return code.abs().sum(1)
 
 
-def kl_sparsity(code: torch.Tensor, target: float) -> torch.Tensor:
+def kl_sparsity(code: torch.Tensor, target: float | torch.Tensor) -> torch.Tensor:
     """sum_j KL(rho || rho_hat_j), rho_hat_j = mean activation of unit j over the batch (codes in (0, 1)).
 
     A batch-level term (Ng's sparse autoencoder), not a per-example one.
@@ -83,7 +83,12 @@ def contractive_penalty(code: torch.Tensor, inputs: torch.Tensor, estimator: str
 
 
 class Objective:
-    """The configured sum of terms; returns every active term (batch means) and their weighted `loss`."""
+    """The configured sum of terms; returns every active term (batch means) and their weighted `loss`.
+
+    Which terms are active is fixed by the config (a weight > 0 switches a term on); the numbers that
+    weight them (`weights(step)`) are passed in at each call, so that a vectorised ensemble can give
+    every member its own as tensors while the structure stays shared.
+    """
 
     def __init__(self, cfg: DictConfig, gaussian_head: bool) -> None:
         self.cfg = cfg
@@ -105,26 +110,33 @@ class Objective:
             names.append("contractive")
         return [*names, "loss"]
 
+    def weights(self, step: int) -> dict[str, float]:
+        """The scalars that weight the terms at training step `step` (the ones a sweep may vary per
+        member without changing which terms exist)."""
+        cfg = self.cfg
+        return {"beta": cfg.beta, "sparsity_weight": cfg.sparsity_weight, "sparsity_target": cfg.sparsity_target,
+                "contractive_weight": cfg.contractive_weight}
+
     def __call__(self, logits: torch.Tensor, x: torch.Tensor, latent: Latent, inputs: torch.Tensor,
-                 create_graph: bool) -> dict[str, torch.Tensor]:
+                 weights: dict[str, float | torch.Tensor], create_graph: bool) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         terms = {"recon": reconstruction_error(logits, x, cfg.recon).mean()}
         loss = terms["recon"]
         if self.gaussian_head:
             terms["kl"] = gaussian_kl(latent.mean, latent.logvar).mean()
-            loss = loss + cfg.beta * terms["kl"]
+            loss = loss + weights["beta"] * terms["kl"]
             if cfg.recon == "bce":
                 terms["elbo"] = -(terms["recon"] + terms["kl"])
         if cfg.sparsity_weight > 0:
             if cfg.sparsity == "kl":
-                terms["sparsity"] = kl_sparsity(latent.code, cfg.sparsity_target)
+                terms["sparsity"] = kl_sparsity(latent.code, weights["sparsity_target"])
             else:
                 terms["sparsity"] = l1_sparsity(latent.code).mean()
-            loss = loss + cfg.sparsity_weight * terms["sparsity"]
+            loss = loss + weights["sparsity_weight"] * terms["sparsity"]
         if cfg.contractive_weight > 0:
             terms["contractive"] = contractive_penalty(
                 latent.code, inputs, cfg.contractive_estimator, cfg.contractive_projections,
                 create_graph=create_graph).mean()
-            loss = loss + cfg.contractive_weight * terms["contractive"]
+            loss = loss + weights["contractive_weight"] * terms["contractive"]
         terms["loss"] = loss
         return terms

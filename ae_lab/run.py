@@ -36,9 +36,6 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 # a resumed run (or a sweep job run again) finds its checkpoints folder filled, as it should
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
-MODULE_SECTIONS = ("model", "loss", "noise", "optim")
-
-
 def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> dict[str, float]:
     """Train and evaluate one configuration into `run_dir`; return the final metrics.
 
@@ -127,7 +124,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger:
     """
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    module = Autoencoder({key: plain[key] for key in MODULE_SECTIONS}, data.input_shape)
+    module = Autoencoder.from_config(plain, data.input_shape)
     timer = StepTimer()
     folder = run_dir / "checkpoints"
     checkpoints = pl.callbacks.ModelCheckpoint(

@@ -33,7 +33,6 @@ from torch.utils.data import DataLoader, Dataset
 from ae_lab.config import register_configs
 from ae_lab.data.base import ArrayDataModule, Split
 from ae_lab.module import Autoencoder
-from ae_lab.run import MODULE_SECTIONS
 from ae_lab.tracking import build_logger, package_versions
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -64,7 +63,7 @@ def config(overrides: list[str]) -> DictConfig:
 
 def module_for(cfg: DictConfig, shape: tuple[int, ...]) -> Autoencoder:
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    return Autoencoder({key: plain[key] for key in MODULE_SECTIONS}, shape)
+    return Autoencoder.from_config(plain, shape)
 
 
 def mnist_sized(examples: int, data_root: Path | None) -> tuple[torch.Tensor, str]:
@@ -143,7 +142,7 @@ def hand_rate(cfg: DictConfig, images: torch.Tensor, sizes: Sizes) -> float:
         first = (step * sizes.batch_size) % (len(images) - sizes.batch_size + 1)
         x = images[order[first:first + sizes.batch_size]].to(torch.float32) / 255
         logits, latent = module(x)
-        loss = module.objective(logits, x, latent, x, create_graph=True)["loss"]
+        loss = module.objective(logits, x, latent, x, module.objective.weights(0), create_graph=True)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -205,7 +204,7 @@ def step_seconds(cfg: DictConfig, shape: tuple[int, ...], sizes: Sizes) -> float
         start = time.perf_counter()
         inputs = x.detach().requires_grad_(module.objective.needs_input_grad)
         logits, latent = module(inputs)
-        loss = module.objective(logits, x, latent, inputs, create_graph=True)["loss"]
+        loss = module.objective(logits, x, latent, inputs, module.objective.weights(0), create_graph=True)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -143,7 +143,7 @@ def test_epoch_metrics_weight_every_example_equally():
 
     cfg = compose_config(["model.latent_dim=3"])
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    module = Autoencoder({key: plain[key] for key in ("model", "loss", "noise", "optim")}, (1, 8, 8))
+    module = Autoencoder.from_config(plain, (1, 8, 8))
     x = torch.rand(4, 1, 8, 8)
     for batch in (x[:3], x[3:]):
         module._step({"x": batch}, "val")

@@ -23,7 +23,7 @@ SMOKE = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit
 
 def _module(cfg, input_shape: tuple[int, ...] = (1, 28, 28)) -> Autoencoder:
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    return Autoencoder({key: plain[key] for key in ("model", "loss", "noise", "optim")}, input_shape)
+    return Autoencoder.from_config(plain, input_shape)
 
 
 def test_presets_exist():

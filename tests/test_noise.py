@@ -46,7 +46,7 @@ def test_salt_and_pepper_replaces_the_configured_fraction_with_0_or_1():
 @pytest.mark.parametrize("noise", ["gaussian", "masking", "salt_pepper"])
 def test_corruption_applies_in_training_only(noise):
     cfg = OmegaConf.to_container(compose_config([f"noise={noise}"]), resolve=True, enum_to_str=True)
-    module = Autoencoder({k: cfg[k] for k in ("model", "loss", "noise", "optim")}, (1, 8, 8))
+    module = Autoencoder.from_config(cfg, (1, 8, 8))
     seen = []
     module.encoder.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
     x = torch.rand(32, 1, 8, 8) * 0.8 + 0.1
