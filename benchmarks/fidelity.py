@@ -1,12 +1,14 @@
 """Train the published-setting presets (conf/experiment/) and write benchmarks/FIDELITY.md: the
-source's figure next to ours, with the command, the budget it ran with and the machine.
+source's figure next to ours, with the command, the budget it ran with, the machine and the times.
 
     python benchmarks/fidelity.py --budget cpu    # shortened budgets that fit in about an hour on a CPU
-    python benchmarks/fidelity.py --budget full   # the sources' own budgets (a GPU; days for the IWAE VAE)
+    python benchmarks/fidelity.py --budget full --only pythae_vae_mnist   # a source's own budget
 
 Runs go to `outputs/fidelity/<budget>/<setting>/` (CSV logger, for the learning curves); a setting
-whose folder already holds a completed run is not trained again, and `--report` only rewrites the
-table from the folders there.
+whose folder holds a completed run is not trained again, and one cut off (the session ended) is
+resumed. Each completed run is archived into `benchmarks/fidelity/<budget>/<setting>/` (metrics,
+record, overrides, per-epoch history, machine), and the report is written from all archives, so rows
+of different budgets, sessions and machines stand side by side. `--report` trains nothing.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -40,7 +44,7 @@ class Setting:
     overrides: list[str]
     ours: Callable[[Metrics], str]
     cpu_budget: list[str] = field(default_factory=list)  # what --budget cpu changes, and says so
-    curve_target: float | None = None  # published NLL drawn on the learning curve
+    curve_targets: list[tuple[float, str]] = field(default_factory=list)  # published NLLs drawn on the curve
 
 
 def _nll(metrics: Metrics) -> str:
@@ -57,10 +61,12 @@ LOCATELLO_CPU = ["trainer.max_steps=3000", "trainer.limit_val_batches=50", "trai
 SETTINGS = [
     Setting("iwae_vae_mnist", "Burda et al. (2016), Table 1: VAE, one stochastic layer, trained with k = 1",
             "86.76 nats test NLL (k = 5000)", ["experiment=iwae_vae_mnist", MNIST], _nll,
-            ["trainer.max_epochs=13", "eval.test_examples=1000"], curve_target=86.76),
+            ["trainer.max_epochs=13", "eval.test_examples=1000"],
+            curve_targets=[(86.76, "Burda et al. (2016)")]),
     Setting("pythae_vae_mnist", "pythae's reproduction of Rezende & Mohamed (2015), Table 1: VAE 784-400-40",
             "89.78 nats test NLL (k = 200); the paper: 89.9", ["experiment=pythae_vae_mnist", MNIST], _nll,
-            ["trainer.max_epochs=120"], curve_target=89.78),
+            ["trainer.max_epochs=120"],
+            curve_targets=[(89.78, "pythae (k = 200)"), (89.9, "Rezende & Mohamed (2015)")]),
     *[Setting(f"locatello_beta{beta}", f"Locatello et al. (2019): β-VAE, β = {beta}, on dSprites",
               "a distribution over seeds per β; MIG and FactorVAE score rise with β from near 0 at β = 1",
               ["experiment=locatello_beta_vae", f"loss.beta={beta}"], _disentanglement, LOCATELLO_CPU)
@@ -88,21 +94,48 @@ SETTINGS = [
 
 
 def run_setting(setting: Setting, budget: str, folder: Path, data_root: Path) -> None:
-    """Train one setting into `folder`, unless it holds a completed run."""
+    """Train one setting into `folder`, unless it holds a completed run; an unfinished one is resumed."""
     record = folder / "run.json"
-    if record.is_file() and json.loads(record.read_text()).get("status") == "completed":
+    status = json.loads(record.read_text()).get("status") if record.is_file() else None
+    if status == "completed":
         return
-    args = [arg.format(data=data_root) for arg in setting.overrides]
-    args += setting.cpu_budget if budget == "cpu" else []
-    args += ["logger=csv", "trainer.enable_progress_bar=false", f"hydra.run.dir={folder}"]
+    if status is not None and (folder / "checkpoints" / "last.ckpt").is_file():
+        args = [f"resume={folder}"]  # a budget cut off by the end of a session goes on where it stopped
+    else:
+        args = [arg.format(data=data_root) for arg in setting.overrides]
+        args += setting.cpu_budget if budget == "cpu" else []
+        args += ["logger=csv", "trainer.enable_progress_bar=false", f"hydra.run.dir={folder}"]
     print(f"{setting.name}: python -m ae_lab {' '.join(args)}", flush=True)
     subprocess.run([sys.executable, "-m", "ae_lab", *args], check=True, cwd=REPOSITORY)
 
 
-def learning_curve(setting: Setting, folder: Path, figures: Path) -> str:
+# what the report needs of a run folder (run folders are not committed): archived name <- path in the run
+ARCHIVED = {"metrics.json": "metrics.json", "run.json": "run.json", "overrides.yaml": ".hydra/overrides.yaml",
+            "history.csv": "csv/metrics.csv"}
+
+
+def archive(folder: Path, budget: str, name: str, archive_root: Path) -> None:
+    """Copy a completed run's metrics, record, overrides and per-epoch history into
+    `archive_root/<budget>/<name>/`, with the machine it ran on (this one: call it right after the run).
+    The report is written from these archives, so rows from several sessions and budgets accumulate."""
+    target = archive_root / budget / name
+    target.mkdir(parents=True, exist_ok=True)
+    for archived, inside in ARCHIVED.items():
+        if (folder / inside).is_file():  # the history only where the run logged to CSV
+            shutil.copyfile(folder / inside, target / archived)
+    (target / "machine.txt").write_text(machine() + "\n")
+
+
+def archived_runs(archive_root: Path) -> list[tuple[Setting, str, Path]]:
+    """(setting, budget, archive folder) for every archived run, in the order of SETTINGS, full budget first."""
+    return [(setting, budget, archive_root / budget / setting.name) for setting in SETTINGS
+            for budget in ("full", "cpu") if (archive_root / budget / setting.name / "metrics.json").is_file()]
+
+
+def learning_curve(setting: Setting, budget: str, folder: Path, figures: Path) -> str:
     """Validation −ELBO per epoch (an upper bound on the NLL) against the published endpoint."""
     metrics = json.loads((folder / "metrics.json").read_text())
-    rows = list(csv.DictReader((folder / "csv" / "metrics.csv").open()))
+    rows = list(csv.DictReader((folder / "history.csv").open()))
     # per-epoch validations only (the evaluation of the best checkpoint after fit is logged one epoch on)
     points = sorted({int(row["epoch"]): -float(row["val/elbo"]) for row in rows
                      if row.get("val/elbo") and int(row["epoch"]) < metrics["epochs"]}.items())
@@ -111,33 +144,38 @@ def learning_curve(setting: Setting, folder: Path, figures: Path) -> str:
               label="ours: validation −ELBO (1 sample)")
     axis.plot([metrics["epochs"]], [metrics["eval/iw_nll"]], marker="*", markersize=12, linestyle="none",
               label=f"ours: test NLL bound, best checkpoint ({metrics['eval/iw_nll']:.2f})")
-    axis.axhline(setting.curve_target, color="black", linestyle="--",
-                 label=f"published test NLL {setting.curve_target}")
+    for (value, label), color in zip(setting.curve_targets, ("black", "grey")):
+        axis.axhline(value, linestyle="--", color=color, label=f"{label}: {value}")
     axis.set_xlabel("epoch")
     axis.set_ylabel("nats")
-    axis.set_title(f"{setting.name}: learning curve")
+    axis.set_title(f"{setting.name}, budget {budget}: learning curve")
     axis.legend()
     figure.tight_layout()
-    path = figures / f"{setting.name}.png"
+    path = figures / f"{setting.name}-{budget}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
-    return str(path.relative_to(REPOSITORY / "benchmarks"))
+    return path.name
 
 
 def recorded_overrides(folder: Path) -> list[str]:
-    """The overrides the run in `folder` was started with (from its .hydra/overrides.yaml), less those
-    that only choose where and how it logs; the data folder shown as DATA."""
-    overrides = [line[2:].strip() for line in (folder / ".hydra" / "overrides.yaml").read_text().splitlines()
+    """The overrides the run was started with (its archived overrides.yaml), less those that only choose
+    where and how it logs; the data folder shown as DATA."""
+    overrides = [line[2:].strip() for line in (folder / "overrides.yaml").read_text().splitlines()
                  if line.startswith("- ")]
     hidden = ("logger=", "trainer.enable_progress_bar=", "hydra.run.dir=")
     return ["dataset.root=DATA" if arg.startswith("dataset.root=") else arg
             for arg in overrides if not arg.startswith(hidden)]
 
 
-def claims(runs: Path) -> list[str]:
-    """Each qualitative claim of the sources, held against the runs present (computed, not written in)."""
-    found = {path.parent.name: json.loads(path.read_text()) for path in runs.glob("*/metrics.json")}
+def wall_time(record: dict) -> str:
+    """From the run's start to its end; for a resumed run, of its last attempt (said so)."""
+    seconds = (datetime.fromisoformat(record["ended"]) - datetime.fromisoformat(record["started"])).total_seconds()
+    return f"{seconds / 60:.1f} min" + (" (last attempt)" if "resumed_from" in record else "")
+
+
+def claims(found: dict[str, Metrics]) -> list[str]:
+    """Each qualitative claim of the sources, held against the runs of one budget (computed, not written in)."""
     lines = []
     for name, published in (("iwae_vae_mnist", 86.76), ("pythae_vae_mnist", 89.78)):
         if name in found:
@@ -164,31 +202,45 @@ def claims(runs: Path) -> list[str]:
     return lines
 
 
-def report(budget: str, runs: Path, output: Path) -> None:
+def report(archive_root: Path, output: Path) -> None:
+    """FIDELITY.md from every archived run: one row per setting and budget, with the machine, the fit and
+    wall times and the recorded command; learning curves; the sources' claims checked per budget."""
+    runs = archived_runs(archive_root)
+    machines = list(dict.fromkeys((folder / "machine.txt").read_text().strip() for _, _, folder in runs))
+    full = sorted({setting.name for setting, budget, _ in runs if budget == "full"})
     lines = ["# Fidelity: published figures and ours", "",
-             f"Command: `python benchmarks/fidelity.py --budget {budget}`. Machine: {machine()}.", "",
-             "Budget `cpu` shortens training (and some evaluation sizes) to fit a CPU; every change from the "
-             "preset is in the command column. **Rows at budget `cpu` are not full-budget reproductions**: they "
-             "show the presets run and where the numbers head. Full budgets need a GPU (none was lent to the "
-             "sessions that wrote this file); `--budget full` runs them.", "",
-             "| setting | source | its figure | ours | command | budget | fit time |", "|---|---|---|---|---|---|---|"]
-    curves = []
-    for setting in SETTINGS:
-        folder = runs / setting.name
-        if not (folder / "metrics.json").is_file():
-            continue
+             "Written by `python benchmarks/fidelity.py` from the runs archived in `benchmarks/fidelity/<budget>/` "
+             "(each run's metrics, record, overrides and per-epoch history, copied from its run folder when it "
+             "finished). Budget `full` is the source's own training budget; budget `cpu` shortens training (and "
+             "some evaluation sizes) to fit a CPU, and every change from the preset is in the command column: "
+             "**rows at budget `cpu` are not full-budget reproductions.**", "",
+             f"Rows at full budget: {', '.join(full) if full else 'none'}.", "",
+             "Machines: " + "; ".join(f"**M{number}** {text}" for number, text in enumerate(machines, 1)), "",
+             "| setting | source | its figure | ours | command | budget | machine | fit time | wall time |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    curves, found = [], {"full": {}, "cpu": {}}
+    for setting, budget, folder in runs:
         metrics = json.loads((folder / "metrics.json").read_text())
-        fit = json.loads((folder / "run.json").read_text())["timings"]["fit_seconds"]
-        overrides = recorded_overrides(folder)
+        record = json.loads((folder / "run.json").read_text())
+        found[budget][setting.name] = metrics
+        number = machines.index((folder / "machine.txt").read_text().strip()) + 1
         lines.append(f"| {setting.name} | {setting.source} | {setting.published} | {setting.ours(metrics)} | "
-                     f"`python -m ae_lab {' '.join(overrides)}` | {budget} | {fit / 60:.1f} min |")
-        if setting.curve_target is not None:
-            curves.append(f"![{setting.name}]({learning_curve(setting, folder, output.parent / 'figures')})")
-    lines += ["", "## The qualitative claims, checked on these runs", "", *claims(runs)]
+                     f"`python -m ae_lab {' '.join(recorded_overrides(folder))}` | {budget} | M{number} | "
+                     f"{record['timings']['fit_seconds'] / 60:.1f} min | {wall_time(record)} |")
+        if setting.curve_targets and (folder / "history.csv").is_file():
+            name = learning_curve(setting, budget, folder, output.parent / "figures")
+            curves.append(f"![{setting.name}, budget {budget}](figures/{name})")
+    for budget in ("full", "cpu"):
+        if found[budget]:
+            lines += ["", f"## The qualitative claims, checked on the runs at budget `{budget}`", "",
+                      *claims(found[budget])]
     lines += ["", "`DATA` is the folder holding `mnist/` (`dataset.root`). NLL rows: `eval/iw_nll`, the importance-"
               "weighted bound on the test split (its first `eval.test_examples` images when set). "
               "Disentanglement rows: the generated dSprites-style set (`dataset=shapes`; real dSprites could "
               "not be downloaded here), one seed per β.", "", "## Learning curves", "", *curves, ""]
+    previous = archive_root / "previous-report.md"
+    if previous.is_file():
+        lines += [previous.read_text()]
     output.write_text("\n".join(lines))
 
 
@@ -198,15 +250,21 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=REPOSITORY.parent / "shared" / "data")
     parser.add_argument("--runs", type=Path, default=None, help="default: outputs/fidelity/<budget>")
     parser.add_argument("--only", nargs="*", default=None, help="setting names to run (default: all)")
-    parser.add_argument("--report", action="store_true", help="only rewrite the table from the run folders")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: archive the completed runs present and rewrite the report")
+    parser.add_argument("--archive", type=Path, default=REPOSITORY / "benchmarks" / "fidelity")
     parser.add_argument("--output", type=Path, default=REPOSITORY / "benchmarks" / "FIDELITY.md")
     args = parser.parse_args()
     runs = args.runs or REPOSITORY / "outputs" / "fidelity" / args.budget
-    if not args.report:
-        for setting in SETTINGS:
-            if args.only is None or setting.name in args.only:
-                run_setting(setting, args.budget, runs / setting.name, args.data_root.resolve())
-    report(args.budget, runs, args.output)
+    for setting in SETTINGS:
+        if args.only is not None and setting.name not in args.only:
+            continue
+        if not args.report:
+            run_setting(setting, args.budget, runs / setting.name, args.data_root.resolve())
+        record = runs / setting.name / "run.json"
+        if record.is_file() and json.loads(record.read_text()).get("status") == "completed":
+            archive(runs / setting.name, args.budget, setting.name, args.archive)
+    report(args.archive, args.output)
 
 
 if __name__ == "__main__":

@@ -269,7 +269,8 @@ def machine() -> str:
     versions = package_versions()
     return (f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; Python "
             f"{versions['python']}, torch {versions['torch']}, pytorch-lightning {versions['pytorch-lightning']}; "
-            f"torch threads {torch.get_num_threads()}; device: CPU")
+            f"torch threads {torch.get_num_threads()}; device: "
+            f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}")
 
 
 def main() -> None:

@@ -103,8 +103,8 @@ def test_iwae_preset_follows_burdas_learning_rate_schedule():
 
 @needs_shared
 def test_fidelity_report_shows_each_runs_recorded_command_and_numbers(tmp_path):
-    """benchmarks/fidelity.py --report: a row per setting with a run, its figures from metrics.json and its
-    command from the run's own record."""
+    """benchmarks/fidelity.py --report: the completed run is archived, and the report has a row per
+    archived setting and budget, its figures from metrics.json and its command from the run's own record."""
     import subprocess
     import sys
 
@@ -116,9 +116,12 @@ def test_fidelity_report_shows_each_runs_recorded_command_and_numbers(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     output = tmp_path / "FIDELITY.md"
     report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--report", "--runs",
-                             str(tmp_path / "runs"), "--output", str(output)], capture_output=True, text=True)
+                             str(tmp_path / "runs"), "--archive", str(tmp_path / "archive"), "--output", str(output)],
+                            capture_output=True, text=True)
     assert report.returncode == 0, report.stderr[-3000:]
     [row] = [line for line in output.read_text().splitlines() if line.startswith("| classic_dae |")]
     gain = read_json(run / "metrics.json")["eval/psnr_gain"]
     assert f"gain {gain:+.2f} dB" in row
     assert "`python -m ae_lab experiment=classic_ae_mnist dataset.root=DATA noise=masking trainer.max_epochs=1" in row
+    assert "| cpu | M1 |" in row and read_json(tmp_path / "archive" / "cpu" / "classic_dae" / "metrics.json") == \
+        read_json(run / "metrics.json")
