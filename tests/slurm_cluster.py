@@ -50,7 +50,11 @@ class Cluster:
                          for path in sorted(self.folder.glob("*.log")))
 
     def stop(self) -> None:
-        """End the daemons this cluster started (by their pids only) and wait until they are gone."""
+        """End the jobs left on the cluster, then the daemons it started (by their pids only), and wait
+        until they are gone. (Stopping slurmd under a job that is still ending would leave its step
+        daemon and srun waiting for it.)"""
+        if "slurmd" in self.pids:
+            self._end_jobs()
         for name in reversed(DAEMONS):
             pid = self.pids.pop(name, None)
             if pid is None:
@@ -64,6 +68,22 @@ class Cluster:
                 time.sleep(0.1)
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+    def _end_jobs(self, timeout: float = 30) -> None:
+        """Cancel every job still on the cluster and wait until SLURM has ended them; kill what is left of
+        their processes (as `scontrol listpids` names them) after `timeout`."""
+        try:
+            jobs = self.command("squeue", "-h", "-o", "%A").split()
+            if jobs:
+                self.command("scancel", *jobs)
+            deadline = time.time() + timeout
+            while self.command("squeue", "-h", "-o", "%A").split() and time.time() < deadline:
+                time.sleep(0.5)
+            for line in self.command("scontrol", "listpids").splitlines()[1:]:
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+        except (RuntimeError, OSError, ValueError, subprocess.SubprocessError):
+            pass  # the daemons are stopped next in any case
 
 
 def _alive(pid: int) -> bool:
