@@ -213,13 +213,15 @@ def test_a_ready_sweep_runs(tmp_path):
                        for level in (0.1, 0.25, 0.5)}
 
 
-def test_slurm_launcher_takes_gpus_nodes_and_tasks_from_the_trainer():
+@pytest.mark.parametrize("accelerator, gpus", [("gpu", 4), ("cuda", 4), ("cpu", None), ("auto", None)])
+def test_slurm_launcher_takes_gpus_nodes_and_tasks_from_the_trainer(accelerator, gpus):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True,
                       overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
-                                 "trainer.num_nodes=2"])
+                                 "trainer.num_nodes=2", f"trainer.accelerator={accelerator}"])
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
-    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (4, 4, 2)
+    # GPUs only when the trainer trains on them: a CPU-only cluster gets no GPU request at all
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (gpus, 4, 2)
