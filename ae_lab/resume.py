@@ -150,13 +150,15 @@ def unfinished_run(config: DictConfig, run_dir: Path, first_rank: bool = True) -
     checkpoint = run_dir / RESUME_POINT
     if not checkpoint.is_file():
         return None
-    record_path = run_dir / "run.json"
-    record = json.loads(record_path.read_text()) if first_rank and record_path.is_file() else {}
+    try:  # on ranks > 0 maybe the record rank 0 has just begun (it is written atomically)
+        record = json.loads((run_dir / "run.json").read_text())
+    except FileNotFoundError:  # no record, or rank 0 is putting it aside
+        record = {}
     if record.get("status") == "completed":
         return None
     _check_checkpoint(str(run_dir), checkpoint, config)
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    return ResumePoint(checkpoint, saved["global_step"], saved["epoch"], record)
+    return ResumePoint(checkpoint, saved["global_step"], saved["epoch"], record if first_rank else {})
 
 
 def resume_point(config: DictConfig, task_overrides: list[str]) -> tuple[DictConfig, ResumePoint]:
