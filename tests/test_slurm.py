@@ -71,11 +71,13 @@ def test_a_sweep_on_slurm_records_every_job_as_the_basic_launcher_does(slurm_clu
     assert wandb["run"].run_group == sweep.name
     metrics = read_json(good / "metrics.json")
     assert wandb["summary"]["test/loss"] == pytest.approx(metrics["test/loss"])
-    table = subprocess.run([sys.executable, "-m", "ae_lab.compare", str(sweep), "--format", "csv"], cwd=tmp_path,
+    # the compare table: one row per job, by the swept key, the failed one without values
+    table = subprocess.run([sys.executable, "-m", "ae_lab.compare", str(sweep), "--format", "json"], cwd=tmp_path,
                            capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr[-3000:]
-    rows = {line.split(",")[0]: line for line in table.stdout.splitlines()[1:]}
-    assert len(rows) == 2 and f"{metrics['test/loss']:.4f}"[:5] in table.stdout
+    rows = {row["optim.lr"]: row for row in json.loads(table.stdout)}
+    assert {lr: row["status"] for lr, row in rows.items()} == {0.01: "completed", 1e30: "failed"}
+    assert rows[0.01]["test/loss"] == pytest.approx(metrics["test/loss"]) and rows[1e30]["test/loss"] is None
 
 
 def test_a_ddp_job_on_slurm_is_one_job_of_two_tasks(slurm_cluster, tmp_path):
