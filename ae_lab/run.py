@@ -140,8 +140,8 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger:
         callbacks.append(StepCheckpoint(folder, cfg.checkpoint_every_n_steps))
     trainer_args = OmegaConf.to_container(cfg.trainer)
     trainer_args["strategy"] = resolve_strategy(trainer_args["strategy"])
-    trainer = pl.Trainer(**trainer_args, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO(), *cluster_plugins()],
-                         default_root_dir=str(run_dir),
+    trainer = pl.Trainer(**trainer_args, logger=logger, callbacks=callbacks,
+                         plugins=[AtomicCheckpointIO(), *cluster_plugins()], default_root_dir=str(run_dir),
                          use_distributed_sampler=False,  # the data module shards (see ArrayDataModule)
                          inference_mode=False)  # the contractive term needs grads in evaluation
     trainer.fit(module, datamodule=data, ckpt_path=resume.checkpoint if resume else None, weights_only=True)

@@ -115,9 +115,9 @@ def _wait_for(condition, what: str, timeout: float = 240) -> None:
 
 def test_a_job_signalled_before_preemption_requeues_and_ends_as_an_uninterrupted_run(slurm_cluster, tmp_path):
     sweep, reference_dir = tmp_path / "outputs" / "sweeps" / "preempted", tmp_path / "uninterrupted"
-    reference = subprocess.Popen([sys.executable, "-m", "ae_lab", *RUN, "logger=none", f"hydra.run.dir={reference_dir}"],
-                                 cwd=tmp_path, env=_environment(slurm_cluster), stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True)
+    reference = subprocess.Popen(
+        [sys.executable, "-m", "ae_lab", *RUN, "logger=none", f"hydra.run.dir={reference_dir}"], cwd=tmp_path,
+        env=_environment(slurm_cluster), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     marker = tmp_path / "stalled"
     stall = {"PYTHONPATH": os.pathsep.join(filter(None, [str(STALL), os.environ.get("PYTHONPATH")])),
              "AE_LAB_STALL_AFTER_STEP": str(SIGNALLED_AFTER), "AE_LAB_STALL_MARKER": str(marker)}
