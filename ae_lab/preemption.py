@@ -40,7 +40,8 @@ def cluster_plugins() -> list[Any]:
     environment with Lightning's auto-requeue off (RequeueOnSignal handles the signal)."""
     from lightning_fabric.plugins.environments import SLURMEnvironment
 
-    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+    in_slurm_job = "SLURM_JOB_ID" in os.environ  # (detect() warns wherever srun is installed but not used)
+    return [SLURMEnvironment(auto_requeue=False)] if in_slurm_job and SLURMEnvironment.detect() else []
 
 
 class Requeued(Exception):

@@ -173,6 +173,9 @@ def start_cluster(folder: Path, timeout: float = 60) -> Cluster:
     install()
     if os.geteuid() != 0:
         raise ClusterUnavailable("slurmd runs jobs as their users: the test cluster needs root")
+    if len(str(folder / "munge.socket")) > 100:
+        raise ClusterUnavailable(f"{folder} is too long a path for munge's socket (a Unix socket path has at most "
+                                 "107 characters): set TMPDIR to a shorter folder")
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o755)  # munged checks that no one else can write where its socket and key are
     for sub in ("state", "spool"):
