@@ -93,6 +93,8 @@ def test_a_ddp_job_on_slurm_is_one_job_of_two_tasks(slurm_cluster, tmp_path):
     files = files_of(job)
     wandb_runs = {f for f in files if f.startswith("wandb/")}
     assert files - wandb_runs == JOB_FILES and len(wandb_runs) == 1  # as a local DDP job: rank 1 writes nothing
+    log = (job / "ae_lab.log").read_text()
+    assert "GLOBAL_RANK: 0" in log and "GLOBAL_RANK: 1" not in log  # rank 1 logs to its task's output only
     # the test metric covers the whole split across both ranks: the same as one process on all of it
     assert read_json(job / "metrics.json")["test/recon"] == pytest.approx(_test_recon_by_hand(job), rel=1e-5)
 
