@@ -6,8 +6,8 @@ submitit, which asks SLURM for a signal before the job's time limit (`--signal=U
 (`scontrol requeue`) after pickling the job for its next start. Called as the signal arrives, that
 handler would stop training in the middle of a step; so while a run fits, `RequeueOnSignal` takes the
 signal over: it only notes it, and at the end of the next training batch from which a resume is exact
-(ae_lab.checkpoints.resumable_batch_end) every rank writes `checkpoints/last.ckpt` and the run stops
-with `Requeued`. The run records itself as `requeued`, finishes its W&B run, and only then calls
+(ae_lab.checkpoints.resumable_batch_end) `checkpoints/last.ckpt` is written (every DDP rank adds its
+state) and the run stops with `Requeued`. The run records itself as `requeued`, finishes its W&B run, and only then calls
 submitit's handler, which requeues the job and ends the process. The requeued job finds its folder
 holding that unfinished run and goes on from the checkpoint (ae_lab.resume.unfinished_run), with the
 same W&B run id. Lightning's own SLURM auto-requeue (a checkpoint written inside its SIGUSR1 handler,
