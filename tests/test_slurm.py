@@ -59,6 +59,9 @@ def test_a_sweep_on_slurm_records_every_job_as_the_basic_launcher_does(slurm_clu
     assert done.returncode == 1, output[-3000:] + _task_logs(sweep)[-3000:]
     assert "1 of 2 jobs did not complete" in done.stderr
     assert "Bypassing sacct" not in output + _task_logs(sweep)  # the cluster keeps no accounting
+    # what was asked of SLURM: the signal before the time limit, no GPU on a CPU trainer
+    [script] = sweep.glob(".submitit/*/*_submission.sh")
+    assert "#SBATCH --signal=USR2@120\n" in script.read_text() and "gpu" not in script.read_text()
     good, bad = job_folders(sweep)
     assert read_json(good / "run.json")["status"] == "completed"
     assert files_of(good) - {"wandb/" + p.name for p in good.glob("wandb/offline-run-*")} == JOB_FILES
