@@ -22,19 +22,28 @@ log = logging.getLogger("ae_lab")
 def main(cfg: DictConfig) -> float:
     """Train one run. In a sweep a failing job is recorded (run.json, the sweep's summary) and the
     sweep goes on; alone, a bad config ends the process with one line and exit code 2."""
+    from ae_lab.distributed import launched_rank, log_to_console_only
+    from ae_lab.preemption import Requeued
     from ae_lab.report import print_summary
+    from ae_lab.resume import unfinished_run
     from ae_lab.run import RunInterrupted, train
     from ae_lab.tracking import record_refused
 
     hydra_config = HydraConfig.get()
     run_dir = Path(hydra_config.runtime.output_dir)
     in_sweep = hydra_config.mode == RunMode.MULTIRUN
+    first_rank = launched_rank() == 0
+    if not first_rank:
+        log_to_console_only()
     try:
         if cfg.resume is not None:  # CheckBeforeRun has checked that the run can be resumed
             from ae_lab.resume import resume_point
 
             cfg, resume = resume_point(cfg, list(hydra_config.overrides.task))
             metrics = train(cfg, run_dir, resume)
+        elif in_sweep or not first_rank:  # a requeued job, or a sweep run again, goes on from an unfinished
+            # job's checkpoint; every rank of a DDP job decides alike (local DDP ranks > 0 run as single runs)
+            metrics = train(cfg, run_dir, unfinished_run(cfg, run_dir, first_rank))
         else:
             metrics = train(cfg, run_dir)
     except ConfigError as error:
@@ -43,6 +52,9 @@ def main(cfg: DictConfig) -> float:
         record_refused(run_dir, cfg, error)
         log.error("job refused: %s", error)
         return math.nan
+    except Requeued as stop:  # recorded; submitit requeues the job, which goes on from the checkpoint
+        log.warning("%s", stop)
+        stop.requeue()
     except RunInterrupted as error:  # recorded; a sweep stops here, with its summary
         if in_sweep:
             from ae_lab.sweep import summarize

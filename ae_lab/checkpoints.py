@@ -47,13 +47,20 @@ class StepCheckpoint(pl.callbacks.ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.global_step % self.every_n_steps == 0:  # a step ModelCheckpoint would save at
-            loop = trainer.fit_loop.epoch_loop
-            # Lightning's own test of "a validation follows this batch" (private API of Lightning 2.6)
-            ends = loop.batch_progress.is_last_batch or loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
-            if trainer.strategy.broadcast(ends):  # rank 0 decides: a time-based test may differ across ranks
-                return
+        # at a step ModelCheckpoint would save at, skip it where it would not resume exactly
+        if trainer.global_step % self.every_n_steps == 0 and not resumable_batch_end(trainer):
+            return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def resumable_batch_end(trainer: pl.Trainer) -> bool:
+    """Whether a checkpoint taken at the end of the current training batch resumes exactly: not after the
+    batch that ends an epoch or that a validation follows (see StepCheckpoint). A collective call under
+    DDP: rank 0 decides, as a time-based validation interval may differ across ranks."""
+    loop = trainer.fit_loop.epoch_loop
+    # Lightning's own test of "a validation follows this batch" (private API of Lightning 2.6)
+    ends = loop.batch_progress.is_last_batch or loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+    return not trainer.strategy.broadcast(ends)
 
 
 def random_state() -> dict[str, torch.Tensor | None]:

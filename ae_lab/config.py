@@ -337,9 +337,10 @@ def register_configs() -> None:
     and register ae_lab's resolvers."""
     from omegaconf import OmegaConf
 
-    from ae_lab.sweep import config_hash, noise_level
+    from ae_lab.sweep import config_hash, noise_level, slurm_gpus
 
-    for name, resolver in (("config_hash", config_hash), ("noise_level", noise_level), ("run_folder", run_folder)):
+    for name, resolver in (("config_hash", config_hash), ("noise_level", noise_level), ("run_folder", run_folder),
+                           ("slurm_gpus", slurm_gpus)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
     store = ConfigStore.instance()

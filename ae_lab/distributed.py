@@ -13,6 +13,7 @@ the next job of an in-process sweep starts as if it were the first.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -32,6 +33,16 @@ _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
 def launched_rank() -> int:
     """This process's rank as its launcher set it in the environment (0 for a process started by hand)."""
     return max(int(os.environ.get(name, 0) or 0) for name in _RANK_VARIABLES)
+
+
+def log_to_console_only() -> None:
+    """For ranks > 0: no log file. Ranks a cluster starts (srun) set up Hydra's job logging as rank 0
+    does, into the job's `ae_lab.log`; rank 0 owns that file, the others log to their task's output."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def quoted(value: str) -> str:

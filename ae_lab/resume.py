@@ -137,6 +137,30 @@ def _check_checkpoint(value: Any, checkpoint: Path, recorded: DictConfig) -> Non
         raise _refuse(value, f"a checkpoint of the run's own config; {checkpoint} is from another config: {shown}")
 
 
+def unfinished_run(config: DictConfig, run_dir: Path, first_rank: bool = True) -> ResumePoint | None:
+    """Where a sweep job goes on when its folder holds an unfinished run of its config with a checkpoint
+    (a job the cluster requeued, or one cut off and run again with its sweep); None when there is none.
+
+    Decided by the checkpoint alone, so that every rank of a DDP job decides alike (rank 0 puts the
+    previous `run.json` aside as it starts). A completed run is not resumed (`train` returns its metrics).
+    Raises ConfigError when the checkpoint is of another config.
+    """
+    import torch
+
+    checkpoint = run_dir / RESUME_POINT
+    if not checkpoint.is_file():
+        return None
+    try:  # on ranks > 0 maybe the record rank 0 has just begun (it is written atomically)
+        record = json.loads((run_dir / "run.json").read_text())
+    except FileNotFoundError:  # no record, or rank 0 is putting it aside
+        record = {}
+    if record.get("status") == "completed":
+        return None
+    _check_checkpoint(str(run_dir), checkpoint, config)
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    return ResumePoint(checkpoint, saved["global_step"], saved["epoch"], record if first_rank else {})
+
+
 def resume_point(config: DictConfig, task_overrides: list[str]) -> tuple[DictConfig, ResumePoint]:
     """The config a resumed run trains (the recorded one, with the settings of RESUME_MAY_SET given on
     the command line) and where it resumes from. `check_resume` has passed."""

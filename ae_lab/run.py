@@ -25,6 +25,7 @@ from ae_lab.data import ArrayDataModule, build_datamodule, input_shape
 from ae_lab.distributed import HydraJobDDPStrategy, isolated_job, launched_rank, resolve_strategy
 from ae_lab.evaluation.evaluate import evaluate
 from ae_lab.module import Autoencoder
+from ae_lab.preemption import Requeued, RequeueOnSignal, cluster_plugins
 from ae_lab.resume import ResumePoint
 from ae_lab.storage import write_json
 from ae_lab.tracking import (RunRecord, build_logger, completed_metrics, finish_logger, log_results,
@@ -47,7 +48,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> 
     for warning in validate(cfg, input_shape(cfg.dataset)):
         log.warning(warning)
     rank_zero = launched_rank() == 0
-    if rank_zero and resume is None:
+    if resume is None:  # every rank: those of a DDP job on a cluster start together and all return here
         finished = completed_metrics(run_dir, cfg)
         if finished is not None:
             log.info("%s already holds a completed run of this config: not run again", run_dir)
@@ -79,6 +80,10 @@ def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> 
                 wandb_run = log_results(logger, metrics, figures)
                 record.completed(best_checkpoint=best_checkpoint, wandb_run_id=wandb_run, timings=timings)
             return metrics
+        except Requeued as stop:  # the cluster's signal: checkpointed, to be requeued by the caller
+            if record is not None:
+                record.requeued(stop.checkpoint)
+            raise
         except BaseException as error:
             if not interrupt.interrupted and not isinstance(error, KeyboardInterrupt):
                 if record is not None:
@@ -130,13 +135,13 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger:
     checkpoints = pl.callbacks.ModelCheckpoint(
         dirpath=folder, filename="best", monitor="val/loss", mode="min",
         save_top_k=1, save_last=True, enable_version_counter=False)
-    callbacks = [checkpoints, timer, interrupt, ResumeState(plain)]
+    callbacks = [checkpoints, timer, interrupt, ResumeState(plain), RequeueOnSignal(folder / "last.ckpt")]
     if cfg.checkpoint_every_n_steps:
         callbacks.append(StepCheckpoint(folder, cfg.checkpoint_every_n_steps))
     trainer_args = OmegaConf.to_container(cfg.trainer)
     trainer_args["strategy"] = resolve_strategy(trainer_args["strategy"])
-    trainer = pl.Trainer(**trainer_args, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-                         default_root_dir=str(run_dir),
+    trainer = pl.Trainer(**trainer_args, logger=logger, callbacks=callbacks,
+                         plugins=[AtomicCheckpointIO(), *cluster_plugins()], default_root_dir=str(run_dir),
                          use_distributed_sampler=False,  # the data module shards (see ArrayDataModule)
                          inference_mode=False)  # the contractive term needs grads in evaluation
     trainer.fit(module, datamodule=data, ckpt_path=resume.checkpoint if resume else None, weights_only=True)

@@ -34,6 +34,13 @@ def noise_level(default: float, *, _root_: Any) -> float:
     return default if level is None else level
 
 
+def slurm_gpus(accelerator: str, devices: Any) -> Any:
+    """OmegaConf resolver for `hydra/launcher=slurm`'s `gpus_per_node`: the trainer's devices when it
+    trains on GPUs (`gpu`, `cuda`), else none (null: no GPU request at all, as a CPU-only cluster needs;
+    `auto` asks for none too, since what a compute node has is not known where the sweep is launched)."""
+    return devices if str(accelerator) in ("gpu", "cuda") else None
+
+
 @dataclass
 class Job:
     folder: Path

@@ -80,7 +80,11 @@ def completed_metrics(run_dir: Path, cfg: DictConfig) -> dict[str, float] | None
     Raises ConfigError when the folder holds a completed run of another config: it is not overwritten.
     """
     record, metrics, config = run_dir / "run.json", run_dir / "metrics.json", run_dir / ".hydra" / "config.yaml"
-    if not record.exists() or json.loads(record.read_text()).get("status") != "completed":
+    try:  # (another DDP rank may be putting an unfinished run's record aside right now)
+        status = json.loads(record.read_text()).get("status")
+    except FileNotFoundError:
+        return None
+    if status != "completed":
         return None
     if not config.exists() or _plain(OmegaConf.load(config)) != _plain(cfg):
         raise ConfigError(f"{run_dir} already holds a completed run of a different config: "
@@ -97,8 +101,8 @@ def record_refused(run_dir: Path, cfg: DictConfig, error: BaseException) -> None
 
 
 class RunRecord:
-    """`run.json`: status (running | completed | failed | interrupted), seed, code and package versions, data checksum,
-    start and end times, and the error when the run failed.
+    """`run.json`: status (running | completed | failed | interrupted | requeued), seed, code and package
+    versions, data checksum, start and end times, and the error when the run failed.
 
     An earlier attempt's record in the folder (a failed or cut-off job run again, a resumed run) is kept
     as `run.attempt-<time>.json`; a resumed run's record says where it resumed from (`resumed_from`).
@@ -151,6 +155,11 @@ class RunRecord:
     def interrupted(self, checkpoint: Path | None) -> None:
         self.update(status="interrupted", ended=_now(), error="interrupted by the user (Ctrl-C)",
                     interrupted_checkpoint=str(checkpoint) if checkpoint else None)
+
+    def requeued(self, checkpoint: Path) -> None:
+        """Stopped by the cluster's signal (time limit or preemption) after writing `checkpoint`; the
+        requeued job goes on from it."""
+        self.update(status="requeued", ended=_now(), requeued_checkpoint=str(checkpoint))
 
     def failed(self, error: BaseException) -> None:
         message = "".join(traceback.format_exception_only(type(error), error)).strip()

@@ -51,3 +51,17 @@ def read_json(path: Path) -> dict:
 @pytest.fixture
 def quick() -> list[str]:
     return list(QUICK)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A one-node SLURM cluster on this machine (tests/slurm_cluster.py), started once per test session
+    and stopped at its end; the tests that use it are skipped, with the reason, where it cannot be had."""
+    from slurm_cluster import ClusterUnavailable, start_cluster
+
+    try:
+        cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    except ClusterUnavailable as why:
+        pytest.skip(f"no test SLURM cluster: {why}")
+    yield cluster
+    cluster.stop()

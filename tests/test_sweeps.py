@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,6 +152,45 @@ def test_failed_job_is_recorded_the_sweep_goes_on_and_a_rerun_resumes(tmp_path):
     assert "1 failed" in (sweep_dir / "summary.md").read_text()
 
 
+def test_a_sweep_run_again_resumes_a_cut_off_job_from_its_checkpoint(tmp_path):
+    """A sweep killed (SIGKILL) in the middle of its job, run again into its folder: the job goes on from
+    its step checkpoint, in its folder, and ends with the metrics of an uninterrupted run."""
+    run = ["model=vae", "noise=masking", "model.hidden_dims=[32]", "model.latent_dim=4", "trainer.max_epochs=1",
+           "trainer.limit_train_batches=10", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+           "checkpoint_every_n_steps=4", "eval=minimal", "logger=none", "seed=5", *QUICK[2:]]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
+    reference = subprocess.Popen([sys.executable, "-m", "ae_lab", *run, f"hydra.run.dir={tmp_path / 'reference'}"],
+                                 cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sweep, marker = tmp_path / "sweep", tmp_path / "stalled"
+    args = ["-m", *run, f"hydra.sweep.dir={sweep}"]
+    stall = {"PYTHONPATH": str(ROOT / "tests" / "stall"), "AE_LAB_STALL_AFTER_STEP": "6",
+             "AE_LAB_STALL_MARKER": str(marker)}
+    cut = subprocess.Popen([sys.executable, "-m", "ae_lab", *args], cwd=tmp_path, env={**env, **stall},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not marker.exists():
+            assert cut.poll() is None and time.time() < deadline, "the job did not reach step 6"
+            time.sleep(0.1)
+        cut.send_signal(signal.SIGKILL)
+        cut.wait(timeout=60)
+        again = run_cli(args, cwd=tmp_path)
+        assert again.returncode == 0, again.stderr[-3000:]
+        _, errors = reference.communicate(timeout=300)
+        assert reference.returncode == 0, errors[-3000:]
+    finally:
+        for process in (cut, reference):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    [job] = job_folders(sweep)
+    record = read_json(job / "run.json")
+    assert record["status"] == "completed" and record["resumed_from"]["global_step"] == 4
+    [attempt] = job.glob("run.attempt-*.json")
+    assert read_json(attempt)["status"] == "running"  # the killed attempt's record
+    assert read_json(job / "metrics.json") == read_json(tmp_path / "reference" / "metrics.json")
+
+
 def test_optuna_search_stores_its_study_and_continues(tmp_path):
     import optuna
 
@@ -213,13 +257,15 @@ def test_a_ready_sweep_runs(tmp_path):
                        for level in (0.1, 0.25, 0.5)}
 
 
-def test_slurm_launcher_takes_gpus_nodes_and_tasks_from_the_trainer():
+@pytest.mark.parametrize("accelerator, gpus", [("gpu", 4), ("cuda", 4), ("cpu", None), ("auto", None)])
+def test_slurm_launcher_takes_gpus_nodes_and_tasks_from_the_trainer(accelerator, gpus):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True,
                       overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
-                                 "trainer.num_nodes=2"])
+                                 "trainer.num_nodes=2", f"trainer.accelerator={accelerator}"])
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
-    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (4, 4, 2)
+    # GPUs only when the trainer trains on them: a CPU-only cluster gets no GPU request at all
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (gpus, 4, 2)

@@ -2,7 +2,9 @@
 
 With AE_LAB_STALL_AFTER_STEP=N in the environment, a training process stops making progress once
 training step N has ended (and its checkpoints, if any, are written): it touches the file named by
-AE_LAB_STALL_MARKER and sleeps, so a test can kill it at a known point through the real command line.
+AE_LAB_STALL_MARKER and waits while that file exists, so a test can kill or signal it at a known point
+through the real command line, and let it go on by deleting the file. A run resumed past step N (a
+requeued job inherits the environment) does not stop again.
 """
 
 import os
@@ -16,8 +18,10 @@ if os.environ.get("AE_LAB_STALL_AFTER_STEP"):
     STALL_AFTER = int(os.environ["AE_LAB_STALL_AFTER_STEP"])
 
     def _stall_after_step(self, outputs, batch, batch_idx):  # called after the callbacks' hooks
-        if self.global_step >= STALL_AFTER:
-            Path(os.environ["AE_LAB_STALL_MARKER"]).touch()
-            time.sleep(3600)
+        if self.global_step == STALL_AFTER:
+            marker = Path(os.environ["AE_LAB_STALL_MARKER"])
+            marker.touch()
+            while marker.exists():
+                time.sleep(0.1)
 
     Autoencoder.on_train_batch_end = _stall_after_step
