@@ -57,8 +57,20 @@ class ArrayFile:
     pixel_scale: float = 1.0
 
 
+def plain(value: Any) -> Any:
+    """A config enum's value as its string (OmegaConf gives typed fields as Enum members)."""
+    return getattr(value, "value", value)
+
+
 def _refuse(key: str, path: Any, reason: str) -> DataError:
     return DataError(f"{key}={str(path)!r} is not allowed: {reason}")
+
+
+def _load_npy(path: Path, key: str) -> np.ndarray:
+    with open(path, "rb") as handle:
+        if handle.read(6) != b"\x93NUMPY":
+            raise _refuse(key, path, "it is not a .npy file (no NumPy header): save the inputs with numpy.save")
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 def _load_npz(path: Path, key: str) -> dict[str, np.ndarray]:
@@ -121,7 +133,7 @@ def read_file(path_value: str, key: str) -> ArrayFile:
         raise _refuse(key, path_value, f"the file must end in {', '.join(SUFFIXES)}")
     try:
         if path.suffix == ".npy":
-            arrays = {"x": np.load(path, mmap_mode="r", allow_pickle=False)}
+            arrays = {"x": _load_npy(path, key)}
         elif path.suffix == ".npz":
             arrays = _load_npz(path, key)
         else:
@@ -129,7 +141,8 @@ def read_file(path_value: str, key: str) -> ArrayFile:
     except DataError:
         raise
     except (ValueError, pickle.UnpicklingError, RuntimeError) as error:
-        if "pickle" in str(error).lower() or isinstance(error, pickle.UnpicklingError):
+        message = str(error).lower()
+        if "pickle" in message or "python objects" in message or isinstance(error, pickle.UnpicklingError):
             raise _refuse(key, path_value, "it holds pickled Python objects, which ae_lab never unpickles "
                                            "(allow_pickle=False, weights_only=True): save plain numeric arrays") from None
         raise _refuse(key, path_value, f"it cannot be read as {path.suffix}: {error}") from None
@@ -210,7 +223,7 @@ def build(cfg: DictConfig, name: str, files: dict[str, ArrayFile]) -> ArrayDataM
     """The data module of validated files: split, scaled by `dataset.normalize` fitted on train."""
     splits = _split(cfg, files)
     train_file, train_rows = splits["train"]
-    scaling = fit(cfg.normalize, train_rows, lambda rows: train_file.x[rows] / train_file.pixel_scale,
+    scaling = fit(plain(cfg.normalize), train_rows, lambda rows: train_file.x[rows] / train_file.pixel_scale,
                   train_file.x.shape[1:])
 
     def as_split(file: ArrayFile, rows: np.ndarray) -> Split:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from ae_lab.data.arrays import ArrayFile, build
+from ae_lab.data.arrays import ArrayFile, build, plain
 from ae_lab.data.base import ArrayDataModule
 from ae_lab.data.files import DataError, cached_arrays, combined_sha256, sha256_of_file
 
@@ -95,7 +95,7 @@ def load(cfg: DictConfig) -> ArrayDataModule:
     paths, labels, classes = _images(folder, key)
     modes = _modes(paths, key)
     grey = [mode in GREY_MODES for mode in modes]
-    colour = str(cfg.colour)
+    colour = plain(cfg.colour)
     if colour == "auto":
         colour = "grey" if all(grey) else "rgb"
         if any(grey) and not all(grey):
