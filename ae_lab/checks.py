@@ -78,6 +78,16 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
         _require(noise.std >= 0, "noise.std", noise.std, "a standard deviation >= 0")
     elif noise.kind in ("masking", "salt_pepper"):
         _require(0 <= noise.p <= 1, "noise.p", noise.p, "a probability in [0, 1]")
+    elif noise.kind == "occlusion":
+        _require(0 <= noise.size <= 1, "noise.size", noise.size, "a fraction of each side in [0, 1]")
+    elif noise.kind == "watermark":
+        _require(0 <= noise.opacity <= 1, "noise.opacity", noise.opacity, "an opacity in [0, 1]")
+    elif noise.kind == "grayscale":
+        _require(0 <= noise.amount <= 1, "noise.amount", noise.amount, "a weight in [0, 1] (1: fully grey)")
+        if input_shape is not None:
+            _require(len(input_shape) == 3 and input_shape[0] == 3, "noise", "grayscale",
+                     f"only on RGB images (3, H, W); the examples of dataset={data.name} have shape "
+                     f"{tuple(input_shape)}: choose another noise")
 
     _validate_dataset(data)
     from ae_lab.data import is_own_data

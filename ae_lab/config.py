@@ -148,6 +148,31 @@ class SaltPepperNoise:
 
 
 @dataclass
+class OcclusionNoise:
+    """Inpainting: one random box per example, `size` of each side (of the image, sequence or row), set to 0."""
+
+    kind: str = "occlusion"
+    size: float = 0.5
+
+
+@dataclass
+class WatermarkNoise:
+    """Watermark removal: white diagonal stripes over half of each side, blended in at a random place with
+    weight `opacity`."""
+
+    kind: str = "watermark"
+    opacity: float = 0.5
+
+
+@dataclass
+class GrayscaleNoise:
+    """Colourisation (RGB images only): the input turned grey with weight `amount` (1: fully grey)."""
+
+    kind: str = "grayscale"
+    amount: float = 1.0
+
+
+@dataclass
 class RandomSplitConfig:
     """A data set split at random into train/val/test by `split_seed` (not the training `seed`)."""
 
@@ -381,6 +406,9 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "gaussian_schema": GaussianNoise,
         "masking_schema": MaskingNoise,
         "salt_pepper_schema": SaltPepperNoise,
+        "occlusion_schema": OcclusionNoise,
+        "watermark_schema": WatermarkNoise,
+        "grayscale_schema": GrayscaleNoise,
     },
     "dataset": {
         "digits_schema": DigitsConfig,

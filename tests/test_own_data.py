@@ -239,17 +239,19 @@ def test_image_folder_classes_resize_and_cache_that_notices_a_changed_file(tmp_p
     assert (pixels[:, 1] == 1).all(1).all(1).sum() == 1  # the green cat is there
 
 
-def test_rgb_image_folder_trains_a_conv_net_with_colour_figures(tmp_path, caplog):
+def test_rgb_image_folder_trains_a_colourisation_conv_net_with_colour_figures(tmp_path, caplog):
     folder = tmp_path / "mixed"
     for index in range(10):
         write_png(folder / f"{index}.png", (index * 20, 100, 50))
     write_png(folder / "grey.png", 128, mode="L")
     with caplog.at_level(logging.WARNING):
         metrics = train_in_process(["dataset=image_folder", f"dataset.path={folder}", f"dataset.root={tmp_path}",
-                                    "dataset.size=8", "model.arch=conv", "model.channels=[4,8]", *QUICK],
+                                    "dataset.size=8", "model.arch=conv", "model.channels=[4,8]", "noise=grayscale",
+                                    *QUICK],
                                    tmp_path / "run")
     assert "mixes grey images (1, e.g. grey.png) and colour ones (10" in caplog.text
     assert np.isfinite(metrics["test/loss"]) and "eval/probe_accuracy" not in metrics
+    assert np.isfinite(metrics["eval/psnr_corrupted"]) and np.isfinite(metrics["eval/psnr_denoised"])
     skipped = read_json(tmp_path / "run" / "evaluation.json")["skipped"]
     assert "the data have no labels" in skipped["probe_accuracy, anomaly_auroc"]
     assert (tmp_path / "run" / "figures" / "reconstructions.png").is_file()
