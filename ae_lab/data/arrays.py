@@ -208,8 +208,9 @@ def _split(cfg: DictConfig, files: dict[str, ArrayFile]) -> dict[str, tuple[Arra
     val_fraction = 0.0 if "val" in files else cfg.val_fraction
     test_fraction = 0.0 if "test" in files else cfg.test_fraction
     parts = split_indices(len(main.x), val_fraction, test_fraction, cfg.split_seed)
-    splits = {name: (files.get(name, main), np.arange(len(files[name].x)) if name in files and name != "train"
-                     else np.sort(parts[name])) for name in ("train", "val", "test")}
+    splits = {"train": (main, np.sort(parts["train"]))}
+    for name in ("val", "test"):
+        splits[name] = (files[name], np.arange(len(files[name].x))) if name in files else (main, np.sort(parts[name]))
     sizes = {name: len(rows) for name, (_, rows) in splits.items()}
     if any(sizes[name] < need for name, need in MIN_EXAMPLES.items()):
         raise _refuse("dataset.path", cfg.path, f"its {len(main.x)} examples give train/val/test splits of "

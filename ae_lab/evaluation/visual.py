@@ -7,6 +7,7 @@ A user's data are shown in their own units (`dataset.normalize` undone).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -14,8 +15,6 @@ from sklearn.decomposition import PCA
 
 from ae_lab.data import ArrayDataModule
 from ae_lab.evaluation.encoded import Encoded
-from typing import Callable
-
 from ae_lab.figures import histogram, image_rows, scatter, signal_rows
 from ae_lab.module import Autoencoder
 from ae_lab.objectives import gaussian_kl_per_unit
