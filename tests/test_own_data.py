@@ -57,14 +57,14 @@ def test_sequences_through_the_command_line_conv_vae_with_val_and_test_files(tmp
     assert np.isfinite(metrics["eval/mse"]) and "eval/bce" not in metrics  # no Bernoulli NLL of a linear output
 
 
-@pytest.mark.parametrize("shape,suffix,arch", [((60, 5), ".npz", "mlp"), ((60, 3, 8, 8), ".npy", "conv"),
-                                               ((60, 1, 16), ".npz", "conv")])
-def test_each_rank_and_format_trains_and_records_the_file_checksum(tmp_path, shape, suffix, arch):
+@pytest.mark.parametrize("shape,suffix,arch,model", [((60, 5), ".npz", "mlp", "vae"), ((60, 3, 8, 8), ".npy", "conv", "vae"),
+                                                     ((60, 1, 16), ".npz", "conv", "ae"), ((60, 2, 6, 6), ".npz", "mlp", "ae")])
+def test_each_rank_and_format_trains_and_records_the_file_checksum(tmp_path, shape, suffix, arch, model):
     rng = np.random.default_rng(1)
     x, labels = rng.uniform(0, 1, shape).astype(np.float32), rng.integers(0, 3, shape[0])
     path = tmp_path / f"data{suffix}"
     np.savez(path, x=x, labels=labels) if suffix == ".npz" else np.save(path, x)
-    overrides = [f"dataset.path={path}", f"model.arch={arch}", "model.channels=[4,8]", *QUICK]
+    overrides = [f"dataset.path={path}", f"model={model}", f"model.arch={arch}", "model.channels=[4,8]", *QUICK]
     metrics = train_in_process(["dataset=array", *overrides], tmp_path / "run")
     assert np.isfinite(metrics["test/loss"]) and np.isfinite(metrics["eval/bce"])
     assert ("eval/probe_accuracy" in metrics) == (suffix == ".npz")
@@ -286,4 +286,6 @@ def test_target_loader_returns_a_data_module_that_trains(tmp_path, monkeypatch):
     assert read_json(tmp_path / "run" / "run.json")["data"] == {"name": "my_data", "sha256": "made-in-python"}
     with pytest.raises(ConfigError, match=r"^dataset\._target_='my_data\.nothing' is not allowed"):
         check(compose_config(["dataset=custom", "dataset._target_=my_data.nothing"]))
+    with pytest.raises(ConfigError, match=r"^dataset\._target_ is missing"):
+        check(compose_config(["dataset=custom"]))
     sys.modules.pop("my_data", None)

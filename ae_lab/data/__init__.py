@@ -25,7 +25,11 @@ __all__ = ["ArrayDataModule", "Split", "build_datamodule", "input_shape", "is_ow
 
 def is_own_data(cfg: DictConfig) -> bool:
     """A user's data, read from files or a loader (not a built-in set with a fixed shape)."""
-    return "_target_" in cfg or cfg.name in _OWN
+    return _is_custom(cfg) or cfg.name in _OWN
+
+
+def _is_custom(cfg: DictConfig) -> bool:
+    return cfg.get("name") == "custom" or "_target_" in cfg
 
 
 def _module(cfg: DictConfig):
@@ -43,6 +47,9 @@ def _custom(cfg: DictConfig) -> ArrayDataModule:
 
     from ae_lab.errors import ConfigError
 
+    if OmegaConf.is_missing(cfg, "_target_"):
+        raise ConfigError("dataset._target_ is missing: name the function that returns your data, e.g. "
+                          "dataset._target_=my_module.make_data")
     try:
         data = instantiate({"_target_": cfg._target_, **OmegaConf.to_container(cfg.kwargs, resolve=True)})
     except InstantiationException as error:
@@ -70,7 +77,7 @@ def own_data(cfg: DictConfig) -> ArrayDataModule:
     key = _key(cfg)
     if key not in _checked:
         _checked.clear()
-        _checked[key] = _custom(cfg) if "_target_" in cfg else _module(cfg).load(cfg)
+        _checked[key] = _custom(cfg) if _is_custom(cfg) else _module(cfg).load(cfg)
     return _checked[key]
 
 
