@@ -12,8 +12,11 @@ import torch  # noqa: E402
 
 
 def _show(axis: plt.Axes, image: torch.Tensor) -> None:
-    """One (C, H, W) image in [0, 1], grey for one channel, unsmoothed pixels, no ticks."""
+    """One (C, H, W) image in [0, 1], grey for one channel, colour for three, other channel counts as
+    grey channels side by side; unsmoothed pixels, no ticks."""
     pixels = image.detach().cpu().clamp(0, 1)
+    if pixels.shape[0] not in (1, 3):
+        pixels = torch.cat(list(pixels), dim=-1).unsqueeze(0)
     if pixels.shape[0] == 1:
         axis.imshow(pixels[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     else:
