@@ -5,8 +5,8 @@ integer classes and `factors` (N, K) values. The file is split into train/val/te
 (or val and test come from `val_path` and `test_path`), scaled by `dataset.normalize` fitted on the
 training split, and checked before anything is trained: every refusal is one line naming the key.
 
-`.npy` and `.npz` files are memory-mapped (an uncompressed `.npz` member too), so a set larger than
-memory is paged in batch by batch; nothing is ever unpickled (`allow_pickle=False`, and `.pt` files are
+`.npy`, `.npz` (its uncompressed members) and `.pt` files are memory-mapped, so a set larger than memory
+is paged in batch by batch; nothing is ever unpickled (`allow_pickle=False`, and `.pt` files are
 read with `weights_only=True`, which refuses any Python object but tensors and plain containers).
 """
 
@@ -111,7 +111,12 @@ def _map_npz_member(path: Path, info: zipfile.ZipInfo) -> np.ndarray:
 
 
 def _load_pt(path: Path, key: str) -> dict[str, np.ndarray]:
-    content = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # tensors memory-mapped; files in torch's legacy (pre-1.6) format cannot be, and are read whole
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        content = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(content, torch.Tensor):
         content = {"x": content}
     if not isinstance(content, dict) or not all(isinstance(v, torch.Tensor) for v in content.values()):
@@ -121,7 +126,8 @@ def _load_pt(path: Path, key: str) -> dict[str, np.ndarray]:
     if unknown or "x" not in content:
         raise _refuse(key, path, f"{'unknown tensor ' + repr(unknown[0]) if unknown else 'no tensor x'}: it "
                                  f"holds {list(content)}; ae_lab reads 'x' (required), 'labels', 'factors'")
-    return {name: value.numpy() for name, value in content.items()}
+    # numpy has no bfloat16: those become float32
+    return {name: (value.float() if value.dtype == torch.bfloat16 else value).numpy() for name, value in content.items()}
 
 
 def read_file(path_value: str, key: str) -> ArrayFile:
@@ -146,7 +152,7 @@ def read_file(path_value: str, key: str) -> ArrayFile:
             raise _refuse(key, path_value, "it holds pickled Python objects, which ae_lab never unpickles "
                                            "(allow_pickle=False, weights_only=True): save plain numeric arrays") from None
         raise _refuse(key, path_value, f"it cannot be read as {path.suffix}: {error}") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, EOFError, TypeError, zipfile.BadZipFile) as error:
         raise _refuse(key, path_value, f"it cannot be read as {path.suffix}: {error}") from None
     x = arrays["x"]
     if x.dtype.kind not in "biuf":
