@@ -23,7 +23,9 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> list[str]:
     """Check ranges and combinations; raise ConfigError on the first bad value.
 
-    `input_shape` (C, H, W), when known, lets the conv depth be checked against the image size.
+    `input_shape` (one example's shape: (C, H, W), (C, T) or (D,)), when known, lets the conv depth and
+    the noise kind be checked against the data; a user's own data (`dataset=array`, ...) are read and
+    checked here too (ae_lab.data.own_data), so that a bad file is refused before anything is written.
     Returns warnings for settings that are allowed but probably not meant.
     """
     model, loss, noise, data, trainer, optim = (
