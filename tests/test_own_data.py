@@ -78,6 +78,12 @@ def test_files_are_memory_mapped_not_copied(tmp_path):
     for name in ("x.npy", "x.npz"):
         images = build_datamodule(array_config(tmp_path / name).dataset).splits["train"].images
         assert isinstance(images, MappedRows) and isinstance(images.array, np.memmap)
+    # compressed members cannot be mapped: they are decompressed, with the same values
+    x = np.random.default_rng(0).uniform(size=(20, 4)).astype(np.float32)
+    np.savez_compressed(tmp_path / "packed.npz", x=x)
+    packed = build_datamodule(array_config(tmp_path / "packed.npz").dataset)
+    rows = packed.splits["train"].index
+    np.testing.assert_array_equal(packed.splits["train"].batch(torch.arange(len(rows)))["x"].numpy(), x[rows.numpy()])
 
 
 def test_scaling_is_fitted_on_the_training_split_only(tmp_path):
