@@ -23,7 +23,9 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> list[str]:
     """Check ranges and combinations; raise ConfigError on the first bad value.
 
-    `input_shape` (C, H, W), when known, lets the conv depth be checked against the image size.
+    `input_shape` (one example's shape: (C, H, W), (C, T) or (D,)), when known, lets the conv depth and
+    the noise kind be checked against the data; a user's own data (`dataset=array`, ...) are read and
+    checked here too (ae_lab.data.own_data), so that a bad file is refused before anything is written.
     Returns warnings for settings that are allowed but probably not meant.
     """
     model, loss, noise, data, trainer, optim = (
@@ -38,14 +40,23 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
     _require(all(d >= 1 for d in model.fc_dims), "model.fc_dims", list(model.fc_dims),
              "a list of integers >= 1")
     if input_shape is not None and model.arch == "conv":
+        _require(len(input_shape) in (2, 3), "model.arch", "conv",
+                 f"model.arch=mlp for examples of shape {tuple(input_shape)}: conv nets need (C, T) sequences "
+                 "(1-D convolutions) or (C, H, W) images (2-D)")
         from ae_lab.nets import conv_sizes
 
-        sizes = conv_sizes(min(input_shape[1:]), len(model.channels), model.kernel_size)
+        spatial = list(input_shape[1:])
+        sizes = conv_sizes(min(spatial), len(model.channels), model.kernel_size)
         # every stride-2 layer needs an input side >= 2
         deepest = next((depth for depth, side in enumerate(sizes) if side < 2), len(model.channels))
+        kind = "images" if len(spatial) == 2 else "sequences"
         _require(len(model.channels) <= deepest, "model.channels", list(model.channels),
                  f"at most {deepest} stride-2 conv layers with kernel_size={model.kernel_size} for "
-                 f"{input_shape[1]}x{input_shape[2]} images of dataset={data.name}")
+                 f"{'x'.join(map(str, spatial))} {kind} of dataset={data.name}")
+    if model.output == "linear":
+        _require(loss.recon == "mse", "model.output", "linear",
+                 "model.output=sigmoid with loss.recon=bce (a Bernoulli likelihood needs outputs in (0, 1)), "
+                 "or loss.recon=mse")
 
     _require(loss.beta >= 0, "loss.beta", loss.beta, "a number >= 0")
     _require(loss.sparsity_weight >= 0, "loss.sparsity_weight", loss.sparsity_weight, "a number >= 0")
@@ -69,8 +80,22 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
         _require(noise.std >= 0, "noise.std", noise.std, "a standard deviation >= 0")
     elif noise.kind in ("masking", "salt_pepper"):
         _require(0 <= noise.p <= 1, "noise.p", noise.p, "a probability in [0, 1]")
+    elif noise.kind == "occlusion":
+        _require(0 <= noise.size <= 1, "noise.size", noise.size, "a fraction of each side in [0, 1]")
+    elif noise.kind == "watermark":
+        _require(0 <= noise.opacity <= 1, "noise.opacity", noise.opacity, "an opacity in [0, 1]")
+    elif noise.kind == "grayscale":
+        _require(0 <= noise.amount <= 1, "noise.amount", noise.amount, "a weight in [0, 1] (1: fully grey)")
+        if input_shape is not None:
+            _require(len(input_shape) == 3 and input_shape[0] == 3, "noise", "grayscale",
+                     f"only on RGB images (3, H, W); the examples of dataset={data.name} have shape "
+                     f"{tuple(input_shape)}: choose another noise")
 
     _validate_dataset(data)
+    from ae_lab.data import is_own_data
+
+    if is_own_data(data):
+        _validate_own_data(cfg)
 
     _require(optim.lr > 0, "optim.lr", optim.lr, "a learning rate > 0")
     _require(optim.weight_decay >= 0, "optim.weight_decay", optim.weight_decay, "a number >= 0")
@@ -121,14 +146,48 @@ def _validate_dataset(data: DictConfig) -> None:
         _require(1 <= data.val_size < 60000, "dataset.val_size", data.val_size,
                  "between 1 and 59,999 of the 60,000 training images")
     if data.get("held_out_class") is not None:
-        _require(data.held_out_class in range(10), "dataset.held_out_class", data.held_out_class,
-                 "null or a class label 0-9 (left out of training and validation; the test split keeps it)")
+        from ae_lab.data import is_own_data
+
+        labels = "a label of the data" if is_own_data(data) else "a class label 0-9"
+        _require(isinstance(data.held_out_class, int) and (is_own_data(data) or data.held_out_class in range(10)),
+                 "dataset.held_out_class", data.held_out_class,
+                 f"null or {labels} (left out of training and validation; the test split keeps it)")
     if "download_timeout" in data:
         _require(data.download_timeout > 0, "dataset.download_timeout", data.download_timeout,
                  "a number of seconds > 0")
     if "subsample" in data and data.subsample is not None:
         _require(isinstance(data.subsample, int) and 10 <= data.subsample <= 737_280,
                  "dataset.subsample", data.subsample, "null (all 737,280 images) or an integer in [10, 737280]")
+
+
+def _validate_own_data(cfg: DictConfig) -> None:
+    """What a user's data (read and checked by ae_lab.data) must have for this config."""
+    import torch
+
+    from ae_lab.data import own_data
+
+    data = own_data(cfg.dataset)
+    held_out = cfg.dataset.get("held_out_class")
+    train = data.splits["train"]
+    if held_out is not None:
+        _require(train.labels is not None, "dataset.held_out_class", held_out,
+                 "null: the data have no labels to hold a class out by")
+        present = sorted(set(train.labels[train.rows(torch.arange(len(train)))].tolist()))
+        _require(held_out in present, "dataset.held_out_class", held_out, f"one of the training labels {present}")
+        _require(len(present) >= 2, "dataset.held_out_class", held_out,
+                 f"null: the training split has only label {present} (nothing would be left to train on)")
+    scaling = data.scaling
+    if scaling is None:
+        return
+    scaled = f"[{scaling.scaled_low:.4g}, {scaling.scaled_high:.4g}]"
+    where = f"the training data (dataset.normalize={scaling.kind}) lie in {scaled}"
+    inside = scaling.scaled_low >= 0 and scaling.scaled_high <= 1
+    if cfg.loss.recon == "bce":
+        _require(inside, "loss.recon", "bce", f"{where}, and bce needs data in [0, 1]: use dataset.normalize=minmax, "
+                 "or loss.recon=mse with model.output=linear")
+    elif cfg.model.output == "sigmoid":
+        _require(inside, "model.output", "sigmoid", f"{where}, beyond the sigmoid's (0, 1): use model.output=linear, "
+                 "or dataset.normalize=minmax")
 
 
 def _validate_eval(ev: DictConfig) -> None:

@@ -43,6 +43,23 @@ class CodeActivation(str, Enum):
     tanh = "tanh"
 
 
+class Output(str, Enum):
+    sigmoid = "sigmoid"
+    linear = "linear"
+
+
+class Normalize(str, Enum):
+    none = "none"
+    minmax = "minmax"
+    standard = "standard"
+
+
+class Colour(str, Enum):
+    auto = "auto"
+    grey = "grey"
+    rgb = "rgb"
+
+
 class Reconstruction(str, Enum):
     mse = "mse"
     bce = "bce"
@@ -78,6 +95,9 @@ class ModelConfig:
     fc_dims: list[int] = field(default_factory=list)
     activation: Activation = Activation.relu
     code_activation: CodeActivation = CodeActivation.none
+    # the reconstruction from the decoder's last layer: sigmoid (data in [0, 1]) or linear (any real
+    # values, e.g. dataset.normalize=standard; needs loss.recon=mse)
+    output: Output = Output.sigmoid
     compile: bool = False  # torch.compile the forward pass (benchmarks/RESULTS.md says when it pays)
 
 
@@ -125,6 +145,31 @@ class SaltPepperNoise:
 
     kind: str = "salt_pepper"
     p: float = 0.1
+
+
+@dataclass
+class OcclusionNoise:
+    """Inpainting: one random box per example, `size` of each side (of the image, sequence or row), set to 0."""
+
+    kind: str = "occlusion"
+    size: float = 0.5
+
+
+@dataclass
+class WatermarkNoise:
+    """Watermark removal: white diagonal stripes over half of each side, blended in at a random place with
+    weight `opacity`."""
+
+    kind: str = "watermark"
+    opacity: float = 0.5
+
+
+@dataclass
+class GrayscaleNoise:
+    """Colourisation (RGB images only): the input turned grey with weight `amount` (1: fully grey)."""
+
+    kind: str = "grayscale"
+    amount: float = 1.0
 
 
 @dataclass
@@ -198,6 +243,50 @@ class ShapesConfig(RandomSplitConfig):
     name: str = "shapes"
     subsample: Any = 20000
     test_fraction: float = 0.1
+
+
+@dataclass
+class ArrayConfig(RandomSplitConfig):
+    """Your own arrays (ae_lab/data/arrays.py): `path` a .npy (the inputs), .npz (x, optional labels and
+    factors) or .pt file of shape (N, D), (N, C, T) or (N, C, H, W); val and test split from it by
+    `split_seed`, or read from `val_path` / `test_path`; scaled by `normalize` fitted on train."""
+
+    name: str = "array"
+    path: Optional[str] = None
+    val_path: Optional[str] = None
+    test_path: Optional[str] = None
+    normalize: Normalize = Normalize.none
+    held_out_class: Any = None  # anomaly detection: train and validate without this label
+
+
+@dataclass
+class ImageFolderConfig(RandomSplitConfig):
+    """A folder of PNG/JPEG images (ae_lab/data/image_folder.py), one subfolder per class (labels) or
+    none; resized to `size` (an int for square images, or [height, width]); `colour` grey, rgb or auto
+    (the files' own, RGB when they mix); decoded once into a cache under `root`, checked against the
+    files' checksums."""
+
+    name: str = "image_folder"
+    path: Optional[str] = None
+    size: Any = 32
+    colour: Colour = Colour.auto
+    normalize: Normalize = Normalize.none
+    held_out_class: Any = None  # anomaly detection: train and validate without this class (its index)
+    root: str = "data"
+    cache: bool = True
+
+
+@dataclass
+class CustomDataConfig:
+    """Your own loader: `_target_` names a function (module.function) that returns an
+    ae_lab.data.ArrayDataModule; `kwargs` are passed to it (Hydra's instantiate)."""
+
+    _target_: str = MISSING
+    name: str = "custom"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 64  # for the checks; the returned module's own batch size is the one used
+    num_workers: int = 0
+    held_out_class: Any = None
 
 
 @dataclass
@@ -317,12 +406,18 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "gaussian_schema": GaussianNoise,
         "masking_schema": MaskingNoise,
         "salt_pepper_schema": SaltPepperNoise,
+        "occlusion_schema": OcclusionNoise,
+        "watermark_schema": WatermarkNoise,
+        "grayscale_schema": GrayscaleNoise,
     },
     "dataset": {
         "digits_schema": DigitsConfig,
         "mnist_schema": MnistConfig,
         "dsprites_schema": DspritesConfig,
         "shapes_schema": ShapesConfig,
+        "array_schema": ArrayConfig,
+        "image_folder_schema": ImageFolderConfig,
+        "custom_schema": CustomDataConfig,
     },
     "logger": {
         "wandb_schema": WandbLoggerConfig,

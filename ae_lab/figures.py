@@ -12,8 +12,11 @@ import torch  # noqa: E402
 
 
 def _show(axis: plt.Axes, image: torch.Tensor) -> None:
-    """One (C, H, W) image in [0, 1], grey for one channel, unsmoothed pixels, no ticks."""
+    """One (C, H, W) image in [0, 1], grey for one channel, colour for three, other channel counts as
+    grey channels side by side; unsmoothed pixels, no ticks."""
     pixels = image.detach().cpu().clamp(0, 1)
+    if pixels.shape[0] not in (1, 3):
+        pixels = torch.cat(list(pixels), dim=-1).unsqueeze(0)
     if pixels.shape[0] == 1:
         axis.imshow(pixels[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     else:
@@ -33,6 +36,47 @@ def image_rows(rows: dict[str, torch.Tensor], path: Path, title: str = "",
         for column in range(count):
             _show(axes[row, column], images[column])
         axes[row, 0].set_ylabel(label, rotation=0, ha="right", va="center")
+    for column, label in enumerate(columns or []):
+        axes[0, column].set_title(label, fontsize="small")
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
+
+
+def _plot(axis: plt.Axes, series: dict[str, torch.Tensor]) -> None:
+    """Examples of one panel: (D,) rows as bars (the first series) and markers (the others), (C, T)
+    sequences as one line per channel (the first series solid, the others dashed)."""
+    for order, (label, example) in enumerate(series.items()):
+        values = example.detach().cpu().float()
+        if values.dim() == 1:
+            positions = torch.arange(len(values)).numpy()
+            if order == 0:
+                axis.bar(positions, values.numpy(), color="0.7", label=label)
+            else:
+                axis.plot(positions, values.numpy(), "o", markersize=3, label=label)
+        else:
+            for channel, line in enumerate(values):
+                axis.plot(line.numpy(), color=f"C{channel}", linestyle="-" if order == 0 else "--", linewidth=1,
+                          label=label if channel == 0 else None)
+    axis.tick_params(labelsize="x-small")
+
+
+def signal_rows(rows: dict[str, torch.Tensor], path: Path, title: str = "", columns: list[str] | None = None,
+                overlay: bool = False) -> Path:
+    """`image_rows` for rows of numbers (N, D) and sequences (N, C, T): a grid of small plots, one labelled
+    row per entry of `rows`; with `overlay`, one row where each plot draws every entry of `rows` for its
+    example (e.g. input as bars or solid lines, reconstruction as markers or dashed lines)."""
+    count = next(iter(rows.values())).shape[0]
+    panels = [dict(rows)] if overlay else [{label: batch} for label, batch in rows.items()]
+    figure, axes = plt.subplots(len(panels), count, figsize=(2.2 * count + 1.2, 1.8 * len(panels) + 0.6),
+                                squeeze=False)
+    for row, series in enumerate(panels):
+        for column in range(count):
+            _plot(axes[row, column], {label: batch[column] for label, batch in series.items()})
+        if not overlay:
+            axes[row, 0].set_ylabel(next(iter(series)), rotation=0, ha="right", va="center")
+    if overlay:
+        axes[0, 0].legend(fontsize="x-small")
     for column, label in enumerate(columns or []):
         axes[0, column].set_title(label, fontsize="small")
     if title:

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MeanMetric
 
-from ae_lab.nets import Latent, build_decoder, build_encoder, build_latent_head
+from ae_lab.nets import Latent, build_decoder, build_encoder, build_latent_head, output_function
 from ae_lab.noise import build_corruption
 from ae_lab.objectives import Objective
 
@@ -34,7 +34,8 @@ class Autoencoder(pl.LightningModule):
         self.encoder, features = build_encoder(cfg.model, tuple(input_shape))
         self.head = build_latent_head(cfg.model, features)
         self.decoder = build_decoder(cfg.model, tuple(input_shape))
-        self.objective = Objective(cfg.loss, gaussian_head=cfg.model.latent == "gaussian")
+        self.output = output_function(cfg.model.get("output", "sigmoid"))  # logits -> reconstruction
+        self.objective = Objective(cfg.loss, gaussian_head=cfg.model.latent == "gaussian", output=self.output)
         self.network = torch.compile(self.forward) if cfg.model.compile else self.forward
         # Epoch metrics: means over every example of the split, weighted by batch size and summed
         # across DDP ranks, so they equal the single-process value whatever the batching or sharding.
@@ -55,7 +56,7 @@ class Autoencoder(pl.LightningModule):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """x_hat from the code (the posterior mean for a VAE), without noise or sampling."""
-        return torch.sigmoid(self.decoder(self.head.code(self.encoder(x))))
+        return self.output(self.decoder(self.head.code(self.encoder(x))))
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         x = batch["x"]

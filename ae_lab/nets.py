@@ -1,6 +1,8 @@
 """Encoder, latent-head and decoder builders. Each reads the input shape, so every net fits every data set.
 
-Decoders return logits; the reconstruction is `sigmoid(logits)` (data lie in [0, 1]).
+Decoders return logits; the reconstruction is `output_function(model.output)(logits)`: the sigmoid for
+data in [0, 1], the identity (`model.output=linear`) for data of any range.
+Conv nets follow the input's rank: 2-D convolutions on (C, H, W) images, 1-D on (C, T) sequences.
 Configs arrive as plain strings and numbers (the module's saved hyperparameters).
 Nothing here mixes examples within a batch (no batch norm), so per-example Jacobians stay exact.
 """
@@ -23,6 +25,14 @@ _ACTIVATIONS = {
 
 def activation(name: str) -> nn.Module:
     return _ACTIVATIONS[name]()
+
+
+def output_function(name: str) -> nn.Module:
+    """The reconstruction from the decoder's logits: `sigmoid` or `linear` (the identity)."""
+    return nn.Sigmoid() if name == "sigmoid" else nn.Identity()
+
+
+_CONV = {1: (nn.Conv1d, nn.ConvTranspose1d), 2: (nn.Conv2d, nn.ConvTranspose2d)}  # by spatial dims
 
 
 def conv_padding(kernel_size: int) -> int:
@@ -50,21 +60,22 @@ def _dense_stack(width: int, hidden_dims: list[int], act: str) -> tuple[list[nn.
 def build_encoder(cfg: DictConfig, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
     """Return the encoder (images -> features h of shape (B, F)) and F.
 
-    mlp: Flatten, then `hidden_dims`. conv: stride-2 convolutions through `channels`, Flatten, then
-    the fully connected `fc_dims`.
+    mlp: Flatten, then `hidden_dims` (any input shape). conv: stride-2 convolutions (2-D on (C, H, W),
+    1-D on (C, T)) through `channels`, Flatten, then the fully connected `fc_dims`.
     """
     act = cfg.activation
     if cfg.arch == "mlp":
         layers, width = _dense_stack(math.prod(input_shape), list(cfg.hidden_dims), act)
         return nn.Sequential(nn.Flatten(), *layers), width
-    channels, height, width = input_shape
+    channels, spatial = input_shape[0], input_shape[1:]
+    conv, _ = _CONV[len(spatial)]
     layers = []
     for out_channels in cfg.channels:
-        layers += [nn.Conv2d(channels, out_channels, cfg.kernel_size, stride=2,
-                             padding=conv_padding(cfg.kernel_size)), activation(act)]
+        layers += [conv(channels, out_channels, cfg.kernel_size, stride=2, padding=conv_padding(cfg.kernel_size)),
+                   activation(act)]
         channels = out_channels
     depth = len(cfg.channels)
-    flat = channels * conv_sizes(height, depth, cfg.kernel_size)[-1] * conv_sizes(width, depth, cfg.kernel_size)[-1]
+    flat = channels * math.prod(conv_sizes(side, depth, cfg.kernel_size)[-1] for side in spatial)
     dense, features = _dense_stack(flat, list(cfg.fc_dims), act)
     return nn.Sequential(*layers, nn.Flatten(), *dense), features
 
@@ -77,21 +88,22 @@ def build_decoder(cfg: DictConfig, input_shape: tuple[int, ...]) -> nn.Module:
         layers, width = _dense_stack(cfg.latent_dim, list(reversed(cfg.hidden_dims)), act)
         return nn.Sequential(*layers, nn.Linear(width, math.prod(input_shape)),
                              nn.Unflatten(1, tuple(input_shape)))
-    image_channels, height, width = input_shape
+    input_channels, spatial = input_shape[0], input_shape[1:]
+    _, transposed = _CONV[len(spatial)]
     depth, kernel, padding = len(cfg.channels), cfg.kernel_size, conv_padding(cfg.kernel_size)
-    heights, widths = conv_sizes(height, depth, kernel), conv_sizes(width, depth, kernel)
+    sizes = [conv_sizes(side, depth, kernel) for side in spatial]  # per spatial axis, per level
     channels = list(cfg.channels)
     dense, features = _dense_stack(cfg.latent_dim, list(reversed(cfg.fc_dims)), act)
-    layers = [*dense, nn.Linear(features, channels[-1] * heights[-1] * widths[-1]), activation(act),
-              nn.Unflatten(1, (channels[-1], heights[-1], widths[-1]))]
-    targets = [image_channels] + channels[:-1]
+    deepest = tuple(axis[-1] for axis in sizes)
+    layers = [*dense, nn.Linear(features, channels[-1] * math.prod(deepest)), activation(act),
+              nn.Unflatten(1, (channels[-1], *deepest))]
+    targets = [input_channels] + channels[:-1]
     for level in range(depth, 0, -1):
         # a transposed stride-2 conv gives 2 (in - 1) - 2 padding + kernel + output_padding: pad to hit
         # the encoder's size
-        natural = [2 * (sizes[level] - 1) - 2 * padding + kernel for sizes in (heights, widths)]
-        output_padding = (heights[level - 1] - natural[0], widths[level - 1] - natural[1])
-        layers.append(nn.ConvTranspose2d(channels[level - 1], targets[level - 1], kernel, stride=2,
-                                         padding=padding, output_padding=output_padding))
+        output_padding = tuple(axis[level - 1] - (2 * (axis[level] - 1) - 2 * padding + kernel) for axis in sizes)
+        layers.append(transposed(channels[level - 1], targets[level - 1], kernel, stride=2,
+                                 padding=padding, output_padding=output_padding))
         if level > 1:
             layers.append(activation(act))
     return nn.Sequential(*layers)

@@ -8,6 +8,8 @@ Per-example terms are sums over pixels / latent units, averaged over the batch (
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -17,16 +19,18 @@ from ae_lab.nets import Latent
 _EPS = 1e-6
 
 
-def reconstruction_error(logits: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-example reconstruction error of x_hat = sigmoid(logits) against clean x, summed over pixels.
+def reconstruction_error(logits: torch.Tensor, x: torch.Tensor, kind: str,
+                         output: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid) -> torch.Tensor:
+    """Per-example reconstruction error of x_hat = output(logits) against clean x, summed over pixels.
 
-    `bce` is the Bernoulli negative log-likelihood in nats (computed from logits, stable);
-    `mse` is the sum of squared errors.
+    `bce` is the Bernoulli negative log-likelihood in nats (computed from logits, stable, for the
+    sigmoid output); `mse` is the sum of squared errors of `output(logits)` (the sigmoid, or the
+    identity for `model.output=linear`).
     """
     if kind == "bce":
         per_pixel = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
     else:
-        per_pixel = (torch.sigmoid(logits) - x) ** 2
+        per_pixel = (output(logits) - x) ** 2
     return per_pixel.flatten(1).sum(1)
 
 
@@ -90,9 +94,11 @@ class Objective:
     every member its own as tensors while the structure stays shared.
     """
 
-    def __init__(self, cfg: DictConfig, gaussian_head: bool) -> None:
+    def __init__(self, cfg: DictConfig, gaussian_head: bool,
+                 output: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid) -> None:
         self.cfg = cfg
         self.gaussian_head = gaussian_head
+        self.output = output  # the decoder's output function (model.output)
 
     @property
     def needs_input_grad(self) -> bool:
@@ -120,7 +126,7 @@ class Objective:
     def __call__(self, logits: torch.Tensor, x: torch.Tensor, latent: Latent, inputs: torch.Tensor,
                  weights: dict[str, float | torch.Tensor], create_graph: bool) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        terms = {"recon": reconstruction_error(logits, x, cfg.recon).mean()}
+        terms = {"recon": reconstruction_error(logits, x, cfg.recon, self.output).mean()}
         loss = terms["recon"]
         if self.gaussian_head:
             terms["kl"] = gaussian_kl(latent.mean, latent.logvar).mean()

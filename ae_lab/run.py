@@ -2,7 +2,8 @@
 
 Results go into the run folder: `run.json` (record), `metrics.json` (final train/val/test loss terms
 and the `eval/*` metrics, flat `split/name` keys), `evaluation.json` (per-unit vectors),
-`checkpoints/` (`last.ckpt`, the resume point, and `best.ckpt` by val/loss), `figures/`. A resumed
+`checkpoints/` (`last.ckpt`, the resume point, and `best.ckpt` by val/loss), `figures/`, and for a
+user's data set `scaling.json` (`dataset.normalize`'s statistics, fitted on the training split). A resumed
 run (ae_lab/resume.py) goes on in the same folder.
 """
 
@@ -67,6 +68,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> 
                 "checkpoint": str(resume.checkpoint.resolve()), "global_step": resume.global_step,
                 "epoch": resume.epoch}
             record = RunRecord(run_dir, cfg, data.name, data.checksum, resumed_from=resumed_from)
+            if data.scaling is not None:  # dataset.normalize as fitted on the training split
+                write_json(run_dir / "scaling.json", data.scaling.record())
         logger = None
         interrupt = CheckpointOnInterrupt(run_dir / "checkpoints" / "interrupted.ckpt")
         try:

@@ -1,16 +1,35 @@
-"""Data sets by name: `dataset.name` picks the loader; every loader returns an ArrayDataModule."""
+"""Data sets by name: `dataset.name` picks the loader; every loader returns an ArrayDataModule.
+
+Built-in sets know their input shape without loading. A user's data (`dataset=array`, `image_folder`,
+or a `_target_` loader) is read and checked once, when its shape is first asked for (before training:
+a bad file is refused there, in one line), and that checked module is what `build_datamodule` returns
+later in the same process.
+"""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import copy
+from pathlib import Path
 
-from ae_lab.data import digits, dsprites, mnist, shapes
+from omegaconf import DictConfig, OmegaConf
+
+from ae_lab.data import arrays, digits, dsprites, image_folder, mnist, shapes
 from ae_lab.data.base import ArrayDataModule, Split
 
 _DATASETS = {"digits": digits, "mnist": mnist, "fashion_mnist": mnist, "dsprites": dsprites,
-             "shapes": shapes}
+             "shapes": shapes, "array": arrays, "image_folder": image_folder}
+_OWN = ("array", "image_folder")
 
-__all__ = ["ArrayDataModule", "Split", "build_datamodule", "input_shape"]
+__all__ = ["ArrayDataModule", "Split", "build_datamodule", "input_shape", "is_own_data", "own_data"]
+
+
+def is_own_data(cfg: DictConfig) -> bool:
+    """A user's data, read from files or a loader (not a built-in set with a fixed shape)."""
+    return _is_custom(cfg) or cfg.name in _OWN
+
+
+def _is_custom(cfg: DictConfig) -> bool:
+    return cfg.get("name") == "custom" or "_target_" in cfg
 
 
 def _module(cfg: DictConfig):
@@ -21,13 +40,61 @@ def _module(cfg: DictConfig):
     return _DATASETS[cfg.name]
 
 
+def _custom(cfg: DictConfig) -> ArrayDataModule:
+    """Hydra's instantiate of `dataset._target_` with `dataset.kwargs`."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from ae_lab.errors import ConfigError
+
+    if OmegaConf.is_missing(cfg, "_target_"):
+        raise ConfigError("dataset._target_ is missing: name the function that returns your data, e.g. "
+                          "dataset._target_=my_module.make_data")
+    try:
+        data = instantiate({"_target_": cfg._target_, **OmegaConf.to_container(cfg.kwargs, resolve=True)})
+    except InstantiationException as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ConfigError(f"dataset._target_={cfg._target_!r} is not allowed: {reason}") from None
+    if not isinstance(data, ArrayDataModule):
+        raise ConfigError(f"dataset._target_={cfg._target_!r} is not allowed: it returned a "
+                          f"{type(data).__name__}, not an ae_lab.data.ArrayDataModule")
+    return data
+
+
+_checked: dict[str, ArrayDataModule] = {}  # the last user data set read in this process, by its key
+
+
+def _key(cfg: DictConfig) -> str:
+    """The config and the size and time of every file it reads: a changed file is read again."""
+    paths = [Path(str(cfg[key])).expanduser() for key in ("path", "val_path", "test_path") if cfg.get(key)]
+    files = [file for path in paths for file in (sorted(path.rglob("*")) if path.is_dir() else [path])]
+    stats = [(str(file), file.stat().st_size, file.stat().st_mtime_ns) for file in files if file.is_file()]
+    return OmegaConf.to_yaml(cfg, resolve=True) + repr(stats)
+
+
+def own_data(cfg: DictConfig) -> ArrayDataModule:
+    """A user's data set, read and checked (once per process and content)."""
+    key = _key(cfg)
+    if key not in _checked:
+        _checked.clear()
+        _checked[key] = _custom(cfg) if _is_custom(cfg) else _module(cfg).load(cfg)
+    return _checked[key]
+
+
 def input_shape(cfg: DictConfig) -> tuple[int, ...]:
-    """(C, H, W) of the data set's images, known without loading it."""
+    """The shape of one example: (C, H, W) images, (C, T) sequences or (D,) rows. A built-in set's is
+    known without loading it; a user's data is read and checked here."""
+    if is_own_data(cfg):
+        return own_data(cfg).input_shape
     return _module(cfg).INPUT_SHAPE
 
 
 def build_datamodule(cfg: DictConfig) -> ArrayDataModule:
-    data = _module(cfg).load(cfg)
+    if is_own_data(cfg):
+        data = copy.copy(own_data(cfg))  # its own splits: holding out a class changes them
+        data.splits = dict(data.splits)
+    else:
+        data = _module(cfg).load(cfg)
     if cfg.get("held_out_class") is not None:
         data.hold_out_class(cfg.held_out_class)
     return data

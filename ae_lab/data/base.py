@@ -1,8 +1,9 @@
-"""The data module interface every data set serves: in-memory image tensors and their targets.
+"""The data module interface every data set serves: in-memory (or memory-mapped) arrays and their targets.
 
-A batch is a dict: `x` (B, C, H, W) float in [0, 1], and per example `label` (int class) and/or
-`factors` (B, K) ground-truth factor values when the data set has them. Models read only `x`,
-so any data set works with any model.
+A batch is a dict: `x` (B, *input_shape) float, and per example `label` (int class) and/or `factors`
+(B, K) ground-truth factor values when the data set has them. The built-in sets are images (C, H, W) in
+[0, 1]; a user's arrays may be rows (D,), sequences (C, T) or images, scaled by `dataset.normalize`.
+Models read only `x`, so any data set works with any model.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class Split:
     `images` is a tensor (N, C, H, W), uint8 or float, possibly shared by several splits so that a large
     set is held once; or any object that returns a float batch for `images[rows]` (e.g. a renderer).
     A batch's pixels are `images[rows] / pixel_scale`; with `resample_binary` each batch is a fresh
-    Bernoulli draw of those pixel intensities (dynamic binarisation).
+    Bernoulli draw of those pixel intensities (dynamic binarisation). `scaling` (a user's data,
+    `dataset.normalize`) is applied to every batch.
     """
 
     images: Any
@@ -37,6 +39,7 @@ class Split:
     index: torch.Tensor | None = None
     pixel_scale: float = 1.0
     resample_binary: bool = False
+    scaling: Any = None  # ae_lab.data.scaling.Scaling
 
     def __len__(self) -> int:
         return len(self.index) if self.index is not None else self.images.shape[0]
@@ -57,6 +60,8 @@ class Split:
             x = x / self.pixel_scale
         if self.resample_binary:
             x = torch.bernoulli(x)
+        if self.scaling is not None:
+            x = self.scaling.apply(x)
         batch = {"x": x}
         for key in ("labels", "factors", "factor_classes"):
             values = getattr(self, key)
@@ -78,8 +83,9 @@ class Split:
         def move(value: Any) -> Any:
             return value.to(device) if value is not None and hasattr(value, "to") else value
 
-        return Split(move(self.images), move(self.labels), move(self.factors), move(self.factor_classes),
-                     move(self.index), self.pixel_scale, self.resample_binary)
+        return dataclasses.replace(self, images=move(self.images), labels=move(self.labels),
+                                   factors=move(self.factors), factor_classes=move(self.factor_classes),
+                                   index=move(self.index))
 
 
 class BatchedTensors(Dataset):
@@ -171,7 +177,8 @@ class ArrayDataModule(pl.LightningDataModule):
     """Train/val/test splits held in memory, served in batches."""
 
     def __init__(self, name: str, splits: dict[str, Split], batch_size: int, num_workers: int,
-                 checksum: str, on_device: bool = False, factor_names: tuple[str, ...] = ()) -> None:
+                 checksum: str, on_device: bool = False, factor_names: tuple[str, ...] = (),
+                 scaling: Any = None) -> None:
         super().__init__()
         self.name = name
         self.splits = splits
@@ -180,6 +187,7 @@ class ArrayDataModule(pl.LightningDataModule):
         self.checksum = checksum
         self.on_device = on_device
         self.factor_names = factor_names  # names of the columns of `factors` / `factor_classes`
+        self.scaling = scaling  # a user's data: the `dataset.normalize` fitted on train (Scaling), else None
         self.held_out_class: int | None = None
 
     @property

@@ -26,6 +26,7 @@ Per-unit vectors (KL per latent unit, variance of each code unit) go to `evaluat
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ from ae_lab.evaluation.reconstruction import psnr
 from ae_lab.evaluation.visual import draw_figures
 from ae_lab.module import Autoencoder
 from ae_lab.objectives import gaussian_kl_per_unit, reconstruction_error
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,8 +72,10 @@ def evaluate(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, run_di
         if "psnr_denoised" in metrics:
             metrics["psnr_gain"] = metrics["psnr_denoised"] - metrics["psnr_corrupted"]
         metrics.update(_latent_metrics(test, cfg, details))
-        metrics.update(_downstream_metrics(module, data, test_split, test, cfg))
-        if test.factor_classes is not None and cfg.eval.disentanglement_pool > 0:
+        metrics.update(_downstream_metrics(module, data, test_split, test, cfg, details))
+        if test.factor_classes is None:
+            _skip(details, "disentanglement (MIG, FactorVAE, SAP, DCI)", "the data have no ground-truth factor classes")
+        elif cfg.eval.disentanglement_pool > 0:
             pool = slice(0, cfg.eval.disentanglement_pool)
             metrics.update(disentanglement_metrics(
                 test.codes[pool].numpy(), test.factor_classes[pool].numpy(),
@@ -98,6 +103,7 @@ def encode_split(module: Autoencoder, split: Split, cfg: DictConfig) -> Encoded:
     """One pass over `split`: codes, posterior parameters and every per-example metric."""
     gaussian = module.objective.gaussian_head
     likelihood = gaussian and cfg.loss.recon == "bce"
+    bounded = isinstance(module.output, torch.nn.Sigmoid)
     collected: dict[str, list[torch.Tensor]] = {}
 
     def keep(name: str, value: torch.Tensor) -> None:
@@ -115,12 +121,13 @@ def encode_split(module: Autoencoder, split: Split, cfg: DictConfig) -> Encoded:
             code = module.head.code(features)
         keep("codes", code)
         logits = module.decoder(code)
-        keep("bce", reconstruction_error(logits, x, "bce"))
-        keep("mse", reconstruction_error(logits, x, "mse"))
-        keep("psnr", psnr(torch.sigmoid(logits), x))
+        if bounded:  # a Bernoulli likelihood only for outputs in (0, 1)
+            keep("bce", reconstruction_error(logits, x, "bce"))
+        keep("mse", reconstruction_error(logits, x, "mse", module.output))
+        keep("psnr", psnr(module.output(logits), x))
         if module.corrupt is not None:
             corrupted = module.corrupt(x)
-            keep("psnr_corrupted", psnr(corrupted.clamp(0, 1), x))
+            keep("psnr_corrupted", psnr(corrupted.clamp(0, 1) if bounded else corrupted, x))
             keep("psnr_denoised", psnr(module.reconstruct(corrupted), x))
         if likelihood:
             samples = max(cfg.eval.iw_samples, 1)
@@ -157,10 +164,17 @@ def _latent_metrics(test: Encoded, cfg: DictConfig, details: dict[str, Any]) -> 
     return {"active_units": float(count)}
 
 
+def _skip(details: dict[str, Any], metrics: str, reason: str) -> None:
+    """Note a metric that does not apply, in the log and in evaluation.json's `skipped`."""
+    log.info("evaluation: %s skipped: %s", metrics, reason)
+    details.setdefault("skipped", {})[metrics] = reason
+
+
 def _downstream_metrics(module: Autoencoder, data: ArrayDataModule, test_split: Split, test: Encoded,
-                        cfg: DictConfig) -> dict[str, float]:
+                        cfg: DictConfig, details: dict[str, Any]) -> dict[str, float]:
     """The linear probe (labelled data) and anomaly AUROC (with a held-out class)."""
     if test.labels is None:
+        _skip(details, "probe_accuracy, anomaly_auroc", "the data have no labels")
         return {}
     metrics = {}
     held_out = data.held_out_class
@@ -172,6 +186,9 @@ def _downstream_metrics(module: Autoencoder, data: ArrayDataModule, test_split: 
     train = data.splits["train"]
     count = min(cfg.eval.probe_train_size, len(train))
     if count == 0:
+        return metrics
+    if len(train.labels[train.rows(torch.arange(len(train)))].unique()) < 2:
+        _skip(details, "probe_accuracy", "the training split has fewer than two classes")
         return metrics
     positions = torch.randperm(len(train))[:count]
     codes, pixels, labels = [], [], []

@@ -1,8 +1,13 @@
-"""The run's figures: what to show for this model and data (drawing itself is in `ae_lab/figures.py`)."""
+"""The run's figures: what to show for this model and data (drawing itself is in `ae_lab/figures.py`).
+
+Images (C, H, W) are drawn as image grids, rows (D,) and sequences (C, T) as small bar and line plots.
+A user's data are shown in their own units (`dataset.normalize` undone).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -10,7 +15,7 @@ from sklearn.decomposition import PCA
 
 from ae_lab.data import ArrayDataModule
 from ae_lab.evaluation.encoded import Encoded
-from ae_lab.figures import histogram, image_rows, scatter
+from ae_lab.figures import histogram, image_rows, scatter, signal_rows
 from ae_lab.module import Autoencoder
 from ae_lab.objectives import gaussian_kl_per_unit
 
@@ -24,14 +29,15 @@ def draw_figures(module: Autoencoder, data: ArrayDataModule, test: Encoded, cfg:
     split = data.splits["test"]
     count = min(ev.num_reconstructions, len(split))
     x = split.batch(torch.arange(count))["x"].to(module.device)
-    figures = {"reconstructions": _reconstructions(module, x, folder / "reconstructions.png")}
-    figures["traversals"] = _traversals(module, test, x[0], ev, folder / "traversals.png")
-    figures["interpolations"] = _interpolations(module, test, ev, folder / "interpolations.png")
+    draw = _drawer(data)
+    figures = {"reconstructions": _reconstructions(module, x, draw, folder / "reconstructions.png")}
+    figures["traversals"] = _traversals(module, test, x[0], ev, draw, folder / "traversals.png")
+    figures["interpolations"] = _interpolations(module, test, ev, draw, folder / "interpolations.png")
     figures["codes"] = _code_scatter(test, data, folder / "codes.png")
     if test.mean is not None:
         z = torch.randn(ev.num_samples, test.codes.shape[1], device=module.device)
-        figures["samples"] = image_rows({"sample": torch.sigmoid(module.decoder(z))}, folder / "samples.png",
-                                        title="Decoded samples from the prior N(0, I)")
+        figures["samples"] = draw({"sample": module.output(module.decoder(z))}, folder / "samples.png",
+                                  title="Decoded samples from the prior N(0, I)")
     if cfg.loss.sparsity_weight > 0:
         figures["activations"] = histogram(
             test.codes, folder / "activations.png", xlabel="code activation",
@@ -39,16 +45,39 @@ def draw_figures(module: Autoencoder, data: ArrayDataModule, test: Encoded, cfg:
     return figures
 
 
-def _reconstructions(module: Autoencoder, x: torch.Tensor, path: Path) -> Path:
+Draw = Callable[..., Path]
+
+
+def _drawer(data: ArrayDataModule) -> Draw:
+    """`image_rows` or `signal_rows` by the data's rank, fed data in its own units: `dataset.normalize`
+    undone, and images of another range than [0, 1] mapped onto it by their training range."""
+    scaling, images = data.scaling, len(data.input_shape) == 3
+
+    def shown(batch: torch.Tensor) -> torch.Tensor:
+        if scaling is None:
+            return batch
+        raw = scaling.undo(batch)
+        if images and (scaling.low < 0 or scaling.high > 1):
+            raw = (raw - scaling.low) / max(scaling.high - scaling.low, 1e-12)
+        return raw
+
+    def draw(rows: dict[str, torch.Tensor], path: Path, overlay: bool = False, **labels: object) -> Path:
+        rows = {label: shown(batch) for label, batch in rows.items()}
+        return image_rows(rows, path, **labels) if images else signal_rows(rows, path, overlay=overlay, **labels)
+
+    return draw
+
+
+def _reconstructions(module: Autoencoder, x: torch.Tensor, draw: Draw, path: Path) -> Path:
     if module.corrupt is None:
-        return image_rows({"input": x, "reconstruction": module.reconstruct(x)}, path,
-                          title="Test inputs and their reconstructions")
+        return draw({"input": x, "reconstruction": module.reconstruct(x)}, path, overlay=True,
+                    title="Test inputs and their reconstructions")
     corrupted = module.corrupt(x)
-    return image_rows({"clean": x, "corrupted": corrupted, "denoised": module.reconstruct(corrupted)}, path,
-                      title="Clean test inputs, their corruption, and the reconstruction of the corrupted input")
+    return draw({"clean": x, "corrupted": corrupted, "denoised": module.reconstruct(corrupted)}, path, overlay=True,
+                title="Clean test inputs, their corruption, and the reconstruction of the corrupted input")
 
 
-def _traversals(module: Autoencoder, test: Encoded, x: torch.Tensor, ev: DictConfig, path: Path) -> Path:
+def _traversals(module: Autoencoder, test: Encoded, x: torch.Tensor, ev: DictConfig, draw: Draw, path: Path) -> Path:
     """One row per latent unit, most informative first (highest mean KL for a VAE, highest code variance
     otherwise): the first test image's code with that unit swept over +-range standard deviations (of the
     prior N(0, 1) for a VAE, of the unit's test codes otherwise), the other units fixed."""
@@ -65,20 +94,20 @@ def _traversals(module: Autoencoder, test: Encoded, x: torch.Tensor, ev: DictCon
     for unit in order.tolist():
         codes = base.repeat(ev.traversal_steps, 1)
         codes[:, unit] = centre[unit] + offsets * scale[unit]
-        rows[f"z{unit} ({measure} {informativeness[unit]:.2f})"] = torch.sigmoid(module.decoder(codes.to(module.device)))
-    return image_rows(rows, path, columns=[f"{offset:+.2g} sd" for offset in offsets.tolist()],
+        rows[f"z{unit} ({measure} {informativeness[unit]:.2f})"] = module.output(module.decoder(codes.to(module.device)))
+    return draw(rows, path, columns=[f"{offset:+.2g} sd" for offset in offsets.tolist()],
                       title="Latent traversals of one test image, most informative units first")
 
 
-def _interpolations(module: Autoencoder, test: Encoded, ev: DictConfig, path: Path) -> Path:
+def _interpolations(module: Autoencoder, test: Encoded, ev: DictConfig, draw: Draw, path: Path) -> Path:
     """Decoded codes on the straight line between test images 0 and 1, 2 and 3, 4 and 5."""
     weights = torch.linspace(0, 1, ev.interpolation_steps).unsqueeze(1)
     rows = {}
     for first in range(0, min(6, len(test.codes) - 1), 2):
         start, end = test.codes[first], test.codes[first + 1]
         codes = (1 - weights) * start + weights * end
-        rows[f"test {first} → {first + 1}"] = torch.sigmoid(module.decoder(codes.to(module.device)))
-    return image_rows(rows, path, columns=[f"{weight:.2f}" for weight in weights[:, 0].tolist()],
+        rows[f"test {first} → {first + 1}"] = module.output(module.decoder(codes.to(module.device)))
+    return draw(rows, path, columns=[f"{weight:.2f}" for weight in weights[:, 0].tolist()],
                       title="Interpolation in code space between pairs of test images")
 
 
