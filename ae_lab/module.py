@@ -23,9 +23,10 @@ MODULE_SECTIONS = ("model", "loss", "noise", "optim")  # what of a run's config 
 
 
 class Autoencoder(pl.LightningModule):
-    """`config` holds the plain (string/number) `model`, `loss`, `noise` and `optim` sections."""
+    """`config` holds the plain (string/number) `model`, `loss`, `noise` and `optim` sections;
+    `dataset_size`, the number of training examples, is read by the beta-TCVAE objective only."""
 
-    def __init__(self, config: dict[str, Any], input_shape: tuple[int, ...]) -> None:
+    def __init__(self, config: dict[str, Any], input_shape: tuple[int, ...], dataset_size: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
         cfg = OmegaConf.create(config)
@@ -34,7 +35,7 @@ class Autoencoder(pl.LightningModule):
         self.encoder, features = build_encoder(cfg.model, tuple(input_shape))
         self.head = build_latent_head(cfg.model, features)
         self.decoder = build_decoder(cfg.model, tuple(input_shape))
-        self.objective = Objective(cfg.loss, gaussian_head=cfg.model.latent == "gaussian")
+        self.objective = Objective(cfg.loss, gaussian_head=cfg.model.latent == "gaussian", dataset_size=dataset_size)
         self.network = torch.compile(self.forward) if cfg.model.compile else self.forward
         # Epoch metrics: means over every example of the split, weighted by batch size and summed
         # across DDP ranks, so they equal the single-process value whatever the batching or sharding.
@@ -43,10 +44,11 @@ class Autoencoder(pl.LightningModule):
             for stage in ("train", "val", "test") for name in self.objective.term_names})
 
     @classmethod
-    def from_config(cls, cfg: DictConfig | dict[str, Any], input_shape: tuple[int, ...]) -> "Autoencoder":
+    def from_config(cls, cfg: DictConfig | dict[str, Any], input_shape: tuple[int, ...],
+                    dataset_size: int | None = None) -> "Autoencoder":
         """The module of a full run config (resolved): it keeps the sections in `MODULE_SECTIONS`."""
         plain = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        return cls({key: plain[key] for key in MODULE_SECTIONS}, input_shape)
+        return cls({key: plain[key] for key in MODULE_SECTIONS}, input_shape, dataset_size)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Latent]:
         latent = self.head(self.encoder(x))
@@ -100,6 +102,10 @@ class Autoencoder(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
+        # the scheduled weights of the epoch's last step, e.g. `scheduled/beta` (a pure function of the step)
+        weights = self.objective.weights(max(self.global_step - 1, 0))
+        for name in self.objective.scheduled_names:
+            self.log(f"scheduled/{name}", weights[name])
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")

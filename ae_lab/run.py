@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from ae_lab.checkpoints import AtomicCheckpointIO, ResumeState, StepCheckpoint
-from ae_lab.checks import validate
+from ae_lab.checks import schedule_warnings, validate
 from ae_lab.errors import ConfigError
 from ae_lab.data import ArrayDataModule, build_datamodule, input_shape
 from ae_lab.distributed import HydraJobDDPStrategy, isolated_job, launched_rank, resolve_strategy
@@ -53,6 +53,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> 
             log.info("%s already holds a completed run of this config: not run again", run_dir)
             return finished
     data = build_datamodule(cfg.dataset)
+    for warning in schedule_warnings(cfg, len(data.splits["train"])):
+        log.warning(warning)
     if rank_zero and resume is not None and resume.record.get("data", {}).get("sha256") != data.checksum:
         raise ConfigError(f"resume={str(run_dir)!r} is not allowed: the data set {data.name} has changed since "
                           "the run started (its checksum differs from the one in run.json)")
@@ -124,7 +126,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger:
     """
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    module = Autoencoder.from_config(plain, data.input_shape)
+    module = Autoencoder.from_config(plain, data.input_shape, dataset_size=len(data.splits["train"]))
     timer = StepTimer()
     folder = run_dir / "checkpoints"
     checkpoints = pl.callbacks.ModelCheckpoint(
