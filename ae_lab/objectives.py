@@ -77,9 +77,12 @@ def kl_decomposition(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, 
 
     - `mws`, minibatch-weighted sampling (Chen et al. 2018, section 4.1, and the authors' code):
       w_ij = 1 / (N M). Biased: besides the log of a sum estimate (Jensen: low), the weights sum to
-      1/N, not 1, so log q(z) and each log q(z_d) sit up to log N too low: TC is shifted up by up to
-      (D - 1) log N and dimension-wise KL down (when the batch is the whole set, by exactly that; tested).
-      The shifts are constant in the parameters: gradients do not see them.
+      1/N, not 1. Against the stratified estimate below, each log density (the joint and every
+      marginal) is lower by between log M (where the sample's own posterior dominates the sum) and
+      log N (where the others do), so the reported TC is shifted up by between D log M - log N and
+      D log N - log M (exactly (D - 1) log N when the batch is the whole set; tested), the
+      dimension-wise KL down and MI up. The shift moves with the parameters only as the balance
+      between those two cases does, so the gradients are far less affected than the values.
     - `mss`, stratified: w_ii = 1/N (the example z_i was drawn from) and (N - 1) / (N (M - 1)) for the
       others (a uniform draw from the rest): an unbiased estimate of q(z_i), so only Jensen's bias
       (which shrinks as M grows) remains; TC of independent codes is near 0.

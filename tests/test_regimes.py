@@ -255,3 +255,13 @@ def test_cli_refuses_free_bits_without_a_gaussian_head_in_one_line(tmp_path):
     done = run_cli(["loss.free_bits=0.5"], cwd=tmp_path)
     assert done.returncode != 0 and "loss.free_bits" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout and not (tmp_path / "outputs").exists()
+
+
+def test_beta_tcvae_sweep_is_the_locatello_network_with_the_tc_objective():
+    from conftest import CONF
+
+    plain, tc = compose_config(["+sweeps=locatello_beta"]), compose_config(["+sweeps=locatello_beta_tcvae"])
+    assert tc.model == plain.model and tc.dataset == plain.dataset and tc.loss.kl == "tc"
+    assert validate(tc, (1, 64, 64)) == []
+    params = OmegaConf.load(CONF.parent / "sweeps" / "locatello_beta_tcvae.yaml").hydra.sweeper.params
+    assert [float(b) for b in params["loss.beta"].split(",")] == [1, 2, 4, 6, 8, 10]
