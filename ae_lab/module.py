@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MeanMetric
 
+from ae_lab.greedy import StackedLayers, layer_count, pretraining_layer
 from ae_lab.nets import Latent, build_decoder, build_encoder, build_latent_head
 from ae_lab.noise import build_corruption
 from ae_lab.objectives import Objective
@@ -31,6 +32,8 @@ class Autoencoder(pl.LightningModule):
         self.save_hyperparameters(logger=False)
         cfg = OmegaConf.create(config)
         self.optim_cfg = cfg.optim
+        self.model_cfg = cfg.model
+        self.recon_kind = cfg.loss.recon
         self.corrupt = build_corruption(cfg.noise)
         self.encoder, features = build_encoder(cfg.model, tuple(input_shape))
         self.head = build_latent_head(cfg.model, features)
@@ -39,9 +42,13 @@ class Autoencoder(pl.LightningModule):
         self.network = torch.compile(self.forward) if cfg.model.compile else self.forward
         # Epoch metrics: means over every example of the split, weighted by batch size and summed
         # across DDP ranks, so they equal the single-process value whatever the batching or sharding.
+        # greedy layer-wise pretraining (ae_lab/greedy.py): a view on the layers above, not new modules
+        self.stack = StackedLayers(self.encoder, self.head, self.decoder) if cfg.model.pretrain == "greedy" else None
+        pretraining = [f"pretrain_layer{k}" for k in range(1, layer_count(cfg.model) + 1)] if self.stack else []
+        self.logged_names = [*self.objective.term_names, *pretraining]
         self.epoch_means = nn.ModuleDict({
             f"{stage}__{name}": MeanMetric(nan_strategy="disable")  # NaN propagates; no sync
-            for stage in ("train", "val", "test") for name in self.objective.term_names})
+            for stage in ("train", "val", "test") for name in self.logged_names})
 
     @classmethod
     def from_config(cls, cfg: DictConfig | dict[str, Any], input_shape: tuple[int, ...],
@@ -61,6 +68,17 @@ class Autoencoder(pl.LightningModule):
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         x = batch["x"]
+        layer = pretraining_layer(self.model_cfg, self.current_epoch) if self.stack else None
+        if layer is not None:  # a greedy phase: training trains only this layer; evaluation also runs the network
+            with torch.no_grad() if stage != "train" else nullcontext():
+                corrupt = self.corrupt if stage == "train" else None
+                phase_loss = self.stack.loss(x, layer, corrupt, self.recon_kind)
+            self.epoch_means[f"{stage}__pretrain_layer{layer}"].update(phase_loss.detach().expand(x.shape[0]))
+            if stage == "train":
+                if not torch.isfinite(phase_loss):
+                    raise FloatingPointError(f"the pretraining loss of layer {layer} became {phase_loss.item()} "
+                                             f"at step {self.global_step} (epoch {self.current_epoch})")
+                return phase_loss
         inputs = self.corrupt(x) if stage == "train" and self.corrupt is not None else x
         # the contractive term differentiates the code w.r.t. the input, in evaluation too
         grad_context = torch.enable_grad() if self.objective.needs_input_grad else nullcontext()
@@ -80,10 +98,13 @@ class Autoencoder(pl.LightningModule):
     def _log_epoch(self, stage: str) -> None:
         """Log the epoch's means. Logging once per epoch, not per step, keeps Lightning's per-call
         logging cost (about a millisecond) out of the training step."""
-        for name in self.objective.term_names:
+        for name in self.logged_names:
             mean = self.epoch_means[f"{stage}__{name}"]
             if mean.update_called:
-                self.log(f"{stage}/{name}", mean.compute(), prog_bar=name == "loss")
+                # a greedy phase's error goes to the history only (`pretrain/layer1_train`), not to metrics.json
+                key = (f"pretrain/{name.removeprefix('pretrain_')}_{stage}" if name.startswith("pretrain_")
+                       else f"{stage}/{name}")
+                self.log(key, mean.compute(), prog_bar=name == "loss")
                 mean.reset()
 
     def epoch_sums(self) -> dict[str, dict[str, torch.Tensor]]:

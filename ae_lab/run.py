@@ -24,6 +24,7 @@ from ae_lab.errors import ConfigError
 from ae_lab.data import ArrayDataModule, build_datamodule, input_shape
 from ae_lab.distributed import HydraJobDDPStrategy, isolated_job, launched_rank, resolve_strategy
 from ae_lab.evaluation.evaluate import evaluate
+from ae_lab.greedy import PhaseCheckpoints
 from ae_lab.module import Autoencoder
 from ae_lab.resume import ResumePoint
 from ae_lab.storage import write_json
@@ -135,6 +136,8 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger:
     callbacks = [checkpoints, timer, interrupt, ResumeState(plain)]
     if cfg.checkpoint_every_n_steps:
         callbacks.append(StepCheckpoint(folder, cfg.checkpoint_every_n_steps))
+    if cfg.model.pretrain == "greedy":
+        callbacks.append(PhaseCheckpoints(folder, module.model_cfg))
     trainer_args = OmegaConf.to_container(cfg.trainer)
     trainer_args["strategy"] = resolve_strategy(trainer_args["strategy"])
     trainer = pl.Trainer(**trainer_args, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
