@@ -137,7 +137,7 @@ class LossConfig:
     `sparsity_weight` are the targets of their schedules. `free_bits` (nats per latent unit, Kingma et
     al. 2016) puts max(free_bits, KL_j) in the loss for each unit's batch-mean KL. `kl=tc` splits the KL
     into index-code MI, total correlation and dimension-wise KL (Chen et al. 2018), weighted by
-    `tc_alpha`, `beta` and `tc_gamma`, estimated by `tc_estimator` (ae_lab/objectives.py).
+    `tc_alpha`, `beta` and `tc_gamma`, estimated by `tc_estimator` (ae_lab/kl_forms.py).
     """
 
     recon: Reconstruction = Reconstruction.bce

@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 from ae_lab.checks import schedule_warnings, validate
 from ae_lab.errors import ConfigError
 from ae_lab.nets import Latent
-from ae_lab.objectives import Objective, free_bits_kl, kl_decomposition
+from ae_lab.kl_forms import free_bits_kl, kl_decomposition
+from ae_lab.objectives import Objective
 from ae_lab.schedules import scheduled_weight
 from conftest import compose_config, read_json, run_cli
 
