@@ -152,6 +152,9 @@ def _validate_regimes(cfg: DictConfig) -> None:
         _require(not gaussian, "model.pretrain", "greedy",
                  "only with a deterministic latent head (model.latent=deterministic): the layer-wise "
                  "autoencoders are deterministic")
+        _require("ddp" not in str(cfg.trainer.strategy), "model.pretrain", "greedy",
+                 f"not with trainer.strategy={cfg.trainer.strategy} (each greedy phase leaves most parameters "
+                 "without a gradient, which DDP's gradient reduction does not allow): train on one device")
         _require(model.epochs_per_layer >= 1, "model.epochs_per_layer", model.epochs_per_layer, "an integer >= 1")
         pretraining = model.epochs_per_layer * (len(model.hidden_dims) + 1)
         max_epochs = cfg.trainer.max_epochs

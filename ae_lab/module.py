@@ -40,12 +40,12 @@ class Autoencoder(pl.LightningModule):
         self.decoder = build_decoder(cfg.model, tuple(input_shape))
         self.objective = Objective(cfg.loss, gaussian_head=cfg.model.latent == "gaussian", dataset_size=dataset_size)
         self.network = torch.compile(self.forward) if cfg.model.compile else self.forward
-        # Epoch metrics: means over every example of the split, weighted by batch size and summed
-        # across DDP ranks, so they equal the single-process value whatever the batching or sharding.
         # greedy layer-wise pretraining (ae_lab/greedy.py): a view on the layers above, not new modules
         self.stack = StackedLayers(self.encoder, self.head, self.decoder) if cfg.model.pretrain == "greedy" else None
         pretraining = [f"pretrain_layer{k}" for k in range(1, layer_count(cfg.model) + 1)] if self.stack else []
         self.logged_names = [*self.objective.term_names, *pretraining]
+        # Epoch metrics: means over every example of the split, weighted by batch size and summed
+        # across DDP ranks, so they equal the single-process value whatever the batching or sharding.
         self.epoch_means = nn.ModuleDict({
             f"{stage}__{name}": MeanMetric(nan_strategy="disable")  # NaN propagates; no sync
             for stage in ("train", "val", "test") for name in self.logged_names})
@@ -70,14 +70,8 @@ class Autoencoder(pl.LightningModule):
         x = batch["x"]
         layer = pretraining_layer(self.model_cfg, self.current_epoch) if self.stack else None
         if layer is not None:  # a greedy phase: training trains only this layer; evaluation also runs the network
-            with torch.no_grad() if stage != "train" else nullcontext():
-                corrupt = self.corrupt if stage == "train" else None
-                phase_loss = self.stack.loss(x, layer, corrupt, self.recon_kind)
-            self.epoch_means[f"{stage}__pretrain_layer{layer}"].update(phase_loss.detach().expand(x.shape[0]))
+            phase_loss = self._pretraining_step(x, layer, stage)
             if stage == "train":
-                if not torch.isfinite(phase_loss):
-                    raise FloatingPointError(f"the pretraining loss of layer {layer} became {phase_loss.item()} "
-                                             f"at step {self.global_step} (epoch {self.current_epoch})")
                 return phase_loss
         inputs = self.corrupt(x) if stage == "train" and self.corrupt is not None else x
         # the contractive term differentiates the code w.r.t. the input, in evaluation too
@@ -94,6 +88,16 @@ class Autoencoder(pl.LightningModule):
             # one copy per example: MeanMetric ignores `weight=` under nan_strategy="disable"
             self.epoch_means[f"{stage}__{name}"].update(value.detach().expand(x.shape[0]))
         return terms["loss"]
+
+    def _pretraining_step(self, x: torch.Tensor, layer: int, stage: str) -> torch.Tensor:
+        """Layer `layer`'s autoencoder error on the batch (its input corrupted in training only)."""
+        with nullcontext() if stage == "train" else torch.no_grad():
+            phase_loss = self.stack.loss(x, layer, self.corrupt if stage == "train" else None, self.recon_kind)
+        if stage == "train" and not torch.isfinite(phase_loss):
+            raise FloatingPointError(f"the pretraining loss of layer {layer} became {phase_loss.item()} at step "
+                                     f"{self.global_step} (epoch {self.current_epoch})")
+        self.epoch_means[f"{stage}__pretrain_layer{layer}"].update(phase_loss.detach().expand(x.shape[0]))
+        return phase_loss
 
     def _log_epoch(self, stage: str) -> None:
         """Log the epoch's means. Logging once per epoch, not per step, keeps Lightning's per-call

@@ -243,6 +243,7 @@ REFUSED = [
     (["model.pretrain=greedy", "model.arch=conv"], "model.pretrain", "model.arch=mlp"),
     (["model=vae", "model.pretrain=greedy"], "model.pretrain", "deterministic latent head"),
     (["model.pretrain=greedy", "trainer.max_epochs=3"], "trainer.max_epochs", "3 pretraining epochs"),
+    (["model.pretrain=greedy", "trainer=ddp", "trainer.max_epochs=10"], "model.pretrain", "one device"),
 ]
 
 
@@ -267,3 +268,26 @@ def test_beta_tcvae_sweep_is_the_locatello_network_with_the_tc_objective():
     assert validate(tc, (1, 64, 64)) == []
     params = OmegaConf.load(CONF.parent / "sweeps" / "locatello_beta_tcvae.yaml").hydra.sweeper.params
     assert [float(b) for b in params["loss.beta"].split(",")] == [1, 2, 4, 6, 8, 10]
+
+
+KL_FORMS = {
+    "free_bits": (["loss.beta=2", "loss.free_bits=0.5", "loss.beta_schedule.kind=linear", "loss.beta_schedule.steps=4"],
+                  lambda m, w: m["test/recon"] + w["beta"] * m["test/kl_free_bits"]),
+    "capacity": (["loss.beta=30", "loss.beta_schedule.kind=capacity", "loss.beta_schedule.capacity=2",
+                  "loss.beta_schedule.steps=4"],
+                 lambda m, w: m["test/recon"] + w["beta"] * abs(m["test/kl"] - w["capacity"])),
+    "tc": (["loss.beta=4", "loss.kl=tc", "loss.tc_alpha=0.5", "loss.tc_estimator=mss"],
+           lambda m, w: m["test/recon"] + 0.5 * m["test/mi"] + 4 * m["test/tc"] + m["test/dwkl"]),
+}
+
+
+@pytest.mark.parametrize("form", sorted(KL_FORMS))
+def test_every_kl_form_trains_and_reports_a_loss_that_is_the_weighted_sum_of_its_terms(form, tmp_path):
+    from conftest import train_in_process
+
+    overrides = ["model=vae", "trainer=debug", "trainer.limit_test_batches=1", "logger=none", "eval=minimal",
+                 "model.hidden_dims=[16]", "model.latent_dim=3", *KL_FORMS[form][0]]
+    metrics = train_in_process(overrides, tmp_path / form)
+    weights = Objective(compose_config(overrides).loss, gaussian_head=True, dataset_size=1).weights(2)  # 2 steps
+    assert metrics["test/loss"] == pytest.approx(KL_FORMS[form][1](metrics, weights), rel=1e-5)
+    assert metrics["test/elbo"] == pytest.approx(-(metrics["test/recon"] + metrics["test/kl"]), rel=1e-5)
