@@ -6,6 +6,7 @@ is allowed.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
              "a number >= 0")
     _require(loss.contractive_projections >= 1, "loss.contractive_projections",
              loss.contractive_projections, "an integer >= 1")
+    _validate_regimes(cfg)
     if model.compile:
         _require(loss.contractive_weight == 0, "model.compile", True,
                  "false with the contractive penalty (torch.compile does not support the double backward "
@@ -131,6 +133,80 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
     if loss.beta > 0 and model.latent == "deterministic":
         warnings.append(f"loss.beta={loss.beta} has no effect: there is no KL term without "
                         "model.latent=gaussian (e.g. model=vae)")
+    return warnings
+
+
+def _validate_schedule(key: str, schedule: DictConfig) -> None:
+    if schedule.kind == "constant":
+        return
+    _require(schedule.steps >= 1, f"{key}.steps", schedule.steps, "an integer >= 1 (the schedule's length in steps)")
+    _require(schedule.start >= 0, f"{key}.start", schedule.start, "a weight >= 0")
+    if schedule.kind == "cyclical":
+        _require(1 <= schedule.cycles <= schedule.steps, f"{key}.cycles", schedule.cycles,
+                 f"an integer from 1 to {key}.steps={schedule.steps}")
+        _require(0 < schedule.rise <= 1, f"{key}.rise", schedule.rise,
+                 "the fraction of each cycle spent rising, in (0, 1]")
+    if schedule.kind == "capacity":
+        _require(schedule.capacity >= 0, f"{key}.capacity", schedule.capacity, "a number of nats >= 0")
+
+
+def _validate_regimes(cfg: DictConfig) -> None:
+    """Schedules, free bits, beta-TCVAE and greedy pretraining: ranges, and where each makes sense."""
+    model, loss = cfg.model, cfg.loss
+    gaussian = model.latent == "gaussian"
+    _validate_schedule("loss.beta_schedule", loss.beta_schedule)
+    _validate_schedule("loss.sparsity_schedule", loss.sparsity_schedule)
+    _require(loss.sparsity_schedule.kind != "capacity", "loss.sparsity_schedule.kind", "capacity",
+             "constant, linear or cyclical (capacity is a form of the KL term: loss.beta_schedule.kind=capacity)")
+    _require(loss.free_bits >= 0, "loss.free_bits", loss.free_bits, "a number of nats per latent unit >= 0")
+    for key in ("tc_alpha", "tc_gamma"):
+        _require(loss[key] >= 0, f"loss.{key}", loss[key], "a weight >= 0")
+    needs_head = [(loss.free_bits > 0, "loss.free_bits", loss.free_bits),
+                  (loss.beta_schedule.kind == "capacity", "loss.beta_schedule.kind", "capacity"),
+                  (loss.kl == "tc", "loss.kl", "tc")]
+    for active, key, value in needs_head:
+        _require(not active or gaussian, key, value,
+                 "only with a Gaussian latent head (model=vae or model.latent=gaussian): it acts on the KL term")
+    chosen = [(key, value) for active, key, value in needs_head if active]
+    if len(chosen) > 1:
+        (first, first_value), (key, value) = chosen[:2]
+        _require(False, key, value, f"one form of the KL term at a time, and {first}={first_value!r} is set too")
+    if model.pretrain == "greedy":
+        _require(model.arch == "mlp", "model.pretrain", "greedy",
+                 "only with model.arch=mlp (greedy layer-wise pretraining of conv encoders is not supported)")
+        _require(not gaussian, "model.pretrain", "greedy",
+                 "only with a deterministic latent head (model.latent=deterministic): the layer-wise "
+                 "autoencoders are deterministic")
+        _require("ddp" not in str(cfg.trainer.strategy), "model.pretrain", "greedy",
+                 f"not with trainer.strategy={cfg.trainer.strategy} (each greedy phase leaves most parameters "
+                 "without a gradient, which DDP's gradient reduction does not allow): train on one device")
+        _require(model.epochs_per_layer >= 1, "model.epochs_per_layer", model.epochs_per_layer, "an integer >= 1")
+        pretraining = model.epochs_per_layer * (len(model.hidden_dims) + 1)
+        max_epochs = cfg.trainer.max_epochs
+        _require(max_epochs == -1 or max_epochs > pretraining, "trainer.max_epochs", max_epochs,
+                 f"more than the {pretraining} pretraining epochs of model.pretrain=greedy "
+                 f"({len(model.hidden_dims) + 1} layers x model.epochs_per_layer={model.epochs_per_layer}), "
+                 "so that the joined network is fine-tuned")
+
+
+def schedule_warnings(cfg: DictConfig, train_size: int) -> list[str]:
+    """Schedules that would not finish within the run (allowed: the run ends part-way through)."""
+    trainer = cfg.trainer
+    batches = math.ceil(train_size / cfg.dataset.batch_size)
+    limit = trainer.limit_train_batches
+    batches = min(batches, limit) if isinstance(limit, int) and not isinstance(limit, bool) else int(batches * limit)
+    per_epoch = max(batches // trainer.accumulate_grad_batches, 1)
+    total = [trainer.max_steps] if trainer.max_steps > 0 else []
+    total += [trainer.max_epochs * per_epoch] if trainer.max_epochs > 0 else []
+    if not total:
+        return []
+    run_steps = min(total)
+    warnings = []
+    for key, schedule, on in (("loss.beta_schedule", cfg.loss.beta_schedule, cfg.model.latent == "gaussian"),
+                              ("loss.sparsity_schedule", cfg.loss.sparsity_schedule, cfg.loss.sparsity_weight > 0)):
+        if on and schedule.kind != "constant" and schedule.steps > run_steps:
+            warnings.append(f"{key}.steps={schedule.steps} is longer than the run ({run_steps} training steps): "
+                            f"the {schedule.kind} schedule will not reach its end")
     return warnings
 
 

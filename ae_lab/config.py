@@ -75,6 +75,33 @@ class ContractiveEstimator(str, Enum):
     projection = "projection"
 
 
+class ScheduleKind(str, Enum):
+    constant = "constant"
+    linear = "linear"
+    cyclical = "cyclical"
+    capacity = "capacity"
+
+
+class RampShape(str, Enum):
+    linear = "linear"
+    cosine = "cosine"
+
+
+class KlForm(str, Enum):
+    standard = "standard"
+    tc = "tc"
+
+
+class TcEstimator(str, Enum):
+    mws = "mws"
+    mss = "mss"
+
+
+class Pretraining(str, Enum):
+    none = "none"
+    greedy = "greedy"
+
+
 class Optimizer(str, Enum):
     adam = "adam"
     adamw = "adamw"
@@ -99,13 +126,38 @@ class ModelConfig:
     # values, e.g. dataset.normalize=standard; needs loss.recon=mse)
     output: Output = Output.sigmoid
     compile: bool = False  # torch.compile the forward pass (benchmarks/RESULTS.md says when it pays)
+    # greedy: train the encoder's layers one at a time (ae_lab/greedy.py), `epochs_per_layer` epochs
+    # each, then fine-tune the joined network end to end for the remaining epochs (mlp only)
+    pretrain: Pretraining = Pretraining.none
+    epochs_per_layer: int = 1
+
+
+@dataclass
+class WeightSchedule:
+    """How a loss weight moves with the global step (formulas in ae_lab/schedules.py): constant (the
+    configured weight throughout), linear warm-up from `start` over `steps`, cyclical (`cycles` ramps
+    from `start` within `steps`, each rising for the fraction `rise` of its period, `shape` linear or
+    cosine), and for beta only capacity (gamma = loss.beta times |KL - C|, C rising to `capacity`
+    nats over `steps`)."""
+
+    kind: ScheduleKind = ScheduleKind.constant
+    start: float = 0.0
+    steps: int = 10000
+    cycles: int = 4
+    rise: float = 0.5
+    shape: RampShape = RampShape.linear
+    capacity: float = 25.0
 
 
 @dataclass
 class LossConfig:
     """loss = recon + beta * KL + sparsity_weight * sparsity + contractive_weight * ||dz/dx||_F^2.
 
-    A weight of 0 switches its term off; `beta` only acts with `model.latent=gaussian`.
+    A weight of 0 switches its term off; `beta` only acts with `model.latent=gaussian`. `beta` and
+    `sparsity_weight` are the targets of their schedules. `free_bits` (nats per latent unit, Kingma et
+    al. 2016) puts max(free_bits, KL_j) in the loss for each unit's batch-mean KL. `kl=tc` splits the KL
+    into index-code MI, total correlation and dimension-wise KL (Chen et al. 2018), weighted by
+    `tc_alpha`, `beta` and `tc_gamma`, estimated by `tc_estimator` (ae_lab/kl_forms.py).
     """
 
     recon: Reconstruction = Reconstruction.bce
@@ -116,6 +168,13 @@ class LossConfig:
     contractive_weight: float = 0.0
     contractive_estimator: ContractiveEstimator = ContractiveEstimator.exact
     contractive_projections: int = 1
+    beta_schedule: WeightSchedule = field(default_factory=WeightSchedule)
+    sparsity_schedule: WeightSchedule = field(default_factory=WeightSchedule)
+    free_bits: float = 0.0
+    kl: KlForm = KlForm.standard
+    tc_alpha: float = 1.0
+    tc_gamma: float = 1.0
+    tc_estimator: TcEstimator = TcEstimator.mws
 
 
 @dataclass

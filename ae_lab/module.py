@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MeanMetric
 
+from ae_lab.greedy import StackedLayers, layer_count, pretraining_layer
 from ae_lab.nets import Latent, build_decoder, build_encoder, build_latent_head, output_function
 from ae_lab.noise import build_corruption
 from ae_lab.objectives import Objective
@@ -23,31 +24,40 @@ MODULE_SECTIONS = ("model", "loss", "noise", "optim")  # what of a run's config 
 
 
 class Autoencoder(pl.LightningModule):
-    """`config` holds the plain (string/number) `model`, `loss`, `noise` and `optim` sections."""
+    """`config` holds the plain (string/number) `model`, `loss`, `noise` and `optim` sections;
+    `dataset_size`, the number of training examples, is read by the beta-TCVAE objective only."""
 
-    def __init__(self, config: dict[str, Any], input_shape: tuple[int, ...]) -> None:
+    def __init__(self, config: dict[str, Any], input_shape: tuple[int, ...], dataset_size: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
         cfg = OmegaConf.create(config)
         self.optim_cfg = cfg.optim
+        self.model_cfg = cfg.model
+        self.recon_kind = cfg.loss.recon
         self.corrupt = build_corruption(cfg.noise)
         self.encoder, features = build_encoder(cfg.model, tuple(input_shape))
         self.head = build_latent_head(cfg.model, features)
         self.decoder = build_decoder(cfg.model, tuple(input_shape))
         self.output = output_function(cfg.model.get("output", "sigmoid"))  # logits -> reconstruction
-        self.objective = Objective(cfg.loss, gaussian_head=cfg.model.latent == "gaussian", output=self.output)
+        self.objective = Objective(cfg.loss, gaussian_head=cfg.model.latent == "gaussian", dataset_size=dataset_size,
+                                   output=self.output)
         self.network = torch.compile(self.forward) if cfg.model.compile else self.forward
+        # greedy layer-wise pretraining (ae_lab/greedy.py): a view on the layers above, not new modules
+        self.stack = StackedLayers(self.encoder, self.head, self.decoder) if cfg.model.pretrain == "greedy" else None
+        pretraining = [f"pretrain_layer{k}" for k in range(1, layer_count(cfg.model) + 1)] if self.stack else []
+        self.logged_names = [*self.objective.term_names, *pretraining]
         # Epoch metrics: means over every example of the split, weighted by batch size and summed
         # across DDP ranks, so they equal the single-process value whatever the batching or sharding.
         self.epoch_means = nn.ModuleDict({
             f"{stage}__{name}": MeanMetric(nan_strategy="disable")  # NaN propagates; no sync
-            for stage in ("train", "val", "test") for name in self.objective.term_names})
+            for stage in ("train", "val", "test") for name in self.logged_names})
 
     @classmethod
-    def from_config(cls, cfg: DictConfig | dict[str, Any], input_shape: tuple[int, ...]) -> "Autoencoder":
+    def from_config(cls, cfg: DictConfig | dict[str, Any], input_shape: tuple[int, ...],
+                    dataset_size: int | None = None) -> "Autoencoder":
         """The module of a full run config (resolved): it keeps the sections in `MODULE_SECTIONS`."""
         plain = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        return cls({key: plain[key] for key in MODULE_SECTIONS}, input_shape)
+        return cls({key: plain[key] for key in MODULE_SECTIONS}, input_shape, dataset_size)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Latent]:
         latent = self.head(self.encoder(x))
@@ -60,6 +70,11 @@ class Autoencoder(pl.LightningModule):
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         x = batch["x"]
+        layer = pretraining_layer(self.model_cfg, self.current_epoch) if self.stack else None
+        if layer is not None:  # a greedy phase: training trains only this layer; evaluation also runs the network
+            phase_loss = self._pretraining_step(x, layer, stage)
+            if stage == "train":
+                return phase_loss
         inputs = self.corrupt(x) if stage == "train" and self.corrupt is not None else x
         # the contractive term differentiates the code w.r.t. the input, in evaluation too
         grad_context = torch.enable_grad() if self.objective.needs_input_grad else nullcontext()
@@ -76,13 +91,26 @@ class Autoencoder(pl.LightningModule):
             self.epoch_means[f"{stage}__{name}"].update(value.detach().expand(x.shape[0]))
         return terms["loss"]
 
+    def _pretraining_step(self, x: torch.Tensor, layer: int, stage: str) -> torch.Tensor:
+        """Layer `layer`'s autoencoder error on the batch (its input corrupted in training only)."""
+        with nullcontext() if stage == "train" else torch.no_grad():
+            phase_loss = self.stack.loss(x, layer, self.corrupt if stage == "train" else None, self.recon_kind)
+        if stage == "train" and not torch.isfinite(phase_loss):
+            raise FloatingPointError(f"the pretraining loss of layer {layer} became {phase_loss.item()} at step "
+                                     f"{self.global_step} (epoch {self.current_epoch})")
+        self.epoch_means[f"{stage}__pretrain_layer{layer}"].update(phase_loss.detach().expand(x.shape[0]))
+        return phase_loss
+
     def _log_epoch(self, stage: str) -> None:
         """Log the epoch's means. Logging once per epoch, not per step, keeps Lightning's per-call
         logging cost (about a millisecond) out of the training step."""
-        for name in self.objective.term_names:
+        for name in self.logged_names:
             mean = self.epoch_means[f"{stage}__{name}"]
             if mean.update_called:
-                self.log(f"{stage}/{name}", mean.compute(), prog_bar=name == "loss")
+                # a greedy phase's error goes to the history only (`pretrain/layer1_train`), not to metrics.json
+                key = (f"pretrain/{name.removeprefix('pretrain_')}_{stage}" if name.startswith("pretrain_")
+                       else f"{stage}/{name}")
+                self.log(key, mean.compute(), prog_bar=name == "loss")
                 mean.reset()
 
     def epoch_sums(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -101,6 +129,10 @@ class Autoencoder(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
+        # the scheduled weights of the epoch's last step, e.g. `scheduled/beta` (a pure function of the step)
+        weights = self.objective.weights(max(self.global_step - 1, 0))
+        for name in self.objective.scheduled_names:
+            self.log(f"scheduled/{name}", weights[name])
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")

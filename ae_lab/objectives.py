@@ -3,18 +3,28 @@
     loss = recon(x_hat, x) + beta * KL(q(z|x) || N(0, I)) + sparsity_weight * sparsity(code)
            + contractive_weight * ||d code / d x||_F^2
 
+with the KL term in one of four forms (a Gaussian head only): plain; with free bits (Kingma et al.
+2016), sum_j max(lambda, KL_j); capacity-controlled (Burgess et al. 2018), |KL - C|; or split into
+alpha * MI + beta * TC + gamma * dimension-wise KL (beta-TCVAE, Chen et al. 2018); the last two
+forms are in ae_lab/kl_forms.py. `beta`, the sparsity weight and C follow their schedules
+(ae_lab/schedules.py) through `Objective.weights(step)`; the true KL is reported in every form.
+
 Per-example terms are sums over pixels / latent units, averaged over the batch ("per example").
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from ae_lab.kl_forms import free_bits_kl, kl_decomposition
 from ae_lab.nets import Latent
+from ae_lab.schedules import capacity, moves, scheduled_weight
 
 _EPS = 1e-6
 
@@ -86,19 +96,99 @@ def contractive_penalty(code: torch.Tensor, inputs: torch.Tensor, estimator: str
     return squared.sum(0) if estimator == "exact" else squared.mean(0)
 
 
+@dataclass
+class Batch:
+    """What the terms of one step read; quantities several terms share are computed once."""
+
+    logits: torch.Tensor
+    x: torch.Tensor
+    latent: Latent
+    inputs: torch.Tensor
+    weights: dict[str, float | torch.Tensor]
+    create_graph: bool
+    recon_kind: str
+    output: Callable[[torch.Tensor], torch.Tensor]
+    shared: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def once(self, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """`compute()`, computed for the first term that asks and kept for the others."""
+        if key not in self.shared:
+            self.shared[key] = compute()
+        return self.shared[key]
+
+    @cached_property
+    def recon(self) -> torch.Tensor:
+        return reconstruction_error(self.logits, self.x, self.recon_kind, self.output).mean()
+
+    @cached_property
+    def kl_per_unit(self) -> torch.Tensor:
+        return gaussian_kl_per_unit(self.latent.mean, self.latent.logvar)
+
+    @cached_property
+    def kl(self) -> torch.Tensor:
+        return self.kl_per_unit.sum(1).mean()
+
+
+@dataclass(frozen=True)
+class Term:
+    """A reported term. `weight`: the key of `Objective.weights` that scales it in the loss, a fixed
+    number, or None for a term reported but not optimised (the true KL beside its remedied form)."""
+
+    name: str
+    weight: str | float | None
+    compute: Callable[[Batch], torch.Tensor]
+
+
 class Objective:
     """The configured sum of terms; returns every active term (batch means) and their weighted `loss`.
 
-    Which terms are active is fixed by the config (a weight > 0 switches a term on); the numbers that
-    weight them (`weights(step)`) are passed in at each call, so that a vectorised ensemble can give
-    every member its own as tensors while the structure stays shared.
+    Which terms are active is fixed by the config (its kinds, and a weight > 0 switching a term on);
+    the numbers that weight them (`weights(step)`, scheduled) are passed in at each call, so that a
+    vectorised ensemble can give every member its own as tensors while the structure stays shared.
+    `dataset_size` (training examples) is needed by `loss.kl=tc` only.
     """
 
-    def __init__(self, cfg: DictConfig, gaussian_head: bool,
+    def __init__(self, cfg: DictConfig, gaussian_head: bool, dataset_size: int | None = None,
                  output: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid) -> None:
         self.cfg = cfg
         self.gaussian_head = gaussian_head
         self.output = output  # the decoder's output function (model.output)
+        if gaussian_head and cfg.kl == "tc" and not dataset_size:
+            raise ValueError("loss.kl=tc needs the training set size (Objective(dataset_size=...))")
+        self.dataset_size = dataset_size
+        self.terms = self._active_terms()
+
+    def _active_terms(self) -> list[Term]:
+        cfg = self.cfg
+        terms = [Term("recon", 1.0, lambda b: b.recon)]
+        if self.gaussian_head:
+            plain = cfg.kl == "standard" and cfg.free_bits == 0 and cfg.beta_schedule.kind != "capacity"
+            terms.append(Term("kl", "beta" if plain else None, lambda b: b.kl))
+            if cfg.kl == "tc":
+                def part(name: str) -> Callable[[Batch], torch.Tensor]:
+                    return lambda b: b.once("tc", lambda: kl_decomposition(
+                        b.latent.z, b.latent.mean, b.latent.logvar, self.dataset_size, cfg.tc_estimator))[name]
+
+                terms += [Term("mi", "tc_alpha", part("mi")), Term("tc", "beta", part("tc")),
+                          Term("dwkl", "tc_gamma", part("dwkl"))]
+            elif cfg.free_bits > 0:
+                terms.append(Term("kl_free_bits", "beta",
+                                  lambda b: free_bits_kl(b.kl_per_unit, b.weights["free_bits"])))
+            elif cfg.beta_schedule.kind == "capacity":
+                terms.append(Term("kl_capacity_gap", "beta", lambda b: (b.kl - b.weights["capacity"]).abs()))
+            if cfg.recon == "bce":
+                terms.append(Term("elbo", None, lambda b: -(b.recon + b.kl)))
+        if cfg.sparsity_weight > 0:
+            if cfg.sparsity == "kl":
+                terms.append(Term("sparsity", "sparsity_weight",
+                                  lambda b: kl_sparsity(b.latent.code, b.weights["sparsity_target"])))
+            else:
+                terms.append(Term("sparsity", "sparsity_weight", lambda b: l1_sparsity(b.latent.code).mean()))
+        if cfg.contractive_weight > 0:
+            terms.append(Term("contractive", "contractive_weight", lambda b: contractive_penalty(
+                b.latent.code, b.inputs, cfg.contractive_estimator, cfg.contractive_projections,
+                create_graph=b.create_graph).mean()))
+        return terms
 
     @property
     def needs_input_grad(self) -> bool:
@@ -107,42 +197,38 @@ class Objective:
     @property
     def term_names(self) -> list[str]:
         """The names `__call__` returns, in order."""
-        names = ["recon"]
-        if self.gaussian_head:
-            names += ["kl", "elbo"] if self.cfg.recon == "bce" else ["kl"]
-        if self.cfg.sparsity_weight > 0:
-            names.append("sparsity")
-        if self.cfg.contractive_weight > 0:
-            names.append("contractive")
-        return [*names, "loss"]
+        return [*(term.name for term in self.terms), "loss"]
 
     def weights(self, step: int) -> dict[str, float]:
         """The scalars that weight the terms at training step `step` (the ones a sweep may vary per
-        member without changing which terms exist)."""
+        member without changing which terms exist): beta and the sparsity weight as scheduled, the
+        capacity C (0 without the capacity schedule), free bits, the TC weights, the rest as configured."""
         cfg = self.cfg
-        return {"beta": cfg.beta, "sparsity_weight": cfg.sparsity_weight, "sparsity_target": cfg.sparsity_target,
-                "contractive_weight": cfg.contractive_weight}
+        return {"beta": scheduled_weight(cfg.beta_schedule, cfg.beta, step),
+                "capacity": capacity(cfg.beta_schedule, step),
+                "free_bits": cfg.free_bits, "tc_alpha": cfg.tc_alpha, "tc_gamma": cfg.tc_gamma,
+                "sparsity_weight": scheduled_weight(cfg.sparsity_schedule, cfg.sparsity_weight, step),
+                "sparsity_target": cfg.sparsity_target, "contractive_weight": cfg.contractive_weight}
+
+    @property
+    def scheduled_names(self) -> list[str]:
+        """The keys of `weights` that change with the step under this config (logged per epoch)."""
+        names = []
+        if self.gaussian_head and moves(self.cfg.beta_schedule):
+            names.append("capacity" if self.cfg.beta_schedule.kind == "capacity" else "beta")
+        if self.cfg.sparsity_weight > 0 and moves(self.cfg.sparsity_schedule):
+            names.append("sparsity_weight")
+        return names
 
     def __call__(self, logits: torch.Tensor, x: torch.Tensor, latent: Latent, inputs: torch.Tensor,
                  weights: dict[str, float | torch.Tensor], create_graph: bool) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
-        terms = {"recon": reconstruction_error(logits, x, cfg.recon, self.output).mean()}
-        loss = terms["recon"]
-        if self.gaussian_head:
-            terms["kl"] = gaussian_kl(latent.mean, latent.logvar).mean()
-            loss = loss + weights["beta"] * terms["kl"]
-            if cfg.recon == "bce":
-                terms["elbo"] = -(terms["recon"] + terms["kl"])
-        if cfg.sparsity_weight > 0:
-            if cfg.sparsity == "kl":
-                terms["sparsity"] = kl_sparsity(latent.code, weights["sparsity_target"])
-            else:
-                terms["sparsity"] = l1_sparsity(latent.code).mean()
-            loss = loss + weights["sparsity_weight"] * terms["sparsity"]
-        if cfg.contractive_weight > 0:
-            terms["contractive"] = contractive_penalty(
-                latent.code, inputs, cfg.contractive_estimator, cfg.contractive_projections,
-                create_graph=create_graph).mean()
-            loss = loss + weights["contractive_weight"] * terms["contractive"]
-        terms["loss"] = loss
-        return terms
+        batch = Batch(logits, x, latent, inputs, weights, create_graph, self.cfg.recon, self.output)
+        values: dict[str, torch.Tensor] = {}
+        loss = 0.0
+        for term in self.terms:
+            values[term.name] = term.compute(batch)
+            if term.weight is not None:
+                scale = weights[term.weight] if isinstance(term.weight, str) else term.weight
+                loss = loss + scale * values[term.name]
+        values["loss"] = loss
+        return values

@@ -55,10 +55,17 @@ def recorded_config(run_dir: Path) -> DictConfig:
 
 
 def _differences(saved: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between a checkpoint's config and the run's. A key added to the
+    schema since the checkpoint was written (absent there) counts as unchanged when the run has its
+    default: new keys default to the behaviour runs had before them."""
+    from ae_lab.config import Config
+
+    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(Config), enum_to_str=True))
     saved, recorded = flatten(saved), flatten(recorded)
     keys = sorted((set(saved) | set(recorded)) - {"resume", *RESUME_MAY_SET})
+    added = {key for key in keys if key not in saved and key in defaults and recorded.get(key) == defaults[key]}
     return [f"{key}={saved.get(key)!r} there, {recorded.get(key)!r} in the run"
-            for key in keys if saved.get(key, "<absent>") != recorded.get(key, "<absent>")]
+            for key in keys if key not in added and saved.get(key, "<absent>") != recorded.get(key, "<absent>")]
 
 
 def _running_elsewhere(record: dict[str, Any]) -> bool:

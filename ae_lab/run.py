@@ -20,11 +20,12 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from ae_lab.checkpoints import AtomicCheckpointIO, ResumeState, StepCheckpoint
-from ae_lab.checks import validate
+from ae_lab.checks import schedule_warnings, validate
 from ae_lab.errors import ConfigError
 from ae_lab.data import ArrayDataModule, build_datamodule, input_shape
 from ae_lab.distributed import HydraJobDDPStrategy, isolated_job, launched_rank, resolve_strategy
 from ae_lab.evaluation.evaluate import evaluate
+from ae_lab.greedy import PhaseCheckpoints
 from ae_lab.module import Autoencoder
 from ae_lab.preemption import Requeued, RequeueOnSignal, cluster_plugins
 from ae_lab.resume import ResumePoint
@@ -55,6 +56,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> 
             log.info("%s already holds a completed run of this config: not run again", run_dir)
             return finished
     data = build_datamodule(cfg.dataset)
+    for warning in schedule_warnings(cfg, len(data.splits["train"])):
+        log.warning(warning)
     if rank_zero and resume is not None and resume.record.get("data", {}).get("sha256") != data.checksum:
         raise ConfigError(f"resume={str(run_dir)!r} is not allowed: the data set {data.name} has changed since "
                           "the run started (its checksum differs from the one in run.json)")
@@ -132,7 +135,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger:
     """
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    module = Autoencoder.from_config(plain, data.input_shape)
+    module = Autoencoder.from_config(plain, data.input_shape, dataset_size=len(data.splits["train"]))
     timer = StepTimer()
     folder = run_dir / "checkpoints"
     checkpoints = pl.callbacks.ModelCheckpoint(
@@ -141,6 +144,8 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger:
     callbacks = [checkpoints, timer, interrupt, ResumeState(plain), RequeueOnSignal(folder / "last.ckpt")]
     if cfg.checkpoint_every_n_steps:
         callbacks.append(StepCheckpoint(folder, cfg.checkpoint_every_n_steps))
+    if cfg.model.pretrain == "greedy":
+        callbacks.append(PhaseCheckpoints(folder, module.model_cfg))
     trainer_args = OmegaConf.to_container(cfg.trainer)
     trainer_args["strategy"] = resolve_strategy(trainer_args["strategy"])
     trainer = pl.Trainer(**trainer_args, logger=logger, callbacks=callbacks,

@@ -183,10 +183,11 @@ def run_name(overrides: list[str], groups: set[str]) -> str:
 
 
 def variant_name(cfg: dict[str, Any], input_size: int) -> str:
-    """The family member a (plain) config trains, e.g. `beta_vae`, `denoising_ae`, `sparse_kl_ae`."""
+    """The family member a (plain) config trains, e.g. `beta_vae`, `denoising_ae`, `sparse_kl_ae`,
+    `beta_tcvae`, `stacked_denoising_ae` (greedy layer-wise pretraining)."""
     model, loss = cfg["model"], cfg["loss"]
     if model["latent"] == "gaussian":
-        name = "vae" if loss["beta"] == 1 else "beta_vae"
+        name = "beta_tcvae" if loss["kl"] == "tc" else "vae" if loss["beta"] == 1 else "beta_vae"
     else:
         name = "overcomplete_ae" if model["latent_dim"] > input_size else "ae"
     if loss["sparsity_weight"] > 0:
@@ -195,6 +196,8 @@ def variant_name(cfg: dict[str, Any], input_size: int) -> str:
         name = f"contractive_{name}"
     if cfg["noise"]["kind"] != "none":
         name = f"denoising_{name}"
+    if model["pretrain"] == "greedy":
+        name = f"stacked_{name}"
     return name
 
 
