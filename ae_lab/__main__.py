@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 
 import hydra
@@ -63,5 +64,28 @@ def main(cfg: DictConfig) -> float:
     return metrics.get(cfg.objective, math.nan)
 
 
+def cli() -> None:
+    """`python -m ae_lab`: Hydra's entry, with a composition error of the command line (an unknown option,
+    key, or a value of the wrong type) reported as one line that points at the fix, exit code 2.
+
+    Hydra prints such errors itself unless HYDRA_FULL_ERROR is set, in which case it raises them: it is
+    set here so that they reach `explain`. A user who sets it gets Hydra's full error, as documented.
+    """
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ae_lab.composition_errors import explain
+
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (ConfigCompositionException, OmegaConfBaseException) as error:
+        message = None if full_error else explain(error)
+        if message is None:
+            raise
+        fail(message)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -313,28 +313,31 @@ class Config:
 
 SCHEMAS: dict[str, dict[str, type]] = {
     "noise": {
-        "none_schema": NoNoise,
-        "gaussian_schema": GaussianNoise,
-        "masking_schema": MaskingNoise,
-        "salt_pepper_schema": SaltPepperNoise,
+        "none": NoNoise,
+        "gaussian": GaussianNoise,
+        "masking": MaskingNoise,
+        "salt_pepper": SaltPepperNoise,
     },
     "dataset": {
-        "digits_schema": DigitsConfig,
-        "mnist_schema": MnistConfig,
-        "dsprites_schema": DspritesConfig,
-        "shapes_schema": ShapesConfig,
+        "digits": DigitsConfig,
+        "mnist": MnistConfig,
+        "dsprites": DspritesConfig,
+        "shapes": ShapesConfig,
     },
     "logger": {
-        "wandb_schema": WandbLoggerConfig,
-        "csv_schema": CsvLoggerConfig,
-        "none_schema": NoLoggerConfig,
+        "wandb": WandbLoggerConfig,
+        "csv": CsvLoggerConfig,
+        "none": NoLoggerConfig,
     },
 }
 
 
 def register_configs() -> None:
-    """Put the schemas into Hydra's ConfigStore (the YAML files in `conf/` name them in `defaults`)
-    and register ae_lab's resolvers."""
+    """Put the schemas into Hydra's ConfigStore and register ae_lab's resolvers.
+
+    A group's schemas go under `schema/<group>/<name>`, apart from the group's options, so that they
+    are never offered as options; each option's YAML names its schema (`- /schema/dataset/mnist@_here_`).
+    """
     from omegaconf import OmegaConf
 
     from ae_lab.sweep import config_hash, noise_level
@@ -346,7 +349,7 @@ def register_configs() -> None:
     store.store(name="config_schema", node=Config)
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
-            store.store(group=group, name=name, node=node)
+            store.store(group=f"schema/{group}", name=name, node=node)
 
 
 def run_folder(new: str, *, _root_: Any) -> str:
