@@ -23,13 +23,15 @@ log = logging.getLogger("ae_lab")
 def main(cfg: DictConfig) -> float:
     """Train one run. In a sweep a failing job is recorded (run.json, the sweep's summary) and the
     sweep goes on; alone, a bad config ends the process with one line and exit code 2."""
-    from ae_lab.report import print_summary
+    from ae_lab.report import print_config_summary, print_summary
     from ae_lab.run import RunInterrupted, train
     from ae_lab.tracking import record_refused
 
     hydra_config = HydraConfig.get()
     run_dir = Path(hydra_config.runtime.output_dir)
     in_sweep = hydra_config.mode == RunMode.MULTIRUN
+    logging.captureWarnings(True)  # libraries' warnings into ae_lab.log; on the console with verbose=true
+    print_config_summary(dict(hydra_config.runtime.choices), list(hydra_config.overrides.task), run_dir)
     try:
         if cfg.resume is not None:  # CheckBeforeRun has checked that the run can be resumed
             from ae_lab.resume import resume_point

@@ -309,6 +309,8 @@ class Config:
     # checkpoints/last.ckpt is rewritten every this many training steps (0: only after validations)
     checkpoint_every_n_steps: int = 500
     resume: Optional[str] = None  # a run folder: continue that run from its last checkpoint (ae_lab/resume.py)
+    # false: the console shows the config, progress and results (libraries' messages go to ae_lab.log only)
+    verbose: bool = False
 
 
 SCHEMAS: dict[str, dict[str, type]] = {

@@ -1,7 +1,9 @@
-"""What a finished run prints: its final metrics, where its folder is, and how to upload its W&B run."""
+"""What a run shows on the console: its config and folder at the start, its final metrics, where its
+folder is and how to upload its W&B run at the end; and which log messages reach the console."""
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -12,6 +14,38 @@ from rich.table import Table
 SPLITS = ("train", "val", "test")
 # a sample size recorded beside a metric: `eval/sap_n_train` is how many codes SAP's classifiers fit
 SAMPLE_SIZE = re.compile(r"(?P<metric>.+)_n_(?P<part>[a-z]+)")
+
+
+# loggers whose INFO and WARNING messages reach the console by default: ae_lab's own, and Hydra's (a
+# sweep's launches); every other library's go to the run's ae_lab.log only, errors to both
+CONSOLE_LOGGERS = ("ae_lab", "__main__", "hydra")
+
+
+class QuietConsole(logging.Filter):
+    """The console handler's filter (conf/hydra/job_logging/ae_lab.yaml): lets through ae_lab's and
+    Hydra's messages and every error, not what libraries say at INFO or WARNING (Lightning's tips and
+    its `Trainer(limit_…=1.0)` notes, Python warnings captured from libraries); `verbose=true` lets
+    everything through."""
+
+    def __init__(self, verbose: bool = False) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (self.verbose or record.levelno >= logging.ERROR
+                or record.name.split(".")[0] in CONSOLE_LOGGERS)
+
+
+def print_config_summary(choices: dict[str, str], overrides: list[str], run_dir: Path,
+                         console: Console | None = None) -> None:
+    """The run's config in two lines (its option of each config group, then the command line's
+    overrides) and its folder, where `.hydra/config.yaml` holds the whole config."""
+    console = console or Console()
+    chosen = " ".join(f"{group}={option}" for group, option in reversed(choices.items())
+                      if option is not None and not group.startswith(("hydra", "schema")))
+    console.print(f"config: {chosen}", soft_wrap=True, highlight=False)
+    console.print(f"overrides: {' '.join(overrides) or '(none)'}", soft_wrap=True, highlight=False)
+    console.print(f"run folder: {run_dir} (full config: .hydra/config.yaml)", soft_wrap=True, highlight=False)
 
 
 def format_value(value: float) -> str:
