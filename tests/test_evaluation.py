@@ -231,6 +231,12 @@ def test_sparse_and_factor_data_runs(tmp_path):
                 "dci_completeness", "dci_informativeness", "sap"):
         assert np.isfinite(metrics[f"eval/{key}"]), key
     assert "eval/probe_accuracy" not in metrics  # shapes have factors, not labels
+    # the sizes used, beside the values: a test split of 200 (10% of 2000) cut at 2/3 into 133 training
+    # and 67 test codes, both under the caps of 300 and 100
+    sizes = {key: value for key, value in metrics.items() if "_n_" in key}
+    assert sizes == {"eval/mig_n_train": 133, "eval/factor_vae_n_pool": 200, "eval/factor_vae_n_train": 300,
+                     "eval/factor_vae_n_eval": 100, "eval/sap_n_train": 133, "eval/sap_n_test": 67,
+                     "eval/dci_n_train": 133, "eval/dci_n_test": 67}
     assert _png(tmp_path / "figures" / "activations.png")[..., :3].std() > 0.05
     assert _png(tmp_path / "figures" / "codes.png")[..., :3].std() > 0.05
 
