@@ -58,6 +58,11 @@ class ContractiveEstimator(str, Enum):
     projection = "projection"
 
 
+class PoolSource(str, Enum):
+    test = "test"
+    grid = "grid"
+
+
 class Optimizer(str, Enum):
     adam = "adam"
     adamw = "adamw"
@@ -279,6 +284,9 @@ class EvalConfig:
     active_unit_threshold: float = 0.01  # a unit is active when Var_x(E[z_d|x]) exceeds this
     probe_train_size: int = 5000  # training-split codes the logistic probe learns from
     disentanglement_pool: int = 10000  # test examples encoded for MIG / FactorVAE / DCI / SAP
+    # where that pool comes from: `test`, the first examples of the test split; `grid`, examples drawn
+    # uniformly from the data set's whole factor grid as disentanglement_lib draws them (shapes, dsprites)
+    disentanglement_pool_source: PoolSource = PoolSource.test
     disentanglement_train_size: int = 2000  # DCI/SAP fits and FactorVAE votes (dlib: 10000)
     disentanglement_test_size: int = 1000  # DCI/SAP tests and FactorVAE eval votes (dlib: 5000)
     dci: bool = False  # DCI's gradient-boosted trees take about a minute even at the sizes above

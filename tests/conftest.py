@@ -51,3 +51,19 @@ def read_json(path: Path) -> dict:
 @pytest.fixture
 def quick() -> list[str]:
     return list(QUICK)
+
+
+# the arguments of `cli_run`: one short epoch of a default run (W&B offline, default evaluation), with
+# Lightning's default batch limits (1.0), whose notes a quiet console must not show
+CLI_RUN = ["trainer.max_epochs=1", "model.latent_dim=12"]
+
+
+@pytest.fixture(scope="session")
+def cli_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`python -m ae_lab CLI_RUN` as a user runs it, once per test process, shared by the tests that
+    read a run made from the command line (it is not to be changed): its output and its run folder."""
+    cwd = tmp_path_factory.mktemp("cli_run")
+    done = run_cli(CLI_RUN, cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [run_dir] = (cwd / "outputs" / "runs").iterdir()
+    return done, run_dir

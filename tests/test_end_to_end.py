@@ -63,10 +63,8 @@ def _digits_checksum() -> str:
     return digest.hexdigest()
 
 
-def test_cli_run_folder_contract(tmp_path):
-    done = run_cli([*QUICK, "model.latent_dim=12"], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    [run_dir] = (tmp_path / "outputs" / "runs").iterdir()
+def test_cli_run_folder_contract(cli_run):
+    done, run_dir = cli_run
     assert f"run folder: {run_dir}" in done.stdout
 
     for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):

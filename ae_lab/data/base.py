@@ -12,7 +12,7 @@ import dataclasses
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytorch_lightning as pl
@@ -171,7 +171,8 @@ class ArrayDataModule(pl.LightningDataModule):
     """Train/val/test splits held in memory, served in batches."""
 
     def __init__(self, name: str, splits: dict[str, Split], batch_size: int, num_workers: int,
-                 checksum: str, on_device: bool = False, factor_names: tuple[str, ...] = ()) -> None:
+                 checksum: str, on_device: bool = False, factor_names: tuple[str, ...] = (),
+                 sample_grid: Callable[[int, int], Split] | None = None) -> None:
         super().__init__()
         self.name = name
         self.splits = splits
@@ -180,6 +181,9 @@ class ArrayDataModule(pl.LightningDataModule):
         self.checksum = checksum
         self.on_device = on_device
         self.factor_names = factor_names  # names of the columns of `factors` / `factor_classes`
+        # sample_grid(count, seed): `count` distinct examples drawn uniformly from the data set's whole
+        # factor grid (data sets that are a full product of their factors), as disentanglement_lib draws
+        self.sample_grid = sample_grid
         self.held_out_class: int | None = None
 
     @property

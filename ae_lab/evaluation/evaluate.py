@@ -76,7 +76,7 @@ def evaluate(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, run_di
         metrics.update(_latent_metrics(test, cfg, details))
         metrics.update(_downstream_metrics(module, data, test_split, test, cfg))
         if test.factor_classes is not None and cfg.eval.disentanglement_pool > 0:
-            metrics.update(_disentanglement(test, cfg.eval))
+            metrics.update(_disentanglement(*_disentanglement_pool(module, data, test, cfg.eval), cfg.eval))
         if cfg.loss.sparsity_weight > 0:
             metrics.update(sparse_code_statistics(test.codes, cfg.eval.near_zero))
         if cfg.eval.jacobian_examples > 0:
@@ -85,21 +85,37 @@ def evaluate(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, run_di
     return Evaluation({f"eval/{name}": value for name, value in sorted(metrics.items())}, details, figures)
 
 
-def _disentanglement(test: Encoded, ev: DictConfig) -> dict[str, float]:
-    """MIG, FactorVAE, SAP (and DCI) of the first `eval.disentanglement_pool` test codes, with the sample
-    sizes each used (`<metric>_n_<part>`); nothing, with a warning, when the pool is too small for
-    SAP's and DCI's classifiers."""
-    codes = test.codes[:ev.disentanglement_pool].numpy()
-    factors = test.factor_classes[:ev.disentanglement_pool].numpy()
+def _disentanglement_pool(module: Autoencoder, data: ArrayDataModule, test: Encoded,
+                          ev: DictConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The codes and factor classes of the disentanglement pool: the first `eval.disentanglement_pool`
+    test codes, or with `eval.disentanglement_pool_source=grid` that many examples drawn from the data
+    set's whole factor grid (by `eval.seed`) and encoded here; a data set without a grid uses its test
+    split."""
+    if ev.disentanglement_pool_source == "grid" and data.sample_grid is not None:
+        pool = data.sample_grid(ev.disentanglement_pool, ev.seed)
+        codes, factors = [], []
+        with torch.no_grad():
+            for batch in _batches(pool, len(pool), ev.batch_size, module.device):
+                codes.append(module.head.code(module.encoder(batch["x"])).cpu())
+                factors.append(batch["factor_classes"].cpu())
+        return torch.cat(codes).numpy(), torch.cat(factors).numpy()
+    return test.codes[:ev.disentanglement_pool].numpy(), test.factor_classes[:ev.disentanglement_pool].numpy()
+
+
+def _disentanglement(codes: np.ndarray, factors: np.ndarray, ev: DictConfig) -> dict[str, float]:
+    """MIG, FactorVAE, SAP (and DCI) of a pool of codes, with the sample sizes each used
+    (`<metric>_n_<part>`); nothing, with a warning, when the pool is too small for SAP's and DCI's
+    classifiers."""
     sizes = {"num_train": ev.disentanglement_train_size, "num_test": ev.disentanglement_test_size,
              "factor_vae_num_train": ev.disentanglement_train_size,
              "factor_vae_num_eval": ev.disentanglement_test_size, "with_dci": ev.dci}
     used = sample_sizes(len(codes), **sizes)
     needed = minimum_train_size(factors)
     if used["sap_n_train"] < needed:
-        log.warning("disentanglement metrics skipped: a pool of %d test codes gives SAP's classifiers %d "
-                    "training codes, fewer than the %d its factors need (a larger test split, e.g. a larger "
-                    "dataset.subsample, gives more)", len(codes), used["sap_n_train"], needed)
+        log.warning("disentanglement metrics skipped: a pool of %d codes gives SAP's classifiers %d training "
+                    "codes, fewer than the %d its factors need (a larger test split, e.g. a larger "
+                    "dataset.subsample, or eval.disentanglement_pool_source=grid gives more)",
+                    len(codes), used["sap_n_train"], needed)
         return {}
     return {**disentanglement_metrics(codes, factors, np.random.default_rng(ev.seed), **sizes), **used}
 
