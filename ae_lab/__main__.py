@@ -23,6 +23,7 @@ log = logging.getLogger("ae_lab")
 def main(cfg: DictConfig) -> float:
     """Train one run. In a sweep a failing job is recorded (run.json, the sweep's summary) and the
     sweep goes on; alone, a bad config ends the process with one line and exit code 2."""
+    from ae_lab.distributed import launched_rank
     from ae_lab.report import print_config_summary, print_summary
     from ae_lab.run import RunInterrupted, train
     from ae_lab.tracking import record_refused
@@ -31,7 +32,8 @@ def main(cfg: DictConfig) -> float:
     run_dir = Path(hydra_config.runtime.output_dir)
     in_sweep = hydra_config.mode == RunMode.MULTIRUN
     logging.captureWarnings(True)  # libraries' warnings into ae_lab.log; on the console with verbose=true
-    print_config_summary(dict(hydra_config.runtime.choices), list(hydra_config.overrides.task), run_dir)
+    if launched_rank() == 0:  # DDP's other ranks join rank 0's run
+        print_config_summary(dict(hydra_config.runtime.choices), list(hydra_config.overrides.task), run_dir)
     try:
         if cfg.resume is not None:  # CheckBeforeRun has checked that the run can be resumed
             from ae_lab.resume import resume_point
@@ -78,8 +80,9 @@ def cli() -> None:
 
     from ae_lab.composition_errors import explain
 
-    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
-    os.environ["HYDRA_FULL_ERROR"] = "1"
+    # set by the user, not inherited from an ae_lab process that set it (a launcher's job, a DDP rank)
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1" and "AE_LAB_SET_HYDRA_FULL_ERROR" not in os.environ
+    os.environ["HYDRA_FULL_ERROR"] = os.environ["AE_LAB_SET_HYDRA_FULL_ERROR"] = "1"
     try:
         main()
     except (ConfigCompositionException, OmegaConfBaseException) as error:
