@@ -105,8 +105,8 @@ def test_git_state_is_recorded_when_the_source_is_a_checkout(tmp_path):
 
 
 def test_same_seed_gives_identical_metrics_and_runs_keep_their_own_folders(tmp_path):
-    args = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=csv",
-            "model=vae", "noise=masking"]
+    args = ["trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.enable_progress_bar=false",
+            "logger=csv", "model=vae", "noise=masking"]
     first = run_cli([*args, "seed=3"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     [first_dir] = (tmp_path / "outputs" / "runs").iterdir()
