@@ -61,7 +61,7 @@ def format_value(value: float) -> str:
     return f"{value:.{max(0, 3 - magnitude)}f}"
 
 
-def sample_sizes(metrics: dict[str, float], prefix: str = "eval/") -> dict[str, str]:
+def recorded_sizes(metrics: dict[str, float], prefix: str = "eval/") -> dict[str, str]:
     """For each metric under `prefix`, the sample sizes recorded beside it, e.g. "train 2000, test 1000".
     A size `<metric>_n_<part>` belongs to `<metric>` and to every metric named `<metric>_*` (DCI's three)."""
     names = [key for key in metrics if key.startswith(prefix) and not SAMPLE_SIZE.fullmatch(key[len(prefix):])]
@@ -91,7 +91,7 @@ def metrics_tables(metrics: dict[str, float]) -> list[Table]:
     tables = [per_split]
     evaluated = {key: value for key, value in metrics.items() if key.startswith("eval/")}
     if evaluated:
-        sizes = sample_sizes(evaluated)
+        sizes = recorded_sizes(evaluated)
         table = Table(title="evaluation (test split)")
         table.add_column("metric")
         table.add_column("value", justify="right")
