@@ -24,6 +24,16 @@ needs_shared = pytest.mark.skipif(
 
 register_configs()
 
+# pytest-xdist's workers (pyproject.toml) share the cores: each trains, and the runs it starts train, with
+# its share of them rather than all of them each
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, len(os.sched_getaffinity(0)) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+    import torch
+
+    torch.set_num_threads(_THREADS)
+
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """The config `python -m ae_lab OVERRIDES` would train, composed in-process with Hydra's API."""
