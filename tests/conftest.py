@@ -28,7 +28,7 @@ register_configs()
 # its share of them rather than all of them each
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    _THREADS = max(1, len(os.sched_getaffinity(0)) // _WORKERS)
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
     os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
     import torch
 
