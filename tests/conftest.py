@@ -70,8 +70,8 @@ CLI_RUN = ["trainer.max_epochs=1", "model.latent_dim=12"]
 
 @pytest.fixture(scope="session")
 def cli_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    """`python -m ae_lab CLI_RUN` as a user runs it, once per test process, shared by the tests that
-    read a run made from the command line (it is not to be changed): its output and its run folder."""
+    """`python -m ae_lab CLI_RUN` as a user runs it, once per test process (per pytest-xdist worker), shared
+    by the tests that read a run made from the command line (not to be changed): its output and folder."""
     cwd = tmp_path_factory.mktemp("cli_run")
     done = run_cli(CLI_RUN, cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]

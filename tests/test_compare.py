@@ -13,9 +13,6 @@ import pytest
 from conftest import read_json, run_cli
 from wandb_records import run_contents
 
-# its tests share a module fixture: one worker makes it (pyproject.toml, addopts)
-pytestmark = pytest.mark.xdist_group("compare_sweep")
-
 QUICK = ["trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.enable_progress_bar=false",
          "trainer.enable_model_summary=false"]
 

@@ -16,7 +16,6 @@ from conftest import CLI_RUN, ROOT, read_json, run_cli
 NOISE = ("litlogger", "anonymous setting", "was configured so", "srun", "GPU available")
 
 
-@pytest.mark.xdist_group("cli_run")  # the session fixture, shared with test_end_to_end.py
 def test_default_run_shows_config_progress_and_results_only(cli_run):
     done, run_dir = cli_run
     metrics = read_json(run_dir / "metrics.json")

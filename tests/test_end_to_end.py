@@ -63,7 +63,6 @@ def _digits_checksum() -> str:
     return digest.hexdigest()
 
 
-@pytest.mark.xdist_group("cli_run")  # the session fixture, shared with test_console.py
 def test_cli_run_folder_contract(cli_run):
     done, run_dir = cli_run
     assert f"run folder: {run_dir}" in done.stdout

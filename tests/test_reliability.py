@@ -15,9 +15,6 @@ import pytest
 from conftest import read_json, run_cli
 from wandb_records import read_records
 
-# its tests share a module fixture: one worker makes it (pyproject.toml, addopts)
-pytestmark = pytest.mark.xdist_group("reproduce_run")
-
 SHORT = ["trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.enable_progress_bar=false",
          "model=vae", "noise=masking"]
 

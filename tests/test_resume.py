@@ -18,9 +18,6 @@ import torch
 from conftest import QUICK, ROOT, read_json, run_cli, train_in_process
 from wandb_records import read_records
 
-# its tests share a module fixture: one worker makes it (pyproject.toml, addopts)
-pytestmark = pytest.mark.xdist_group("resume_runs")
-
 SHARED = ROOT.parent / "shared" / "data"
 STALL = Path(__file__).resolve().parent / "stall"  # a sitecustomize that stops a run after a given step
 # MNIST with dynamic binarisation, masking noise and a VAE: the data order, the binarisation, the noise
