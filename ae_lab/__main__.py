@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 
 import hydra
@@ -24,7 +25,7 @@ def main(cfg: DictConfig) -> float:
     sweep goes on; alone, a bad config ends the process with one line and exit code 2."""
     from ae_lab.distributed import launched_rank, log_to_console_only
     from ae_lab.preemption import Requeued
-    from ae_lab.report import print_summary
+    from ae_lab.report import print_config_summary, print_summary
     from ae_lab.resume import unfinished_run
     from ae_lab.run import RunInterrupted, train
     from ae_lab.tracking import record_refused
@@ -32,8 +33,11 @@ def main(cfg: DictConfig) -> float:
     hydra_config = HydraConfig.get()
     run_dir = Path(hydra_config.runtime.output_dir)
     in_sweep = hydra_config.mode == RunMode.MULTIRUN
+    logging.captureWarnings(True)  # libraries' warnings into ae_lab.log; on the console with verbose=true
     first_rank = launched_rank() == 0
-    if not first_rank:
+    if first_rank:  # DDP's other ranks join rank 0's run
+        print_config_summary(dict(hydra_config.runtime.choices), list(hydra_config.overrides.task), run_dir)
+    else:
         log_to_console_only()
     try:
         if cfg.resume is not None:  # CheckBeforeRun has checked that the run can be resumed
@@ -75,5 +79,29 @@ def main(cfg: DictConfig) -> float:
     return metrics.get(cfg.objective, math.nan)
 
 
+def cli() -> None:
+    """`python -m ae_lab`: Hydra's entry, with a composition error of the command line (an unknown option,
+    key, or a value of the wrong type) reported as one line that points at the fix, exit code 2.
+
+    Hydra prints such errors itself unless HYDRA_FULL_ERROR is set, in which case it raises them: it is
+    set here so that they reach `explain`. A user who sets it gets Hydra's full error, as documented.
+    """
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ae_lab.composition_errors import explain
+
+    # set by the user, not inherited from an ae_lab process that set it (a launcher's job, a DDP rank)
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1" and "AE_LAB_SET_HYDRA_FULL_ERROR" not in os.environ
+    os.environ["HYDRA_FULL_ERROR"] = os.environ["AE_LAB_SET_HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (ConfigCompositionException, OmegaConfBaseException) as error:
+        message = None if full_error else explain(error)
+        if message is None:
+            raise
+        fail(message)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 
 from ae_lab.config import flatten
+from ae_lab.report import SAMPLE_SIZE
 
 KEY_METRICS = ("test/loss", "test/recon", "test/kl", "test/elbo")
 
@@ -65,6 +66,20 @@ def find_runs(paths: Sequence[Path]) -> list[Run]:
         runs.append(Run(folder, record.get("status", "unknown"), _load_config(folder / ".hydra" / "config.yaml"),
                         metrics, record.get("error")))
     return runs
+
+
+def size_mismatches(runs: list[Run]) -> dict[str, dict[float, int]]:
+    """The recorded sample sizes (`eval/<metric>_n_<part>`, see ae_lab/evaluation/evaluate.py) that
+    differ between the completed runs: size key -> {size: number of runs}."""
+    counts: dict[str, dict[float, int]] = {}
+    for run in runs:
+        if run.status != "completed":
+            continue
+        for key, value in run.metrics.items():
+            if key.startswith("eval/") and SAMPLE_SIZE.fullmatch(key.removeprefix("eval/")):
+                counts.setdefault(key, {}).setdefault(value, 0)
+                counts[key][value] += 1
+    return {key: sizes for key, sizes in sorted(counts.items()) if len(sizes) > 1}
 
 
 def swept_keys(runs: list[Run]) -> list[str]:
@@ -303,6 +318,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = find_runs(args.paths)
     if not runs:
         parser.error(f"no run folders (holding run.json) under {', '.join(map(str, args.paths))}")
+    mismatches = size_mismatches(runs)
+    if mismatches:
+        differing = "; ".join(f"{key}: " + ", ".join(f"{size:g} ({count} runs)" for size, count in sizes.items())
+                              for key, sizes in mismatches.items())
+        print(f"warning: these runs measured their disentanglement metrics on different sample sizes, so "
+              f"those metrics are not comparable between them ({differing})", file=sys.stderr)
     present = {metric for run in runs for metric in run.metrics}
     metrics = args.metrics.split(",") if args.metrics else [m for m in KEY_METRICS if m in present]
     keys = swept_keys(runs)

@@ -102,6 +102,11 @@ class Pretraining(str, Enum):
     greedy = "greedy"
 
 
+class PoolSource(str, Enum):
+    test = "test"
+    grid = "grid"
+
+
 class Optimizer(str, Enum):
     adam = "adam"
     adamw = "adamw"
@@ -427,6 +432,9 @@ class EvalConfig:
     active_unit_threshold: float = 0.01  # a unit is active when Var_x(E[z_d|x]) exceeds this
     probe_train_size: int = 5000  # training-split codes the logistic probe learns from
     disentanglement_pool: int = 10000  # test examples encoded for MIG / FactorVAE / DCI / SAP
+    # where that pool comes from: `test`, the first examples of the test split; `grid`, examples drawn
+    # uniformly from the data set's whole factor grid as disentanglement_lib draws them (shapes, dsprites)
+    disentanglement_pool_source: PoolSource = PoolSource.test
     disentanglement_train_size: int = 2000  # DCI/SAP fits and FactorVAE votes (dlib: 10000)
     disentanglement_test_size: int = 1000  # DCI/SAP tests and FactorVAE eval votes (dlib: 5000)
     dci: bool = False  # DCI's gradient-boosted trees take about a minute even at the sizes above
@@ -457,38 +465,43 @@ class Config:
     # checkpoints/last.ckpt is rewritten every this many training steps (0: only after validations)
     checkpoint_every_n_steps: int = 500
     resume: Optional[str] = None  # a run folder: continue that run from its last checkpoint (ae_lab/resume.py)
+    # false: the console shows the config, progress and results (libraries' messages go to ae_lab.log only)
+    verbose: bool = False
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
     "noise": {
-        "none_schema": NoNoise,
-        "gaussian_schema": GaussianNoise,
-        "masking_schema": MaskingNoise,
-        "salt_pepper_schema": SaltPepperNoise,
-        "occlusion_schema": OcclusionNoise,
-        "watermark_schema": WatermarkNoise,
-        "grayscale_schema": GrayscaleNoise,
+        "none": NoNoise,
+        "gaussian": GaussianNoise,
+        "masking": MaskingNoise,
+        "salt_pepper": SaltPepperNoise,
+        "occlusion": OcclusionNoise,
+        "watermark": WatermarkNoise,
+        "grayscale": GrayscaleNoise,
     },
     "dataset": {
-        "digits_schema": DigitsConfig,
-        "mnist_schema": MnistConfig,
-        "dsprites_schema": DspritesConfig,
-        "shapes_schema": ShapesConfig,
-        "array_schema": ArrayConfig,
-        "image_folder_schema": ImageFolderConfig,
-        "custom_schema": CustomDataConfig,
+        "digits": DigitsConfig,
+        "mnist": MnistConfig,
+        "dsprites": DspritesConfig,
+        "shapes": ShapesConfig,
+        "array": ArrayConfig,
+        "image_folder": ImageFolderConfig,
+        "custom": CustomDataConfig,
     },
     "logger": {
-        "wandb_schema": WandbLoggerConfig,
-        "csv_schema": CsvLoggerConfig,
-        "none_schema": NoLoggerConfig,
+        "wandb": WandbLoggerConfig,
+        "csv": CsvLoggerConfig,
+        "none": NoLoggerConfig,
     },
 }
 
 
 def register_configs() -> None:
-    """Put the schemas into Hydra's ConfigStore (the YAML files in `conf/` name them in `defaults`)
-    and register ae_lab's resolvers."""
+    """Put the schemas into Hydra's ConfigStore and register ae_lab's resolvers.
+
+    A group's schemas go under `schema/<group>/<name>`, apart from the group's options, so that they
+    are never offered as options; each option's YAML names its schema (`- /schema/dataset/mnist@_here_`).
+    """
     from omegaconf import OmegaConf
 
     from ae_lab.sweep import config_hash, noise_level, slurm_gpus
@@ -501,7 +514,7 @@ def register_configs() -> None:
     store.store(name="config_schema", node=Config)
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
-            store.store(group=group, name=name, node=node)
+            store.store(group=f"schema/{group}", name=name, node=node)
 
 
 def run_folder(new: str, *, _root_: Any) -> str:

@@ -142,6 +142,8 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger:
         dirpath=folder, filename="best", monitor="val/loss", mode="min",
         save_top_k=1, save_last=True, enable_version_counter=False)
     callbacks = [checkpoints, timer, interrupt, ResumeState(plain), RequeueOnSignal(folder / "last.ckpt")]
+    if cfg.trainer.enable_model_summary and not cfg.verbose:  # its table into ae_lab.log, not on the console
+        callbacks.append(pl.callbacks.ModelSummary())
     if cfg.checkpoint_every_n_steps:
         callbacks.append(StepCheckpoint(folder, cfg.checkpoint_every_n_steps))
     if cfg.model.pretrain == "greedy":

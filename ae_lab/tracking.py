@@ -239,13 +239,17 @@ def build_logger(cfg: DictConfig, run_dir: Path, input_size: int, run_id: str | 
     os.environ.setdefault("WANDB_SILENT", "true")
     overrides, groups, sweep = run_naming(run_dir, resumed=run_id is not None)
     plain = _plain(cfg)
-    return WandbLogger(
+    logger = WandbLogger(
         project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
         group=cfg.logger.group or sweep, job_type=variant_name(plain, input_size),
         name=run_name(overrides, groups), tags=[*cfg.logger.tags, plain["model"]["arch"], cfg.dataset.name],
         save_dir=str(run_dir), config=flatten(plain),
         **({"id": run_id, "resume": "allow"} if run_id else {}),
     )
+    # Lightning 2.6 always passes `anonymous` to wandb.init, which wandb 0.31 answers, on the console, with
+    # "The anonymous setting has no effect": it has none, so it is not passed
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def wandb_run_id(logger: Any) -> str | None:

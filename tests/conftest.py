@@ -24,6 +24,16 @@ needs_shared = pytest.mark.skipif(
 
 register_configs()
 
+# pytest-xdist's workers (pyproject.toml) share the cores: each trains, and the runs it starts train, with
+# its share of them rather than all of them each
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+    import torch
+
+    torch.set_num_threads(_THREADS)
+
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """The config `python -m ae_lab OVERRIDES` would train, composed in-process with Hydra's API."""
@@ -65,3 +75,19 @@ def slurm_cluster(tmp_path_factory):
         pytest.skip(f"no test SLURM cluster: {why}")
     yield cluster
     cluster.stop()
+
+
+# the arguments of `cli_run`: one short epoch of a default run (W&B offline, default evaluation), with
+# Lightning's default batch limits (1.0), whose notes a quiet console must not show
+CLI_RUN = ["trainer.max_epochs=1", "model.latent_dim=12"]
+
+
+@pytest.fixture(scope="session")
+def cli_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`python -m ae_lab CLI_RUN` as a user runs it, once per test process (per pytest-xdist worker), shared
+    by the tests that read a run made from the command line (not to be changed): its output and folder."""
+    cwd = tmp_path_factory.mktemp("cli_run")
+    done = run_cli(CLI_RUN, cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [run_dir] = (cwd / "outputs" / "runs").iterdir()
+    return done, run_dir

@@ -125,3 +125,17 @@ def test_bad_arguments_get_one_clear_line(tmp_path):
     assert done.returncode == 2 and "no such folder" in done.stderr and "Traceback" not in done.stderr
     empty = compare(str(tmp_path))
     assert empty.returncode == 2 and "no run folders" in empty.stderr
+
+
+def test_runs_measured_on_different_sample_sizes_are_flagged(sweep, tmp_path):
+    # two completed runs whose SAP was fitted on 1,333 and on 10,000 codes (their records edited so)
+    first, second = (tmp_path / name for name in ("a", "b"))
+    for folder, size in ((first, 1333), (second, 10000)):
+        subprocess.run(["cp", "-r", str(jobs(sweep["dir"])[0]), str(folder)], check=True)
+        metrics = read_json(folder / "metrics.json")
+        (folder / "metrics.json").write_text(json.dumps({**metrics, "eval/sap": 0.4, "eval/sap_n_train": size}))
+    done = compare(str(first), str(second))
+    assert done.returncode == 0
+    [warning] = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert "eval/sap_n_train: 1333 (1 runs), 10000 (1 runs)" in warning
+    assert "warning" not in compare(str(first)).stderr  # one size: nothing to flag

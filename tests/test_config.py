@@ -112,7 +112,7 @@ CLI_BAD_INPUTS = [
     (["model.arch=foo"], "model.arch"),
     (["model.no_such_key=1"], "model.no_such_key"),
     (["noise=gaussian", "noise.p=0.3"], "noise.p"),
-    (["model=nonexistent"], "model/nonexistent"),
+    (["model=nonexistent"], "model=nonexistent"),
     (["model.latent_dim=eight"], "model.latent_dim"),
     (["model.arch=conv", "model.channels=[8,8,8,8]"], "model.channels"),
     (["trainer.accelerator=gpu", f"trainer.devices={torch.cuda.device_count() + 1}"], "trainer.devices"),

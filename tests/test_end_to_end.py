@@ -63,10 +63,8 @@ def _digits_checksum() -> str:
     return digest.hexdigest()
 
 
-def test_cli_run_folder_contract(tmp_path):
-    done = run_cli([*QUICK, "model.latent_dim=12"], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    [run_dir] = (tmp_path / "outputs" / "runs").iterdir()
+def test_cli_run_folder_contract(cli_run):
+    done, run_dir = cli_run
     assert f"run folder: {run_dir}" in done.stdout
 
     for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
@@ -106,8 +104,8 @@ def test_git_state_is_recorded_when_the_source_is_a_checkout(tmp_path):
 
 
 def test_same_seed_gives_identical_metrics_and_runs_keep_their_own_folders(tmp_path):
-    args = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=csv",
-            "model=vae", "noise=masking"]
+    args = ["trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.enable_progress_bar=false",
+            "logger=csv", "model=vae", "noise=masking"]
     first = run_cli([*args, "seed=3"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     [first_dir] = (tmp_path / "outputs" / "runs").iterdir()

@@ -231,6 +231,12 @@ def test_sparse_and_factor_data_runs(tmp_path):
                 "dci_completeness", "dci_informativeness", "sap"):
         assert np.isfinite(metrics[f"eval/{key}"]), key
     assert "eval/probe_accuracy" not in metrics  # shapes have factors, not labels
+    # the sizes used, beside the values: a test split of 200 (10% of 2000) cut at 2/3 into 133 training
+    # and 67 test codes, both under the caps of 300 and 100
+    sizes = {key: value for key, value in metrics.items() if "_n_" in key}
+    assert sizes == {"eval/mig_n_train": 133, "eval/factor_vae_n_pool": 200, "eval/factor_vae_n_train": 300,
+                     "eval/factor_vae_n_eval": 100, "eval/sap_n_train": 133, "eval/sap_n_test": 67,
+                     "eval/dci_n_train": 133, "eval/dci_n_test": 67}
     assert _png(tmp_path / "figures" / "activations.png")[..., :3].std() > 0.05
     assert _png(tmp_path / "figures" / "codes.png")[..., :3].std() > 0.05
 
@@ -241,3 +247,41 @@ def test_evaluation_is_repeatable(tmp_path):
     second = train_in_process([*QUICK, "noise=gaussian", "model=vae", "logger=none", "eval.figures=false"],
                               tmp_path / "b")
     assert first == second
+
+
+def test_disentanglement_pool_from_the_grid_reaches_the_asked_sizes():
+    """A 500-image shapes set has a test split of 50: too few for SAP's classifiers (skipped, not run
+    on a handful of codes); a pool drawn from the whole grid gives the sizes asked for, recorded."""
+    from ae_lab.data import build_datamodule
+    from ae_lab.evaluation.disentanglement import sample_sizes
+    from ae_lab.evaluation.evaluate import _disentanglement, _disentanglement_pool, encode_split
+    from ae_lab.module import Autoencoder
+    from conftest import compose_config
+    from omegaconf import OmegaConf
+
+    overrides = ["dataset=shapes", "dataset.subsample=500", "model.latent_dim=4", "eval.disentanglement_pool=1500",
+                 "eval.disentanglement_train_size=1000", "eval.disentanglement_test_size=500"]
+    cfg = compose_config(overrides)
+    data = build_datamodule(cfg.dataset)
+    module = Autoencoder.from_config(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), data.input_shape)
+    module.eval()
+    test = encode_split(module, data.splits["test"], cfg)
+    codes, factors = _disentanglement_pool(module, data, test, cfg.eval)
+    assert len(codes) == len(data.splits["test"]) == 50
+    assert _disentanglement(codes, factors, cfg.eval) == {}  # 33 training codes for 40 orientations
+
+    grid = compose_config([*overrides, "eval.disentanglement_pool_source=grid"]).eval
+    codes, factors = _disentanglement_pool(module, data, test, grid)
+    assert codes.shape == (1500, 4) and len(np.unique(factors, axis=0)) == 1500  # distinct grid images
+    assert len(np.unique(factors[:, 3])) == 40  # every orientation, not only the 500 images' ones
+    metrics = _disentanglement(codes, factors, grid)
+    assert {key: metrics[key] for key in ("mig_n_train", "sap_n_train", "sap_n_test")} == {
+        "mig_n_train": 1000, "sap_n_train": 1000, "sap_n_test": 500}
+    assert 0 <= metrics["sap"] <= 1 and 0 <= metrics["mig"] <= 1
+    # eval=paper: disentanglement_lib's 10,000 training and 5,000 test codes on shapes and dsprites
+    for dataset in ("shapes", "dsprites"):
+        paper = compose_config([f"dataset={dataset}", "eval=paper"]).eval
+        assert paper.disentanglement_pool_source == "grid"
+        sizes = sample_sizes(paper.disentanglement_pool, num_train=paper.disentanglement_train_size,
+                             num_test=paper.disentanglement_test_size)
+        assert (sizes["sap_n_train"], sizes["sap_n_test"], sizes["mig_n_train"]) == (10000, 5000, 10000)

@@ -77,7 +77,8 @@ def _test_recon_by_hand(job: Path) -> float:
 
 
 def test_ddp_under_multirun_runs_each_job_once_in_its_own_folder(tmp_path):
-    done = run_cli(["-m", *DDP, "model.latent_dim=4,8", *QUICK], cwd=tmp_path)
+    # verbose=true: Lightning's "Initializing distributed: ... MEMBER: r/n" lines reach the console
+    done = run_cli(["-m", *DDP, "model.latent_dim=4,8", *QUICK, "verbose=true"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
     assert output.count("MEMBER: 2/2") == 2  # two ranks per job...
@@ -98,7 +99,7 @@ def test_ddp_under_multirun_runs_each_job_once_in_its_own_folder(tmp_path):
 
 
 def test_single_run_with_ddp_makes_one_run_folder(tmp_path):
-    done = run_cli([*DDP, *QUICK, "logger=csv"], cwd=tmp_path)
+    done = run_cli([*DDP, *QUICK, "logger=csv", "verbose=true"], cwd=tmp_path)  # MEMBER lines on the console
     assert done.returncode == 0, done.stderr[-3000:]
     assert "MEMBER: 2/2" in done.stdout + done.stderr
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["runs"]

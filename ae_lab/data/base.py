@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytorch_lightning as pl
@@ -178,7 +178,7 @@ class ArrayDataModule(pl.LightningDataModule):
 
     def __init__(self, name: str, splits: dict[str, Split], batch_size: int, num_workers: int,
                  checksum: str, on_device: bool = False, factor_names: tuple[str, ...] = (),
-                 scaling: Any = None) -> None:
+                 scaling: Any = None, sample_grid: Callable[[int, int], Split] | None = None) -> None:
         super().__init__()
         self.name = name
         self.splits = splits
@@ -188,6 +188,9 @@ class ArrayDataModule(pl.LightningDataModule):
         self.on_device = on_device
         self.factor_names = factor_names  # names of the columns of `factors` / `factor_classes`
         self.scaling = scaling  # a user's data: the `dataset.normalize` fitted on train (Scaling), else None
+        # sample_grid(count, seed): `count` distinct examples drawn uniformly from the data set's whole
+        # factor grid (data sets that are a full product of their factors), as disentanglement_lib draws
+        self.sample_grid = sample_grid
         self.held_out_class: int | None = None
 
     @property

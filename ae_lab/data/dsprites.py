@@ -56,5 +56,11 @@ def load(cfg: DictConfig) -> ArrayDataModule:
     parts = split_indices(images.shape[0], cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
     splits = {name: Split(images, factors=values, factor_classes=classes,
                           index=torch.from_numpy(index)) for name, index in parts.items()}
+
+    def sample_grid(count: int, seed: int) -> Split:
+        """`count` distinct images drawn uniformly from all 737,280 (the whole factor grid) by `seed`."""
+        rows = np.random.default_rng(seed).choice(images.shape[0], size=min(count, images.shape[0]), replace=False)
+        return Split(images, factors=values, factor_classes=classes, index=torch.from_numpy(rows))
+
     return ArrayDataModule("dsprites", splits, cfg.batch_size, cfg.num_workers, checksum,
-                           on_device=cfg.on_device, factor_names=FACTOR_NAMES)
+                           on_device=cfg.on_device, factor_names=FACTOR_NAMES, sample_grid=sample_grid)

@@ -202,4 +202,13 @@ def load(cfg: DictConfig) -> ArrayDataModule:
               for name, index in parts.items()}
     source = np.frombuffer(Path(__file__).read_bytes(), dtype=np.uint8)
     return ArrayDataModule("shapes", splits, cfg.batch_size, cfg.num_workers,
-                           checksum=sha256_of_arrays(source, chosen), factor_names=FACTOR_NAMES)
+                           checksum=sha256_of_arrays(source, chosen), factor_names=FACTOR_NAMES,
+                           sample_grid=sample_grid)
+
+
+def sample_grid(count: int, seed: int) -> Split:
+    """`count` distinct images drawn uniformly from the whole 737,280-image grid by `seed`, rendered
+    when indexed (the disentanglement pool of `eval.disentanglement_pool_source=grid`)."""
+    chosen = np.random.default_rng(seed).choice(NUM_IMAGES, size=min(count, NUM_IMAGES), replace=False)
+    classes = index_to_classes(torch.from_numpy(chosen))
+    return Split(RenderedImages(classes), factors=factor_values(classes), factor_classes=classes)

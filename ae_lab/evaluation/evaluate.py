@@ -17,7 +17,9 @@ Metrics (`eval/*` in metrics.json and the W&B summary; `test/*` are the training
 - labelled data: `probe_accuracy` of a logistic regression on the codes and `probe_accuracy_pixels`
   on raw pixels; with `dataset.held_out_class`, `anomaly_auroc_recon` (and `anomaly_auroc_elbo`);
 - data with ground-truth factors: MIG, FactorVAE score, SAP, and DCI with `eval.dci` (slow: gradient-
-  boosted trees) (`disentanglement.py`);
+  boosted trees) (`disentanglement.py`), each with the sample sizes it used beside it
+  (`mig_n_train`, `factor_vae_n_pool`, `factor_vae_n_train`, `factor_vae_n_eval`, `sap_n_train`,
+  `sap_n_test`, `dci_n_train`, `dci_n_test`), so that runs measured at different sizes are told apart;
 - sparse codes (`loss.sparsity_weight` > 0): `code_mean_activation`, `code_near_zero_fraction`,
   `code_dead_units`.
 
@@ -37,7 +39,7 @@ from omegaconf import DictConfig
 
 from ae_lab.data import ArrayDataModule, Split
 from ae_lab.evaluation.codes import encoder_jacobian_norm, sparse_code_statistics
-from ae_lab.evaluation.disentanglement import disentanglement_metrics
+from ae_lab.evaluation.disentanglement import disentanglement_metrics, minimum_train_size, sample_sizes
 from ae_lab.evaluation.encoded import Encoded
 from ae_lab.evaluation.downstream import anomaly_auroc, probe_accuracy
 from ae_lab.evaluation.likelihood import active_units, bernoulli_log_likelihood, importance_weighted_bound
@@ -76,19 +78,48 @@ def evaluate(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, run_di
         if test.factor_classes is None:
             _skip(details, "disentanglement (MIG, FactorVAE, SAP, DCI)", "the data have no ground-truth factor classes")
         elif cfg.eval.disentanglement_pool > 0:
-            pool = slice(0, cfg.eval.disentanglement_pool)
-            metrics.update(disentanglement_metrics(
-                test.codes[pool].numpy(), test.factor_classes[pool].numpy(),
-                np.random.default_rng(cfg.eval.seed),
-                num_train=cfg.eval.disentanglement_train_size, num_test=cfg.eval.disentanglement_test_size,
-                factor_vae_num_train=cfg.eval.disentanglement_train_size,
-                factor_vae_num_eval=cfg.eval.disentanglement_test_size, with_dci=cfg.eval.dci))
+            metrics.update(_disentanglement(*_disentanglement_pool(module, data, test, cfg.eval), cfg.eval))
         if cfg.loss.sparsity_weight > 0:
             metrics.update(sparse_code_statistics(test.codes, cfg.eval.near_zero))
         if cfg.eval.jacobian_examples > 0:
             metrics["jacobian_frobenius_sq"] = _jacobian_norm(module, test_split, cfg.eval)
         figures = draw_figures(module, data, test, cfg, run_dir / "figures") if cfg.eval.figures else {}
     return Evaluation({f"eval/{name}": value for name, value in sorted(metrics.items())}, details, figures)
+
+
+def _disentanglement_pool(module: Autoencoder, data: ArrayDataModule, test: Encoded,
+                          ev: DictConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The codes and factor classes of the disentanglement pool: the first `eval.disentanglement_pool`
+    test codes, or with `eval.disentanglement_pool_source=grid` that many examples drawn from the data
+    set's whole factor grid (by `eval.seed`) and encoded here; a data set without a grid uses its test
+    split."""
+    if ev.disentanglement_pool_source == "grid" and data.sample_grid is not None:
+        pool = data.sample_grid(ev.disentanglement_pool, ev.seed)
+        codes, factors = [], []
+        with torch.no_grad():
+            for batch in _batches(pool, len(pool), ev.batch_size, module.device):
+                codes.append(module.head.code(module.encoder(batch["x"])).cpu())
+                factors.append(batch["factor_classes"].cpu())
+        return torch.cat(codes).numpy(), torch.cat(factors).numpy()
+    return test.codes[:ev.disentanglement_pool].numpy(), test.factor_classes[:ev.disentanglement_pool].numpy()
+
+
+def _disentanglement(codes: np.ndarray, factors: np.ndarray, ev: DictConfig) -> dict[str, float]:
+    """MIG, FactorVAE, SAP (and DCI) of a pool of codes, with the sample sizes each used
+    (`<metric>_n_<part>`); nothing, with a warning, when the pool is too small for SAP's and DCI's
+    classifiers."""
+    sizes = {"num_train": ev.disentanglement_train_size, "num_test": ev.disentanglement_test_size,
+             "factor_vae_num_train": ev.disentanglement_train_size,
+             "factor_vae_num_eval": ev.disentanglement_test_size, "with_dci": ev.dci}
+    used = sample_sizes(len(codes), **sizes)
+    needed = minimum_train_size(factors)
+    if used["sap_n_train"] < needed:
+        log.warning("disentanglement metrics skipped: a pool of %d codes gives SAP's classifiers %d training "
+                    "codes, fewer than the %d its factors need (a larger test split, e.g. a larger "
+                    "dataset.subsample, or eval.disentanglement_pool_source=grid gives more)",
+                    len(codes), used["sap_n_train"], needed)
+        return {}
+    return {**disentanglement_metrics(codes, factors, np.random.default_rng(ev.seed), **sizes), **used}
 
 
 def _batches(split: Split, count: int, batch_size: int, device: torch.device):
