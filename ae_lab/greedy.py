@@ -87,4 +87,4 @@ class PhaseCheckpoints(pl.Callback):
         epoch = trainer.current_epoch
         layer = pretraining_layer(self.model_cfg, epoch)
         if layer is not None and pretraining_layer(self.model_cfg, epoch + 1) != layer:
-            trainer.save_checkpoint(self.folder / f"pretrain_layer{layer}.ckpt")
+            trainer.save_checkpoint(self.folder / f"pretrain_layer{layer}.ckpt", weights_only=False)
