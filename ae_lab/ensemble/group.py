@@ -71,10 +71,6 @@ def limited(batches: int, limit: Any) -> int:
     return batches if float(limit) == 1.0 else int(batches * float(limit))
 
 
-def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.view(-1, *([1] * (like.dim() - 1)))
-
-
 class Ensemble:
     """M `Autoencoder`s of one structure as stacked parameters, run by one `functional_call` under vmap."""
 
@@ -87,13 +83,22 @@ class Ensemble:
         self.base = self.modules[0]
         self.term_names = self.base.objective.term_names
         stacked, _ = stack_module_state(self.modules)
-        self.params = {name: value.detach().to(device).requires_grad_(True) for name, value in stacked.items()}
+        self.shapes = {name: value.shape[1:] for name, value in stacked.items()}
+        # all of a member's parameters in one row: the optimiser then updates the ensemble in a few ops
+        self.flat = torch.cat([value.detach().flatten(1) for value in stacked.values()], 1).to(device)
+        self.flat.requires_grad_(True)
         self.device = device
         kind = configs[0]["noise"]["kind"]
         self.corrupt, strength_key = KINDS.get(kind, (None, None))
         self.strength = self._per_member([c["noise"][strength_key] if strength_key else 0.0 for c in configs])
         self._train_terms = vmap(partial(self._terms, train=True), randomness="different")
         self._eval_terms = vmap(partial(self._terms, train=False), in_dims=(0, None, 0, 0), randomness="different")
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The named, stacked parameters (M, *shape) as views of the rows of `flat` (M, P)."""
+        sizes = [shape.numel() for shape in self.shapes.values()]
+        return {name: part.view(-1, *shape)
+                for (name, shape), part in zip(self.shapes.items(), flat.split(sizes, dim=1))}
 
     def _per_member(self, values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=self.device)
@@ -111,14 +116,15 @@ class Ensemble:
         return self.base.objective(logits, x, latent, inputs, weights, create_graph=train)
 
     def train_terms(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        return self._train_terms(self.params, x, self.weights(step), self.strength)
+        return self._train_terms(self.unflatten(self.flat), x, self.weights(step), self.strength)
 
     @torch.no_grad()
-    def eval_terms(self, params: dict[str, torch.Tensor], x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        return self._eval_terms(params, x, self.weights(step), self.strength)
+    def eval_terms(self, flat: torch.Tensor, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        return self._eval_terms(self.unflatten(flat), x, self.weights(step), self.strength)
 
-    def member_state(self, params: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
-        return {name: value[index].detach().cpu().clone() for name, value in params.items()}
+    def member_state(self, flat: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
+        """Member `index`'s parameters as a state dict of the ordinary module."""
+        return {name: value[index].detach().cpu().clone() for name, value in self.unflatten(flat).items()}
 
 
 class EpochSums:
@@ -165,15 +171,14 @@ class GroupTrainer:
         self.every_n_steps = first["checkpoint_every_n_steps"]
         self.ensemble = Ensemble(self.configs, data.input_shape, device)
         optim = [c["optim"] for c in self.configs]
-        self.leaves = list(self.ensemble.params.values())
         self.optimizer = StackedOptimizer(
-            self.leaves, first["optim"]["name"], [o["lr"] for o in optim], [o["weight_decay"] for o in optim],
+            self.ensemble.flat, first["optim"]["name"], [o["lr"] for o in optim], [o["weight_decay"] for o in optim],
             [o["eps"] for o in optim], [o["momentum"] for o in optim])
         clip = [c["trainer"]["gradient_clip_val"] for c in self.configs]
         self.clip = None if clip[0] is None else self.ensemble._per_member([float(v) for v in clip])
         count = len(members)
         self.alive = torch.ones(count, dtype=torch.bool, device=device)
-        self.best_params = {name: value.detach().clone() for name, value in self.ensemble.params.items()}
+        self.best_params = self.ensemble.flat.detach().clone()
         self.best_val = torch.full((count,), math.inf, dtype=torch.float64, device=device)
         self.best_epoch = [-1] * count
         self.progress = Progress(history=[[] for _ in members])
@@ -202,7 +207,7 @@ class GroupTrainer:
         """MultiStepLR's factor at `epoch` for every member: gamma ** (milestones passed)."""
         return self.ensemble._per_member([
             c["optim"]["gamma"] ** sum(milestone <= epoch for milestone in c["optim"]["milestones"])
-            for c in self.configs])
+            for c in self.configs]).unsqueeze(1)
 
     def _step(self, x: torch.Tensor) -> None:
         step = self.progress.global_step
@@ -212,16 +217,16 @@ class GroupTrainer:
         if bool((self.alive & ~finite).any()):
             self._record_failures(terms, self.alive & ~finite)
             self.alive &= finite
-        grads = torch.autograd.grad(torch.where(self.alive, loss, torch.zeros_like(loss)).sum(), self.leaves)
+        [grad] = torch.autograd.grad(torch.where(self.alive, loss, torch.zeros_like(loss)).sum(), self.ensemble.flat)
         if self.clip is not None:
-            grads = clip_gradients(grads, self.clip, self.trainer_cfg["gradient_clip_algorithm"])
-        self.optimizer.step(grads, self.alive)
+            grad = clip_gradients(grad, self.clip, self.trainer_cfg["gradient_clip_algorithm"])
+        self.optimizer.step(grad, self.alive)
         self.sums.add(terms, x.shape[1])
         self.progress.global_step += 1
 
     def _record_failures(self, terms: dict[str, torch.Tensor], failed: torch.Tensor) -> None:
         for member in failed.nonzero().flatten().tolist():
-            values = {name: float(value[member]) for name, value in terms.items()}
+            values = {name: float(value[member].detach()) for name, value in terms.items()}
             bad = [f"{name}={value}" for name, value in values.items() if name != "loss" and not math.isfinite(value)]
             message = (f"the training loss became {values['loss']} at step {self.progress.global_step} "
                        f"(epoch {self.progress.epoch}); non-finite terms: {', '.join(bad) or 'none (their sum overflowed)'}")
@@ -230,13 +235,12 @@ class GroupTrainer:
             log.error("member %d (%s) failed and is frozen: %s", member, self.members[member].run_dir.name, message)
 
     def _validate(self, epoch: int) -> None:
-        val = self._evaluate(self.ensemble.params, "val")
+        val = self._evaluate(self.ensemble.flat, "val")
         val_loss = torch.tensor([m["val/loss"] for m in val], dtype=torch.float64, device=self.device)
         improved = torch.isfinite(val_loss) & (val_loss < self.best_val) & self.alive
         self.best_val = torch.where(improved, val_loss, self.best_val)
         with torch.no_grad():
-            for name, value in self.ensemble.params.items():
-                self.best_params[name] = torch.where(_expand(improved, value), value, self.best_params[name])
+            self.best_params = torch.where(improved.unsqueeze(1), self.ensemble.flat, self.best_params)
         train = self.sums.means("train")
         for member, is_better in enumerate(improved.tolist()):
             if is_better:
@@ -244,10 +248,10 @@ class GroupTrainer:
             self.progress.history[member].append(
                 {**train[member], **val[member], "epoch": epoch, "step": self.progress.global_step})
 
-    def _evaluate(self, params: dict[str, torch.Tensor], stage: str) -> list[dict[str, float]]:
+    def _evaluate(self, flat: torch.Tensor, stage: str) -> list[dict[str, float]]:
         sums = EpochSums(self.ensemble.term_names, len(self.members), self.device)
         for x in self._split_batches(self.data.splits[stage], self.trainer_cfg[f"limit_{stage}_batches"]):
-            sums.add(self.ensemble.eval_terms(params, x, self.progress.global_step), x.shape[0])
+            sums.add(self.ensemble.eval_terms(flat, x, self.progress.global_step), x.shape[0])
         return sums.means(stage)
 
     def fit(self) -> None:
@@ -279,7 +283,7 @@ class GroupTrainer:
     # ----- group checkpoint
     def save_checkpoint(self) -> None:
         state = {"members": [str(m.run_dir) for m in self.members], "configs": self.configs,
-                 "params": {k: v.detach() for k, v in self.ensemble.params.items()},
+                 "params": self.ensemble.flat.detach(),
                  "best_params": self.best_params, "best_val": self.best_val, "best_epoch": self.best_epoch,
                  "alive": self.alive, "optimizer": self.optimizer.state_dict(), "progress": self.progress.__dict__,
                  "sums": {"sums": self.sums.sums, "count": self.sums.count}, "random": random_state()}
@@ -295,8 +299,7 @@ class GroupTrainer:
             log.warning("%s is of another group: not resumed from", self.checkpoint_path)
             return False
         with torch.no_grad():
-            for name, value in self.ensemble.params.items():
-                value.copy_(state["params"][name])
+            self.ensemble.flat.copy_(state["params"])
         self.best_params, self.best_val, self.best_epoch = state["best_params"], state["best_val"], state["best_epoch"]
         self.alive = state["alive"]
         self.optimizer.load_state_dict(state["optimizer"])
@@ -389,7 +392,7 @@ def _write_member(trainer: GroupTrainer, index: int, member: Member, record: Run
         module = trainer.ensemble.modules[index]
         step, epochs = trainer.progress.global_step, trainer.progress.epoch
         folder = run_dir / "checkpoints"
-        _save(folder / "last.ckpt", _checkpoint(module, trainer.ensemble.member_state(trainer.ensemble.params, index),
+        _save(folder / "last.ckpt", _checkpoint(module, trainer.ensemble.member_state(trainer.ensemble.flat, index),
                                                 epochs, step))
         best = trainer.ensemble.member_state(trainer.best_params, index)
         _save(folder / "best.ckpt", _checkpoint(module, best, trainer.best_epoch[index], step))
