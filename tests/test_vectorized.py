@@ -228,14 +228,17 @@ def test_vectorized_sweep_folders_wandb_compare_reproduce_and_rerun(tmp_path):
 
         Autoencoder.load_from_checkpoint(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
         contents = run_contents(run_dir)
-        assert contents["run"].run_id == record["wandb_run_id"] and contents["run"].group == vectorized.name
+        single = run_contents(basic / name)["run"]
+        assert contents["run"].run_id == record["wandb_run_id"] and contents["run"].run_group == vectorized.name
+        assert (contents["run"].display_name, contents["run"].job_type) == (single.display_name, single.job_type)
         assert contents["config"]["seed"] == record["seed"]
-        assert contents["summary"]["test/loss"] == pytest.approx(metrics["test/loss"])
+        for key, value in metrics.items():  # the summary holds this member's final metrics
+            assert contents["summary"][key] == pytest.approx(value)
         runs[name] = [row["train/loss"] for row in contents["history"] if "train/loss" in row]
         assert len(runs[name]) == 2
     assert len({tuple(history) for history in runs.values()}) == 4  # each run holds only its own values
     # compare: the same columns, the same numbers within the equality's tolerance
-    tables = [run_cli_module("ae_lab.compare", [str(folder), "--format", "csv"], tmp_path) for folder in (vectorized, basic)]
+    tables = [run_cli_module("ae_lab.compare", [str(folder), "--by-seed", "--format", "csv"], tmp_path) for folder in (vectorized, basic)]
     ours, theirs = (list(csv.DictReader(table.splitlines())) for table in tables)
     assert ours[0].keys() == theirs[0].keys() and len(ours) == len(theirs) == 4
     for mine, single in zip(ours, theirs):
