@@ -273,6 +273,10 @@ class GroupTrainer:
                     self.progress.fit_seconds = time.time() - started
                     self.save_checkpoint()
             self._validate(epoch)
+            losses = [history[-1]["val/loss"] for history, alive in zip(self.progress.history, self.alive.tolist())
+                      if alive]
+            log.info("epoch %d: %d of %d members training, val/loss %.4g to %.4g", epoch, len(losses),
+                     len(self.members), min(losses, default=math.nan), max(losses, default=math.nan))
             self.progress.epoch, self.progress.batch = epoch + 1, 0
             self.sums = EpochSums(self.ensemble.term_names, len(self.members), self.device)
             self.progress.fit_seconds = time.time() - started

@@ -111,6 +111,13 @@ class VectorizedLauncher(GpuQueueLauncher):
         members = [Member(self._task_config(job), job.folder, lambda job=job: self._activate(job)) for job in jobs]
         try:
             outcomes = run_group(members, name, sweep_dir / ".ensembles" / f"{name}.pt")
+        except KeyboardInterrupt:  # the members are recorded as interrupted; as for a single run in a sweep
+            from ae_lab.errors import fail
+            from ae_lab.sweep import summarize
+
+            summarize(sweep_dir)
+            fail(f"interrupted; run the same sweep again (hydra.sweep.dir={sweep_dir}) to resume ensemble {name}",
+                 exit_code=130)
         except Exception as error:  # noqa: BLE001 - each member's run.json holds it; the sweep goes on
             log.exception(f"ensemble {name} failed: {error}")
             return {job.index: self._return(job, math.nan) for job in jobs}
