@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 REPOSITORY = Path(__file__).resolve().parent.parent
+ENVIRONMENT = dict(os.environ)  # OMP_NUM_THREADS set by --threads, the same for every process
 QUIET = ["logger=none", "eval=minimal", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
 
@@ -38,17 +39,24 @@ def timed_sweep(overrides: list[str], folder: Path, vectorized: bool) -> float:
     launcher = ["hydra/launcher=vectorized"] if vectorized else []
     command = [sys.executable, "-m", "ae_lab", "-m", *launcher, *overrides, *QUIET, f"hydra.sweep.dir={folder}"]
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, env=ENVIRONMENT)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     return seconds
 
 
+def timings(folder: Path) -> list[dict[str, float]]:
+    found = [json.loads(path.read_text())["timings"] for path in folder.glob("*/run.json")]
+    if not found:
+        raise RuntimeError(f"no run folders in {folder}")
+    return found
+
+
 def writeout_share(folder: Path) -> tuple[float, float]:
     """(mean seconds of a member's evaluation and writing, the group's training seconds)."""
-    timings = [json.loads(path.read_text())["timings"] for path in folder.glob("*/run.json")]
-    return sum(t["writeout_seconds"] for t in timings) / len(timings), timings[0]["fit_seconds"]
+    found = timings(folder)
+    return sum(t["writeout_seconds"] for t in found) / len(found), found[0]["fit_seconds"]
 
 
 def hand_loop_vs_ensemble(members: int, steps: int = 30) -> tuple[float, float]:
@@ -100,9 +108,16 @@ def hand_loop_vs_ensemble(members: int, steps: int = 30) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", type=Path, default=REPOSITORY.parent / "shared" / "data")
+    shared = next((folder / "shared" / "data" for folder in REPOSITORY.parents if (folder / "shared" / "data").is_dir()),
+                  REPOSITORY.parent / "shared" / "data")
+    parser.add_argument("--data-root", type=Path, default=shared)
     parser.add_argument("--output", type=Path, default=REPOSITORY / "benchmarks" / "VECTORIZED.md")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of every process (1: the cores are shared; on an oversubscribed "
+                             "CPU, OpenMP's waits make multi-threaded ops many times slower)")
     args = parser.parse_args()
+    ENVIRONMENT["OMP_NUM_THREADS"] = str(args.threads)
+    torch.set_num_threads(args.threads)
     began = time.perf_counter()
     mnist = ["dataset=mnist", f"dataset.root={args.data_root}", "dataset.download=false"]
     cases = [  # name, overrides, member counts, the most jobs the basic launcher is timed on
@@ -125,14 +140,15 @@ def main() -> None:
                 timed = min(members, basic_cap)
                 basic = timed_sweep(overrides + sweep_values(timed), Path(scratch) / f"b{len(rows)}", False)
                 basic_scaled = basic * members / timed
+                basic_fit = sum(t["fit_seconds"] for t in timings(Path(scratch) / f"b{len(rows)}")) * members / timed
                 rows.append((name, members, basic_scaled / vectorized, vectorized, basic_scaled,
-                             timed < members, writeout, fit))
+                             timed < members, writeout, fit, basic_fit))
                 print(rows[-1], flush=True)
         with tempfile.TemporaryDirectory() as folder:
             full_eval = ["trainer.max_epochs=3", *sweep_values(16)]
             command = [sys.executable, "-m", "ae_lab", "-m", "hydra/launcher=vectorized", *full_eval,
                        "logger=none", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={folder}"]
-            subprocess.run(command, cwd=REPOSITORY, capture_output=True, check=True)
+            subprocess.run(command, cwd=REPOSITORY, capture_output=True, check=True, env=ENVIRONMENT)
             default_eval = writeout_share(Path(folder))
     hand, ensemble = {}, {}
     for members in (4, 16, 64):
@@ -142,19 +158,26 @@ def main() -> None:
         "# The vectorised launcher against the basic one", "",
         f"Command: `python benchmarks/vectorized.py` ({time.perf_counter() - began:.0f} s). Machine: "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other work while "
-        f"this ran; torch {torch.__version__}, {torch.get_num_threads()} threads; device: CPU.", "",
+        f"this ran (load average {os.getloadavg()[0]:.1f} at the end); torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s) in every process (`--threads`); device: CPU.", "",
         "**GPU figures are still to come**: no GPU was lent to the session that ran this (goal there: the "
         "MNIST VAE at M = 16 and 64, >= 10x the basic launcher).", "",
         "## Wall time of a sweep (beta x seed): basic launcher / vectorised launcher", "",
         "Both are real `python -m ae_lab -m ...` processes with `logger=none eval=minimal`, run one after "
         "the other; times include start-up, evaluation and writing every run folder. \"scaled\": the basic "
         "launcher was timed on fewer jobs and its time multiplied up to M jobs (identical jobs cost the same).", "",
-        "| sweep | M | speed-up | vectorised (s) | basic (s) | member write-out (s, mean) | group training (s) |",
-        "|---|---|---|---|---|---|---|",
+        "Training only: the jobs' `fit` seconds summed (run.json `timings.fit_seconds`, Lightning's `fit` "
+        "for the basic launcher) against the group's training, from the same two sweeps. The rest of "
+        "either sweep's time is start-up and Hydra composing each job's config (both launchers compose "
+        "every job; the basic sweeper also composes each one once more to check the batch).", "",
+        "| sweep | M | speed-up, wall | speed-up, training only | vectorised (s) | basic (s) | "
+        "group training (s) | basic: jobs' training (s) | member write-out (s, mean) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, members, ratio, vectorized, basic, scaled, writeout, fit in rows:
-        lines.append(f"| {name} | {members} | **{ratio:.1f}x** | {vectorized:.1f} | {basic:.1f}"
-                     f"{' (scaled)' if scaled else ''} | {writeout:.2f} | {fit:.1f} |")
+    for name, members, ratio, vectorized, basic, scaled, writeout, fit, basic_fit in rows:
+        mark = " (scaled)" if scaled else ""
+        lines.append(f"| {name} | {members} | **{ratio:.1f}x** | **{basic_fit / fit:.1f}x** | {vectorized:.1f} | "
+                     f"{basic:.1f}{mark} | {fit:.1f} | {basic_fit:.1f}{mark} | {writeout:.2f} |")
     lines += [
         "", "Not measured yet: joblib with 2 workers.", "",
         "## Per-member work after training", "",

@@ -60,7 +60,6 @@ class Member:
 class Outcome:
     metrics: dict[str, float] | None  # None when the member failed
     error: str | None = None
-    writeout_seconds: float = 0.0
 
 
 def limited(batches: int, limit: Any) -> int:
@@ -90,7 +89,7 @@ class Ensemble:
         self.device = device
         kind = configs[0]["noise"]["kind"]
         self.corrupt, strength_key = KINDS.get(kind, (None, None))
-        self.strength = self._per_member([c["noise"][strength_key] if strength_key else 0.0 for c in configs])
+        self.strength = self.per_member([c["noise"][strength_key] if strength_key else 0.0 for c in configs])
         self._train_terms = vmap(partial(self._terms, train=True), randomness="different")
         self._eval_terms = vmap(partial(self._terms, train=False), in_dims=(0, None, 0, 0), randomness="different")
 
@@ -100,13 +99,13 @@ class Ensemble:
         return {name: part.view(-1, *shape)
                 for (name, shape), part in zip(self.shapes.items(), flat.split(sizes, dim=1))}
 
-    def _per_member(self, values: list[float]) -> torch.Tensor:
+    def per_member(self, values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=self.device)
 
     def weights(self, step: int) -> dict[str, torch.Tensor]:
         """Every member's `Objective.weights(step)`, stacked: the per-member scalars of the loss."""
         each = [module.objective.weights(step) for module in self.modules]
-        return {key: self._per_member([float(w[key]) for w in each]) for key in each[0]}
+        return {key: self.per_member([float(w[key]) for w in each]) for key in each[0]}
 
     def _terms(self, params: dict[str, torch.Tensor], x: torch.Tensor, weights: dict[str, torch.Tensor],
                strength: torch.Tensor, train: bool) -> dict[str, torch.Tensor]:
@@ -175,7 +174,7 @@ class GroupTrainer:
             self.ensemble.flat, first["optim"]["name"], [o["lr"] for o in optim], [o["weight_decay"] for o in optim],
             [o["eps"] for o in optim], [o["momentum"] for o in optim])
         clip = [c["trainer"]["gradient_clip_val"] for c in self.configs]
-        self.clip = None if clip[0] is None else self.ensemble._per_member([float(v) for v in clip])
+        self.clip = None if clip[0] is None else self.ensemble.per_member([float(v) for v in clip])
         count = len(members)
         self.alive = torch.ones(count, dtype=torch.bool, device=device)
         self.best_params = self.ensemble.flat.detach().clone()
@@ -205,7 +204,7 @@ class GroupTrainer:
     # ----- training
     def _lr_scale(self, epoch: int) -> torch.Tensor:
         """MultiStepLR's factor at `epoch` for every member: gamma ** (milestones passed)."""
-        return self.ensemble._per_member([
+        return self.ensemble.per_member([
             c["optim"]["gamma"] ** sum(milestone <= epoch for milestone in c["optim"]["milestones"])
             for c in self.configs]).unsqueeze(1)
 
@@ -392,7 +391,7 @@ def _write_member(trainer: GroupTrainer, index: int, member: Member, record: Run
         if failure is not None:
             record.failed(FloatingPointError(failure["message"]))
             record.update(failure={key: failure[key] for key in ("step", "epoch", "terms")})
-            return Outcome(None, failure["message"], time.time() - started)
+            return Outcome(None, failure["message"])
         module = trainer.ensemble.modules[index]
         step, epochs = trainer.progress.global_step, trainer.progress.epoch
         folder = run_dir / "checkpoints"
@@ -407,7 +406,7 @@ def _write_member(trainer: GroupTrainer, index: int, member: Member, record: Run
         record.completed(best_checkpoint=str(folder / "best.ckpt"), wandb_run_id=wandb_run,
                          timings={"fit_seconds": trainer.progress.fit_seconds, "writeout_seconds": seconds,
                                   "first_step_unix": None})
-        return Outcome(metrics, None, seconds)
+        return Outcome(metrics)
     except BaseException as error:
         record.failed(error)
         raise
