@@ -202,11 +202,10 @@ class GroupTrainer:
             yield split.batch(positions)["x"].to(self.device)
 
     # ----- training
-    def _lr_scale(self, epoch: int) -> torch.Tensor:
+    def _lr_scale(self, epoch: int) -> list[float]:
         """MultiStepLR's factor at `epoch` for every member: gamma ** (milestones passed)."""
-        return self.ensemble.per_member([
-            c["optim"]["gamma"] ** sum(milestone <= epoch for milestone in c["optim"]["milestones"])
-            for c in self.configs]).unsqueeze(1)
+        return [c["optim"]["gamma"] ** sum(milestone <= epoch for milestone in c["optim"]["milestones"])
+                for c in self.configs]
 
     def _step(self, x: torch.Tensor) -> None:
         step = self.progress.global_step
@@ -219,7 +218,7 @@ class GroupTrainer:
         [grad] = torch.autograd.grad(torch.where(self.alive, loss, torch.zeros_like(loss)).sum(), self.ensemble.flat)
         if self.clip is not None:
             grad = clip_gradients(grad, self.clip, self.trainer_cfg["gradient_clip_algorithm"])
-        self.optimizer.step(grad, self.alive)
+        self.optimizer.step(grad, self.alive.tolist())
         self.sums.add(terms, x.shape[1])
         self.progress.global_step += 1
 

@@ -1,10 +1,9 @@
 """Adam, AdamW and SGD over an ensemble's flat parameters (M, P), every hyperparameter per member.
 
-The update is torch.optim's single-tensor algorithm written once for a member axis: member m's row
-follows what `torch.optim.{Adam,AdamW,SGD}` with member m's settings does to one model, up to float
-rounding (tests/test_vectorized.py checks it against torch.optim). One flat tensor keeps the update to
-a dozen whole-ensemble operations per step. Members whose `alive` entry is False keep their
-parameters exactly (a member frozen after its loss turned non-finite never trains again).
+Member m's row follows what `torch.optim.{Adam,AdamW,SGD}` with member m's settings does to one
+model, up to float rounding (tests/test_vectorized.py checks it against torch.optim). Members whose
+`alive` entry is False keep their parameters exactly (a member frozen after its loss turned
+non-finite never trains again).
 """
 
 from __future__ import annotations
@@ -20,55 +19,57 @@ class StackedOptimizer:
     """One optimiser for M members whose parameters are the rows of `flat` (M, P).
 
     `name` is shared (it is structure); `lr`, `weight_decay`, `eps`, `momentum` are lists of M floats.
-    `lr_scale` (M,) multiplies the learning rates (the MultiStepLR factor of the current epoch).
+    `lr_scale` (M floats) multiplies the learning rates (the MultiStepLR factor of the current epoch).
+    Adam and AdamW run torch's fused kernel (`torch._fused_adam_` / `_fused_adamw_`, what
+    `torch.optim.Adam(fused=True)` calls) once per member row, with that member's numbers: one pass over
+    its parameters and state. SGD is a few whole-ensemble operations with per-member columns.
     """
 
     def __init__(self, flat: torch.Tensor, name: str, lr: list[float], weight_decay: list[float],
                  eps: list[float], momentum: list[float]) -> None:
         self.flat = flat
         self.name = name
-
-        def column(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=flat.dtype, device=flat.device).unsqueeze(1)
-
-        self.lr, self.weight_decay, self.eps, self.momentum = map(column, (lr, weight_decay, eps, momentum))
-        self.lr_scale = torch.ones_like(self.lr)
-        self.step_count = 0
+        self.lr, self.weight_decay, self.eps, self.momentum = lr, weight_decay, eps, momentum
+        self.lr_scale = [1.0] * len(lr)
         keys = ("momentum_buffer",) if name == "sgd" else ("exp_avg", "exp_avg_sq")
-        self.state = {key: torch.zeros_like(flat) for key in keys}
+        self.state: dict[str, Any] = {key: torch.zeros_like(flat) for key in keys}
+        # per member, as torch.optim keeps it: a frozen member stops counting
+        self.state["step"] = [torch.zeros((), dtype=flat.dtype, device=flat.device) for _ in lr]
+
+    def _column(self, values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=self.flat.dtype, device=self.flat.device).unsqueeze(1)
 
     @torch.no_grad()
-    def step(self, grad: torch.Tensor, alive: torch.Tensor) -> None:
-        """Apply `grad` (M, P) to the members that are alive."""
-        alive = alive.unsqueeze(1)
-        grad = torch.where(alive, grad, torch.zeros_like(grad))  # a frozen member's NaN stays out of its state
-        lr = self.lr * self.lr_scale * alive  # 0 for a frozen member: its parameters stay as they are
-        self.step_count += 1
-        param = self.flat
+    def step(self, grad: torch.Tensor, alive: list[bool]) -> None:
+        """Apply `grad` (M, P) to the members that are alive; the others keep parameters and state."""
         if self.name == "sgd":
-            grad = grad + self.weight_decay * param
-            buffer = self.state["momentum_buffer"]
-            buffer.mul_(self.momentum).add_(grad)  # the first step gives `grad`, as torch's clone does
-            param.sub_(lr * buffer)
+            self._sgd(grad, alive)
             return
+        kernel = torch._fused_adamw_ if self.name == "adamw" else torch._fused_adam_
         beta1, beta2 = BETAS
-        if self.name == "adamw":
-            param.mul_(1 - lr * self.weight_decay)
-        else:
-            grad = grad + self.weight_decay * param
-        exp_avg, exp_avg_sq = self.state["exp_avg"], self.state["exp_avg_sq"]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1 ** self.step_count
-        bias_correction2_sqrt = (1 - beta2 ** self.step_count) ** 0.5
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
-        param.sub_(exp_avg / denom * (lr / bias_correction1))
+        for member, training in enumerate(alive):
+            if not training:
+                continue
+            self.state["step"][member] += 1  # the caller counts the step, as torch.optim.Adam does
+            kernel([self.flat[member]], [grad[member]], [self.state["exp_avg"][member]],
+                   [self.state["exp_avg_sq"][member]], [], [self.state["step"][member]],
+                   lr=self.lr[member] * self.lr_scale[member], beta1=beta1, beta2=beta2,
+                   weight_decay=self.weight_decay[member], eps=self.eps[member], amsgrad=False, maximize=False)
+
+    def _sgd(self, grad: torch.Tensor, alive: list[bool]) -> None:
+        keep = torch.tensor(alive, device=grad.device).unsqueeze(1)
+        grad = torch.where(keep, grad, torch.zeros_like(grad))  # a frozen member's NaN stays out of its state
+        if any(self.weight_decay):
+            grad = grad + self._column(self.weight_decay) * self.flat
+        buffer = self.state["momentum_buffer"]
+        buffer.mul_(self._column(self.momentum)).add_(grad)  # the first step gives `grad`, as torch's clone does
+        rates = [rate * scale * training for rate, scale, training in zip(self.lr, self.lr_scale, alive)]
+        self.flat.sub_(self._column(rates) * buffer)  # rate 0: a frozen member stays as it is
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step_count": self.step_count, "lr_scale": self.lr_scale, "state": self.state}
+        return {"lr_scale": self.lr_scale, "state": self.state}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
-        self.step_count = saved["step_count"]
         self.lr_scale = saved["lr_scale"]
         self.state = saved["state"]
 
