@@ -25,6 +25,17 @@ SMALL = ["trainer.max_epochs=2", "eval=minimal", "trainer.enable_progress_bar=fa
          "trainer.enable_model_summary=false"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One torch thread, here and in the processes the tests start: an ensemble's operations are large
+    enough for torch to split them over threads, which on a busy shared CPU is many times slower."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def plain(overrides: list[str]) -> dict:
     return OmegaConf.to_container(compose_config(overrides), resolve=True, enum_to_str=True)
 
