@@ -120,7 +120,8 @@ class VectorizedLauncher(GpuQueueLauncher):
                  exit_code=130)
         except Exception as error:  # noqa: BLE001 - each member's run.json holds it; the sweep goes on
             log.exception(f"ensemble {name} failed: {error}")
-            return {job.index: self._return(job, math.nan) for job in jobs}
+            # a member whose record was not written yet (the data could not be loaded) gets one now
+            return {job.index: self._failed(job, f"ensemble {name} failed: {error}") for job in jobs}
         returns = {}
         for job, outcome in zip(jobs, outcomes):
             if outcome.metrics is None:
