@@ -28,16 +28,25 @@ def _show(axis: plt.Axes, image: torch.Tensor) -> None:
 def image_rows(rows: dict[str, torch.Tensor], path: Path, title: str = "",
                columns: list[str] | None = None) -> Path:
     """Save a grid with one labelled row per entry of `rows` (each a batch (N, C, H, W)), column i
-    showing example i in every row; `columns` labels the columns above the first row."""
+    showing example i in every row; `columns` labels the columns above the first row.
+
+    Each row is one strip of its images (a pixel's gap between them) drawn on one axis: a row of N
+    separate axes cost matplotlib about N times as much to lay out and draw, and a run's figures are
+    drawn after every run (every member of a vectorised sweep too)."""
     count = next(iter(rows.values())).shape[0]
-    figure, axes = plt.subplots(len(rows), count, figsize=(1.1 * count + 1.2, 1.2 * len(rows) + 0.4),
-                                squeeze=False)
+    figure, axes = plt.subplots(len(rows), 1, figsize=(1.1 * count + 1.2, 1.2 * len(rows) + 0.4), squeeze=False)
     for row, (label, images) in enumerate(rows.items()):
-        for column in range(count):
-            _show(axes[row, column], images[column])
-        axes[row, 0].set_ylabel(label, rotation=0, ha="right", va="center")
-    for column, label in enumerate(columns or []):
-        axes[0, column].set_title(label, fontsize="small")
+        axis = axes[row, 0]
+        pixels = images.detach().cpu().clamp(0, 1)
+        gap = torch.ones(*pixels.shape[1:3], 1)
+        strip = torch.cat([part for image in pixels for part in (image, gap)][:-1], dim=2)  # (C, H, N (W + 1) - 1)
+        _show(axis, strip)
+        axis.set_ylabel(label, rotation=0, ha="right", va="center")
+        if row == 0 and columns:
+            width = pixels.shape[3] + 1
+            axis.set_xticks([width * column + (width - 2) / 2 for column in range(len(columns))])
+            axis.set_xticklabels(columns, fontsize="small")
+            axis.xaxis.tick_top()
     if title:
         figure.suptitle(title)
     return _save(figure, path)

@@ -1,0 +1,413 @@
+"""Training one ensemble: M members of one structure, stacked and trained together, then each written
+out as an ordinary run folder.
+
+Why a plain loop and not a Lightning Trainer: what Lightning's loop would give (best checkpoint by
+val/loss, epoch metrics, the NaN stop, checkpoints of one model) would all have to be rewritten per
+member anyway, and its per-step overhead (about a millisecond) is what a vectorised sweep removes.
+The loop below reproduces, per member, exactly what the single run's Trainer does on one device:
+the data order of `EpochSampler` (a permutation from seed + epoch), epoch means weighted by batch
+size, validation after every epoch, `best.ckpt` by val/loss (strictly lower, NaN never best),
+MultiStepLR per epoch, gradient clipping, `limit_*_batches`; val/* and test/* from the best weights.
+
+Member i starts from the weights a single run with its seed starts from: `pl.seed_everything(seed)`
+then `Autoencoder.from_config`, as `ae_lab.run` does. The random draws inside a step (noise, VAE
+sampling) come from one generator for the group (`vmap(randomness="different")`), so stochastic
+members match single runs in distribution, not draw for draw.
+
+A group checkpoint (`<sweep>/.ensembles/<name>.pt`) is written every `checkpoint_every_n_steps` steps
+and after every validation; running the sweep again resumes the group from it (exactly, on CPU) and
+removes it once every member is written out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.func import functional_call, stack_module_state, vmap
+
+from ae_lab.checkpoints import random_state, set_random_state
+from ae_lab.data import ArrayDataModule, Split, build_datamodule
+from ae_lab.ensemble.optim import StackedOptimizer, clip_gradients
+from ae_lab.module import Autoencoder
+from ae_lab.noise import KINDS
+from ae_lab.run import write_results
+from ae_lab.storage import atomic_write
+from ae_lab.tracking import RunRecord, build_logger, finish_logger, log_results, wandb_run_id, write_config_files
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Member:
+    """One job of the group: its config (without `hydra`), its run folder, and how to make its Hydra
+    config the current one (its `.hydra/` files and W&B name are read from there)."""
+
+    cfg: DictConfig
+    run_dir: Path
+    activate: Callable[[], None] = lambda: None
+
+
+@dataclass
+class Outcome:
+    metrics: dict[str, float] | None  # None when the member failed
+    error: str | None = None
+
+
+def limited(batches: int, limit: Any) -> int:
+    """How many of `batches` Lightning runs under `limit_*_batches` (an int: at most that many; a
+    float: that fraction, rounded down)."""
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return min(batches, limit)
+    return batches if float(limit) == 1.0 else int(batches * float(limit))
+
+
+class Ensemble:
+    """M `Autoencoder`s of one structure as stacked parameters, run by one `functional_call` under vmap."""
+
+    def __init__(self, configs: list[dict[str, Any]], input_shape: tuple[int, ...], device: torch.device) -> None:
+        self.configs = configs
+        self.modules = []
+        for plain in configs:  # what ae_lab.run does before it builds a single run's module
+            pl.seed_everything(plain["seed"], workers=True, verbose=False)
+            self.modules.append(Autoencoder.from_config(plain, input_shape))
+        self.base = self.modules[0]
+        self.term_names = self.base.objective.term_names
+        stacked, _ = stack_module_state(self.modules)
+        self.shapes = {name: value.shape[1:] for name, value in stacked.items()}
+        # all of a member's parameters in one row: the optimiser then updates the ensemble in a few ops
+        self.flat = torch.cat([value.detach().flatten(1) for value in stacked.values()], 1).to(device)
+        self.flat.requires_grad_(True)
+        self.device = device
+        kind = configs[0]["noise"]["kind"]
+        self.corrupt, strength_key = KINDS.get(kind, (None, None))
+        self.strength = self.per_member([c["noise"][strength_key] if strength_key else 0.0 for c in configs])
+        self._train_terms = vmap(partial(self._terms, train=True), randomness="different")
+        self._eval_terms = vmap(partial(self._terms, train=False), in_dims=(0, None, 0, 0), randomness="different")
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The named, stacked parameters (M, *shape) as views of the rows of `flat` (M, P)."""
+        sizes = [shape.numel() for shape in self.shapes.values()]
+        return {name: part.view(-1, *shape)
+                for (name, shape), part in zip(self.shapes.items(), flat.split(sizes, dim=1))}
+
+    def per_member(self, values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+    def weights(self, step: int) -> dict[str, torch.Tensor]:
+        """Every member's `Objective.weights(step)`, stacked: the per-member scalars of the loss."""
+        each = [module.objective.weights(step) for module in self.modules]
+        return {key: self.per_member([float(w[key]) for w in each]) for key in each[0]}
+
+    def _terms(self, params: dict[str, torch.Tensor], x: torch.Tensor, weights: dict[str, torch.Tensor],
+               strength: torch.Tensor, train: bool) -> dict[str, torch.Tensor]:
+        """One member's loss terms on its batch: the single run's `Autoencoder._step`, per member."""
+        inputs = self.corrupt(x, strength) if train and self.corrupt is not None else x
+        logits, latent = functional_call(self.base, params, (inputs,))
+        return self.base.objective(logits, x, latent, inputs, weights, create_graph=train)
+
+    def train_terms(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        return self._train_terms(self.unflatten(self.flat), x, self.weights(step), self.strength)
+
+    @torch.no_grad()
+    def eval_terms(self, flat: torch.Tensor, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        return self._eval_terms(self.unflatten(flat), x, self.weights(step), self.strength)
+
+    def member_state(self, flat: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
+        """Member `index`'s parameters as a state dict of the ordinary module."""
+        return {name: value[index].detach().cpu().clone() for name, value in self.unflatten(flat).items()}
+
+
+class EpochSums:
+    """Per-member running sums of each term over an epoch, weighted by batch size (Lightning's epoch means)."""
+
+    def __init__(self, names: list[str], members: int, device: torch.device) -> None:
+        self.sums = {name: torch.zeros(members, dtype=torch.float64, device=device) for name in names}
+        self.count = 0
+
+    def add(self, terms: dict[str, torch.Tensor], batch_size: int) -> None:
+        for name, total in self.sums.items():
+            total += terms[name].detach().double() * batch_size
+        self.count += batch_size
+
+    def means(self, stage: str) -> list[dict[str, float]]:
+        columns = {f"{stage}/{name}": (total / self.count).tolist() for name, total in self.sums.items()}
+        members = len(next(iter(self.sums.values())))
+        return [{key: values[m] for key, values in columns.items()} for m in range(members)]
+
+
+@dataclass
+class Progress:
+    """Where the group's training stands; with the tensors, what a group checkpoint holds."""
+
+    epoch: int = 0
+    batch: int = 0  # batches of `epoch` done
+    global_step: int = 0
+    history: list[list[dict[str, float]]] = field(default_factory=list)  # per member, per epoch
+    failures: dict[int, dict[str, Any]] = field(default_factory=dict)  # member -> step, epoch, terms
+    fit_seconds: float = 0.0
+
+
+class GroupTrainer:
+    """The training loop of one group (see the module docstring)."""
+
+    def __init__(self, members: list[Member], data: ArrayDataModule, checkpoint_path: Path,
+                 device: torch.device) -> None:
+        self.members = members
+        self.data = data
+        self.checkpoint_path = checkpoint_path
+        self.configs = [OmegaConf.to_container(m.cfg, resolve=True, enum_to_str=True) for m in members]
+        first = self.configs[0]
+        self.trainer_cfg = first["trainer"]
+        self.every_n_steps = first["checkpoint_every_n_steps"]
+        self.ensemble = Ensemble(self.configs, data.input_shape, device)
+        optim = [c["optim"] for c in self.configs]
+        self.optimizer = StackedOptimizer(
+            self.ensemble.flat, first["optim"]["name"], [o["lr"] for o in optim], [o["weight_decay"] for o in optim],
+            [o["eps"] for o in optim], [o["momentum"] for o in optim])
+        clip = [c["trainer"]["gradient_clip_val"] for c in self.configs]
+        self.clip = None if clip[0] is None else self.ensemble.per_member([float(v) for v in clip])
+        count = len(members)
+        self.alive = torch.ones(count, dtype=torch.bool, device=device)
+        self.best_params = self.ensemble.flat.detach().clone()
+        self.best_val = torch.full((count,), math.inf, dtype=torch.float64, device=device)
+        self.best_epoch = [-1] * count
+        self.progress = Progress(history=[[] for _ in members])
+        self.sums = EpochSums(self.ensemble.term_names, count, device)
+        self.device = device
+
+    # ----- data
+    def _epoch_positions(self, epoch: int) -> torch.Tensor:
+        """(M, N): each member's training order of `epoch`, the permutation EpochSampler draws."""
+        n = len(self.data.splits["train"])
+        return torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(c["seed"] + epoch))
+                            for c in self.configs])
+
+    def _train_batches(self) -> int:
+        return limited(math.ceil(len(self.data.splits["train"]) / self.data.batch_size),
+                       self.trainer_cfg["limit_train_batches"])
+
+    def _split_batches(self, split: Split, limit: Any):
+        size = self.data.batch_size
+        for index in range(limited(math.ceil(len(split) / size), limit)):
+            positions = torch.arange(index * size, min((index + 1) * size, len(split)))
+            yield split.batch(positions)["x"].to(self.device)
+
+    # ----- training
+    def _lr_scale(self, epoch: int) -> list[float]:
+        """MultiStepLR's factor at `epoch` for every member: gamma ** (milestones passed)."""
+        return [c["optim"]["gamma"] ** sum(milestone <= epoch for milestone in c["optim"]["milestones"])
+                for c in self.configs]
+
+    def _step(self, x: torch.Tensor) -> None:
+        step = self.progress.global_step
+        terms = self.ensemble.train_terms(x, step)
+        loss = terms["loss"]
+        finite = torch.isfinite(loss)
+        if bool((self.alive & ~finite).any()):
+            self._record_failures(terms, self.alive & ~finite)
+            self.alive &= finite
+        [grad] = torch.autograd.grad(torch.where(self.alive, loss, torch.zeros_like(loss)).sum(), self.ensemble.flat)
+        if self.clip is not None:
+            grad = clip_gradients(grad, self.clip, self.trainer_cfg["gradient_clip_algorithm"])
+        self.optimizer.step(grad, self.alive.tolist())
+        self.sums.add(terms, x.shape[1])
+        self.progress.global_step += 1
+
+    def _record_failures(self, terms: dict[str, torch.Tensor], failed: torch.Tensor) -> None:
+        for member in failed.nonzero().flatten().tolist():
+            values = {name: float(value[member].detach()) for name, value in terms.items()}
+            bad = [f"{name}={value}" for name, value in values.items() if name != "loss" and not math.isfinite(value)]
+            message = (f"the training loss became {values['loss']} at step {self.progress.global_step} "
+                       f"(epoch {self.progress.epoch}); non-finite terms: {', '.join(bad) or 'none (their sum overflowed)'}")
+            self.progress.failures[member] = {"step": self.progress.global_step, "epoch": self.progress.epoch,
+                                              "terms": values, "message": message}
+            log.error("member %d (%s) failed and is frozen: %s", member, self.members[member].run_dir.name, message)
+
+    def _validate(self, epoch: int) -> None:
+        val = self._evaluate(self.ensemble.flat, "val")
+        val_loss = torch.tensor([m["val/loss"] for m in val], dtype=torch.float64, device=self.device)
+        improved = torch.isfinite(val_loss) & (val_loss < self.best_val) & self.alive
+        self.best_val = torch.where(improved, val_loss, self.best_val)
+        with torch.no_grad():
+            self.best_params = torch.where(improved.unsqueeze(1), self.ensemble.flat, self.best_params)
+        train = self.sums.means("train")
+        for member, is_better in enumerate(improved.tolist()):
+            if is_better:
+                self.best_epoch[member] = epoch
+            self.progress.history[member].append(
+                {**train[member], **val[member], "epoch": epoch, "step": self.progress.global_step})
+
+    def _evaluate(self, flat: torch.Tensor, stage: str) -> list[dict[str, float]]:
+        sums = EpochSums(self.ensemble.term_names, len(self.members), self.device)
+        for x in self._split_batches(self.data.splits[stage], self.trainer_cfg[f"limit_{stage}_batches"]):
+            sums.add(self.ensemble.eval_terms(flat, x, self.progress.global_step), x.shape[0])
+        return sums.means(stage)
+
+    def fit(self) -> None:
+        """Train every epoch (from where a loaded checkpoint left off)."""
+        started = time.time() - self.progress.fit_seconds
+        batches, train = self._train_batches(), self.data.splits["train"]
+        size = self.data.batch_size
+        while self.progress.epoch < self.trainer_cfg["max_epochs"]:
+            epoch = self.progress.epoch
+            self.optimizer.lr_scale = self._lr_scale(epoch)
+            positions = self._epoch_positions(epoch)
+            while self.progress.batch < batches:
+                chosen = positions[:, self.progress.batch * size:(self.progress.batch + 1) * size]
+                x = train.batch(chosen.flatten())["x"].to(self.device)
+                self._step(x.view(*chosen.shape, *x.shape[1:]))
+                self.progress.batch += 1
+                if self.every_n_steps and self.progress.global_step % self.every_n_steps == 0 \
+                        and self.progress.batch < batches:  # the epoch's end is saved after its validation
+                    self.progress.fit_seconds = time.time() - started
+                    self.save_checkpoint()
+            self._validate(epoch)
+            losses = [history[-1]["val/loss"] for history, alive in zip(self.progress.history, self.alive.tolist())
+                      if alive]
+            log.info("epoch %d: %d of %d members training, val/loss %.4g to %.4g", epoch, len(losses),
+                     len(self.members), min(losses, default=math.nan), max(losses, default=math.nan))
+            self.progress.epoch, self.progress.batch = epoch + 1, 0
+            self.sums = EpochSums(self.ensemble.term_names, len(self.members), self.device)
+            self.progress.fit_seconds = time.time() - started
+            self.save_checkpoint()
+            if not bool(self.alive.any()):
+                break
+
+    # ----- group checkpoint
+    def save_checkpoint(self) -> None:
+        state = {"members": [str(m.run_dir) for m in self.members], "configs": self.configs,
+                 "params": self.ensemble.flat.detach(),
+                 "best_params": self.best_params, "best_val": self.best_val, "best_epoch": self.best_epoch,
+                 "alive": self.alive, "optimizer": self.optimizer.state_dict(), "progress": self.progress.__dict__,
+                 "sums": {"sums": self.sums.sums, "count": self.sums.count}, "random": random_state()}
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.checkpoint_path, lambda file: torch.save(state, file))
+
+    def load_checkpoint(self) -> bool:
+        """Go on from the group checkpoint when there is one of these same members and configs."""
+        if not self.checkpoint_path.exists():
+            return False
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        if state["members"] != [str(m.run_dir) for m in self.members] or state["configs"] != self.configs:
+            log.warning("%s is of another group: not resumed from", self.checkpoint_path)
+            return False
+        with torch.no_grad():
+            self.ensemble.flat.copy_(state["params"])
+        self.best_params, self.best_val, self.best_epoch = state["best_params"], state["best_val"], state["best_epoch"]
+        self.alive = state["alive"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.progress = Progress(**state["progress"])
+        self.sums.sums, self.sums.count = state["sums"]["sums"], state["sums"]["count"]
+        set_random_state(state["random"])
+        return True
+
+    # ----- results
+    def final_metrics(self) -> list[dict[str, float]]:
+        """Per member: train/* of the last epoch, val/* and test/* with its best weights, `epochs`."""
+        val, test = self._evaluate(self.best_params, "val"), self._evaluate(self.best_params, "test")
+        results = []
+        for member, history in enumerate(self.progress.history):
+            train = {k: v for k, v in history[-1].items() if k.startswith("train/")} if history else {}
+            results.append({**train, **val[member], **test[member], "epochs": self.progress.epoch})
+        return results
+
+
+def _checkpoint(module: Autoencoder, state: dict[str, torch.Tensor], epoch: int, step: int) -> dict[str, Any]:
+    """A checkpoint `Autoencoder.load_from_checkpoint` reads: weights and the module's hyperparameters."""
+    return {"epoch": epoch, "global_step": step, "pytorch-lightning_version": pl.__version__,
+            "state_dict": state, "hyper_parameters": dict(module.hparams)}
+
+
+def _save(path: Path, checkpoint: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda file: torch.save(checkpoint, file))
+
+
+def run_group(members: list[Member], group: str, checkpoint_path: Path) -> list[Outcome]:
+    """Train the members (configs of one structure, already validated) as one ensemble, resuming from
+    `checkpoint_path` when it holds this group; write each member's run folder; return their outcomes."""
+    first = members[0].cfg
+    data = build_datamodule(first.dataset)
+    accelerator = str(first.trainer.accelerator)
+    device = torch.device("cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu")
+    trainer = GroupTrainer(members, data, checkpoint_path, device)
+    resumed = trainer.load_checkpoint()
+    records = []
+    for index, member in enumerate(members):
+        member.activate()
+        member.run_dir.mkdir(parents=True, exist_ok=True)
+        if not resumed or not (member.run_dir / ".hydra" / "config.yaml").exists():
+            write_config_files(member.run_dir, member.cfg)
+        resumed_from = {"checkpoint": str(checkpoint_path.resolve()), "global_step": trainer.progress.global_step,
+                        "epoch": trainer.progress.epoch} if resumed else None
+        record = RunRecord(member.run_dir, member.cfg, data.name, data.checksum, resumed_from=resumed_from)
+        record.update(ensemble={"group": group, "member": index, "members": len(members)})
+        records.append(record)
+    log.info("ensemble %s: %d members on %s%s", group, len(members), device,
+             f", resumed at step {trainer.progress.global_step}" if resumed else "")
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        for record in records:
+            record.interrupted(checkpoint_path if checkpoint_path.exists() else None)
+        raise
+    except BaseException as error:
+        for record in records:
+            record.failed(error)
+        raise
+    finals = trainer.final_metrics()
+    outcomes = [_write_member(trainer, index, member, record, finals[index], data)
+                for index, (member, record) in enumerate(zip(members, records))]
+    checkpoint_path.unlink(missing_ok=True)  # every member has its own checkpoints now
+    return outcomes
+
+
+def _write_member(trainer: GroupTrainer, index: int, member: Member, record: RunRecord,
+                  metrics: dict[str, float], data: ArrayDataModule) -> Outcome:
+    """Member `index`'s run folder through the single run's code: checkpoints, evaluation, metrics.json,
+    figures, its W&B run (its epoch history, then its summary) and run.json."""
+    started = time.time()
+    member.activate()
+    cfg, run_dir = member.cfg, member.run_dir
+    logger = None
+    try:
+        logger = build_logger(cfg, run_dir, math.prod(data.input_shape))
+        record.update(wandb_run_id=wandb_run_id(logger))
+        if logger:
+            for entry in trainer.progress.history[index]:
+                logger.log_metrics({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
+            logger.save()
+        failure = trainer.progress.failures.get(index)
+        if failure is not None:
+            record.failed(FloatingPointError(failure["message"]))
+            record.update(failure={key: failure[key] for key in ("step", "epoch", "terms")})
+            return Outcome(None, failure["message"])
+        module = trainer.ensemble.modules[index]
+        step, epochs = trainer.progress.global_step, trainer.progress.epoch
+        folder = run_dir / "checkpoints"
+        _save(folder / "last.ckpt", _checkpoint(module, trainer.ensemble.member_state(trainer.ensemble.flat, index),
+                                                epochs, step))
+        best = trainer.ensemble.member_state(trainer.best_params, index)
+        _save(folder / "best.ckpt", _checkpoint(module, best, trainer.best_epoch[index], step))
+        module.load_state_dict(best)
+        figures = write_results(module, data, cfg, run_dir, metrics)
+        wandb_run = log_results(logger, metrics, figures)
+        seconds = time.time() - started
+        record.completed(best_checkpoint=str(folder / "best.ckpt"), wandb_run_id=wandb_run,
+                         timings={"fit_seconds": trainer.progress.fit_seconds, "writeout_seconds": seconds,
+                                  "first_step_unix": None})
+        return Outcome(metrics)
+    except BaseException as error:
+        record.failed(error)
+        raise
+    finally:
+        finish_logger(logger)

@@ -1,0 +1,278 @@
+"""The vectorised launcher (`hydra/launcher=vectorized`, ae_lab/ensemble/): grouping, the per-member
+optimiser against torch.optim, members equal to separate runs, member run folders and W&B runs,
+a NaN member isolated, a killed group resumed exactly, compare on a vectorised sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ae_lab.ensemble import group as group_module
+from ae_lab.ensemble.group import Member, run_group
+from ae_lab.ensemble.grouping import group_jobs, sequential_reason
+from ae_lab.ensemble.optim import StackedOptimizer, clip_gradients
+from conftest import compose_config, read_json, run_cli, train_in_process
+from wandb_records import run_contents
+
+SMALL = ["trainer.max_epochs=2", "eval=minimal", "trainer.enable_progress_bar=false",
+         "trainer.enable_model_summary=false"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One torch thread, here and in the processes the tests start: an ensemble's operations are large
+    enough for torch to split them over threads, which on a busy shared CPU is many times slower."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def plain(overrides: list[str]) -> dict:
+    return OmegaConf.to_container(compose_config(overrides), resolve=True, enum_to_str=True)
+
+
+# ----- grouping
+
+def test_latent_size_by_beta_makes_one_group_per_latent_size():
+    jobs = [[f"model.latent_dim={size}", "model=vae", f"loss.beta={beta}", f"seed={seed}"]
+            for size in (4, 8) for beta in (1, 4) for seed in (0, 1)]
+    groups = group_jobs([plain(job) for job in jobs], max_members=64)
+    assert groups == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert group_jobs([plain(job) for job in jobs], max_members=3) == [[0, 1, 2], [3], [4, 5, 6], [7]]
+
+
+def test_a_weight_switched_on_or_another_noise_kind_is_another_group():
+    jobs = [["loss.sparsity_weight=0"], ["loss.sparsity_weight=0.1"], ["loss.sparsity_weight=0.5"],
+            ["noise=gaussian", "noise.std=0.1"], ["noise=gaussian", "noise.std=0.3"], ["noise=masking"],
+            ["optim.lr=0.01", "optim.weight_decay=0.1", "seed=3"], ["model.hidden_dims=[32]"]]
+    assert group_jobs([plain(job) for job in jobs], max_members=64) == [[0, 6], [1, 2], [3, 4], [5], [7]]
+
+
+def test_the_contractive_penalty_falls_back_to_single_runs():
+    assert "contractive" in sequential_reason(plain(["loss=contractive"]))
+    assert sequential_reason(plain(["model=vae", "noise=masking"])) is None
+
+
+# ----- the per-member optimiser against torch.optim
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_stacked_optimizer_follows_torch_optim_per_member(name):
+    torch.manual_seed(0)
+    members, size = 3, 50
+    start = torch.randn(members, size)
+    settings = [dict(lr=1e-2, weight_decay=0.0, eps=1e-8, momentum=0.9),
+                dict(lr=3e-3, weight_decay=0.1, eps=1e-6, momentum=0.0),
+                dict(lr=5e-2, weight_decay=0.01, eps=1e-8, momentum=0.5)]
+    targets = torch.randn(members, size)
+    flat = start.clone()
+    stacked = StackedOptimizer(flat, name, *([s[key] for s in settings] for key in ("lr", "weight_decay", "eps", "momentum")))
+    singles = []
+    for m, s in enumerate(settings):
+        param = torch.nn.Parameter(start[m].clone())
+        if name == "sgd":
+            optimizer = torch.optim.SGD([param], lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
+        else:
+            optimizer = (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)(
+                [param], lr=s["lr"], eps=s["eps"], weight_decay=s["weight_decay"])
+        singles.append((param, optimizer))
+    clip = torch.tensor([0.5, 100.0, 1.0])
+    for _ in range(20):
+        grad = (flat - targets) ** 3  # a non-linear gradient, different per member
+        stacked.step(clip_gradients(grad, clip, "norm"), [True] * members)
+        for m, (param, optimizer) in enumerate(singles):
+            optimizer.zero_grad()
+            ((param - targets[m]) ** 4 / 4).sum().backward()
+            torch.nn.utils.clip_grad_norm_([param], float(clip[m]))
+            optimizer.step()
+    for m, (param, _) in enumerate(singles):
+        torch.testing.assert_close(flat[m], param.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_a_frozen_member_keeps_its_parameters_exactly(name):
+    flat = torch.randn(2, 10)
+    before = flat.clone()
+    optimizer = StackedOptimizer(flat, name, [0.1, 0.1], [0.0, 0.0], [1e-8, 1e-8], [0.9, 0.9])
+    grad = torch.randn(2, 10)
+    grad[1, 3] = math.nan
+    optimizer.step(grad, [True, False])
+    assert torch.equal(flat[1], before[1]) and not torch.equal(flat[0], before[0])
+    assert all(torch.isfinite(value).all() for key, value in optimizer.state.items() if key != "step")
+
+
+# ----- equality with separate runs
+
+def _csv_epochs(run_dir: Path) -> list[dict[str, float]]:
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    by_epoch: dict[int, dict[str, float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if value not in ("", None) and key.startswith(("train/", "val/")):
+                by_epoch.setdefault(int(float(row["epoch"])), {})[key] = float(value)
+    # the training epochs (a single run's CSV also holds the validation after fit, with the best weights)
+    return [by_epoch[epoch] for epoch in sorted(by_epoch) if "train/loss" in by_epoch[epoch]]
+
+
+def test_plain_ae_members_equal_separate_runs_epoch_by_epoch(tmp_path):
+    """Per-member seed, lr, weight decay, clipping and an lr milestone; every epoch's train and val
+    losses and every final metric equal the separate run's (relative 1e-4)."""
+    base = [*SMALL, "trainer.max_epochs=3", "logger=csv", "optim.milestones=[2]", "optim.gamma=0.5"]
+    variants = [["seed=0"], ["seed=1", "optim.lr=0.003", "optim.weight_decay=0.01", "trainer.gradient_clip_val=5"],
+                ["seed=2", "optim.name=adam", "optim.eps=1e-6", "trainer.gradient_clip_val=0.5"]]
+    # clipping on is structure: the first variant gets its own group, the others share one
+    members = [Member(compose_config(base + v), tmp_path / "ensemble" / str(i)) for i, v in enumerate(variants)]
+    run_group(members[:1], "a", tmp_path / "a.pt")
+    run_group(members[1:], "b", tmp_path / "b.pt")
+    for i, variant in enumerate(variants):
+        alone = tmp_path / "alone" / str(i)
+        train_in_process(base + variant, alone)
+        member = members[i].run_dir
+        ours, theirs = _csv_epochs(member), _csv_epochs(alone)
+        assert len(ours) == len(theirs) == 3
+        for mine, single in zip(ours, theirs):
+            assert mine.keys() == single.keys()
+            for key in single:
+                assert mine[key] == pytest.approx(single[key], rel=1e-4), key
+        mine, single = read_json(member / "metrics.json"), read_json(alone / "metrics.json")
+        assert mine.keys() == single.keys()
+        for key in single:
+            assert mine[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+
+
+def test_vae_members_lie_within_the_spread_of_separate_runs(tmp_path):
+    base = [*SMALL, "model=vae", "noise=gaussian", "logger=none", "eval.figures=false"]
+    seeds = (0, 1, 2)
+    members = [Member(compose_config(base + [f"seed={s}"]), tmp_path / "ensemble" / str(s)) for s in seeds]
+    outcomes = run_group(members, "vae", tmp_path / "vae.pt")
+    ours = [o.metrics["test/loss"] for o in outcomes]
+    theirs = [train_in_process(base + [f"seed={s}"], tmp_path / "alone" / str(s))["test/loss"] for s in seeds]
+    spread = max(theirs) - min(theirs)
+    assert abs(statistics.mean(ours) - statistics.mean(theirs)) < max(2 * spread, 0.01 * statistics.mean(theirs))
+    assert min(ours) > min(theirs) - spread - 0.01 * min(theirs) and max(ours) < max(theirs) + spread + 0.01 * max(theirs)
+
+
+# ----- faults
+
+def test_a_nan_member_is_recorded_failed_and_frozen_the_others_train_on(tmp_path):
+    base = [*SMALL, "logger=none", "optim.name=sgd"]
+    members = [Member(compose_config(base + [f"optim.lr={lr}"]), tmp_path / str(i))
+               for i, lr in enumerate([0.01, 1e4, 0.02])]
+    outcomes = run_group(members, "nan", tmp_path / "g.pt")
+    assert outcomes[1].metrics is None and outcomes[0].metrics and outcomes[2].metrics
+    record = read_json(tmp_path / "1" / "run.json")
+    assert record["status"] == "failed" and "at step" in record["error"]
+    assert record["failure"]["step"] >= 0 and "recon" in record["failure"]["terms"]
+    assert not (tmp_path / "1" / "metrics.json").exists()
+    for good in ("0", "2"):
+        assert read_json(tmp_path / good / "run.json")["status"] == "completed"
+        assert math.isfinite(read_json(tmp_path / good / "metrics.json")["test/loss"])
+    # the healthy member trained as it would have without the failing one
+    alone = train_in_process(base + ["optim.lr=0.01"], tmp_path / "alone")
+    assert outcomes[0].metrics["test/loss"] == pytest.approx(alone["test/loss"], rel=1e-4)
+
+
+def test_a_killed_group_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatch):
+    """A VAE with noise: the resumed group's numbers equal an uninterrupted group's exactly (the RNG
+    state and the place in the epoch come back)."""
+    base = [*SMALL, "model=vae", "noise=gaussian", "logger=none", "eval.figures=false",
+            "checkpoint_every_n_steps=7"]
+
+    def members(folder: Path) -> list[Member]:
+        return [Member(compose_config(base + [f"seed={s}", f"loss.beta={b}"]), folder / f"{s}_{b}")
+                for s, b in ((0, 1.0), (1, 4.0))]
+
+    whole = run_group(members(tmp_path / "whole"), "g", tmp_path / "whole.pt")
+    step = group_module.GroupTrainer._step
+    calls = {"n": 0}
+
+    def killed_at_step_30(self, x):
+        calls["n"] += 1
+        if calls["n"] == 30:
+            raise KeyboardInterrupt
+        step(self, x)
+
+    monkeypatch.setattr(group_module.GroupTrainer, "_step", killed_at_step_30)
+    checkpoint = tmp_path / "cut.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run_group(members(tmp_path / "cut"), "g", checkpoint)
+    assert checkpoint.exists()
+    assert read_json(tmp_path / "cut" / "0_1.0" / "run.json")["status"] == "interrupted"
+    monkeypatch.setattr(group_module.GroupTrainer, "_step", step)
+    resumed = run_group(members(tmp_path / "cut"), "g", checkpoint)
+    assert not checkpoint.exists()
+    record = read_json(tmp_path / "cut" / "1_4.0" / "run.json")
+    assert record["status"] == "completed" and record["resumed_from"]["global_step"] == 28
+    for ours, theirs in zip(resumed, whole):
+        assert ours.metrics == theirs.metrics
+
+
+# ----- the launcher end to end: folders, W&B, compare, reproduce, a re-run
+
+def test_vectorized_sweep_folders_wandb_compare_reproduce_and_rerun(tmp_path):
+    sweep = ["seed=0,1", "optim.lr=0.003", "trainer.max_epochs=2", "eval=minimal",
+             "trainer.enable_progress_bar=false"]
+    vectorized, basic = tmp_path / "vectorized", tmp_path / "basic"
+    done = run_cli(["-m", "hydra/launcher=vectorized", *sweep, f"hydra.sweep.dir={vectorized}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_cli(["-m", *sweep, f"hydra.sweep.dir={basic}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folders = sorted(p.name for p in vectorized.glob("*_*") if p.is_dir())
+    assert folders == sorted(p.name for p in basic.glob("*_*") if p.is_dir()) and len(folders) == 2
+    runs = {}
+    for name in folders:
+        run_dir = vectorized / name
+        for needed in (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "run.json",
+                       "metrics.json", "evaluation.json", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+            assert (run_dir / needed).exists(), needed
+        record, metrics = read_json(run_dir / "run.json"), read_json(run_dir / "metrics.json")
+        assert record["status"] == "completed" and record["ensemble"]["members"] == 2
+        assert metrics.keys() == read_json(basic / name / "metrics.json").keys()
+        from ae_lab.module import Autoencoder
+
+        Autoencoder.load_from_checkpoint(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+        contents = run_contents(run_dir)
+        single = run_contents(basic / name)["run"]
+        assert contents["run"].run_id == record["wandb_run_id"] and contents["run"].run_group == vectorized.name
+        assert (contents["run"].display_name, contents["run"].job_type) == (single.display_name, single.job_type)
+        assert contents["config"]["seed"] == record["seed"]
+        for key, value in metrics.items():  # the summary holds this member's final metrics
+            assert contents["summary"][key] == pytest.approx(value)
+        runs[name] = [row["train/loss"] for row in contents["history"] if "train/loss" in row]
+        assert len(runs[name]) == 2
+    assert len({tuple(history) for history in runs.values()}) == 2  # each run holds only its own values
+    # compare: the same columns, the same numbers within the equality's tolerance
+    tables = [run_cli_module("ae_lab.compare", [str(folder), "--by-seed", "--format", "csv"], tmp_path) for folder in (vectorized, basic)]
+    ours, theirs = (list(csv.DictReader(table.splitlines())) for table in tables)
+    assert ours[0].keys() == theirs[0].keys() and len(ours) == len(theirs) == 2
+    for mine, single in zip(ours, theirs):
+        for key, value in single.items():
+            try:
+                assert float(mine[key]) == pytest.approx(float(value), rel=1e-4, abs=1e-6), key
+            except ValueError:
+                assert mine[key] == value, key
+    # reproduce re-runs a member alone and finds its numbers
+    member = vectorized / folders[1]
+    reproduced = run_cli_module("ae_lab.reproduce", [str(member), "--rtol", "1e-4", "--output", str(tmp_path / "r")], tmp_path)
+    assert "match" in reproduced.lower()
+    # a re-run of the sweep skips the completed members
+    again = run_cli(["-m", "hydra/launcher=vectorized", *sweep, f"hydra.sweep.dir={vectorized}"], tmp_path)
+    output = again.stdout + again.stderr
+    assert again.returncode == 0 and output.count("already completed") == 2, output[-2000:]
+
+
+def run_cli_module(module: str, args: list[str], cwd: Path) -> str:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
