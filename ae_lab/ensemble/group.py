@@ -73,12 +73,13 @@ def limited(batches: int, limit: Any) -> int:
 class Ensemble:
     """M `Autoencoder`s of one structure as stacked parameters, run by one `functional_call` under vmap."""
 
-    def __init__(self, configs: list[dict[str, Any]], input_shape: tuple[int, ...], device: torch.device) -> None:
+    def __init__(self, configs: list[dict[str, Any]], input_shape: tuple[int, ...], dataset_size: int,
+                 device: torch.device) -> None:
         self.configs = configs
         self.modules = []
         for plain in configs:  # what ae_lab.run does before it builds a single run's module
             pl.seed_everything(plain["seed"], workers=True, verbose=False)
-            self.modules.append(Autoencoder.from_config(plain, input_shape))
+            self.modules.append(Autoencoder.from_config(plain, input_shape, dataset_size=dataset_size))
         self.base = self.modules[0]
         self.term_names = self.base.objective.term_names
         stacked, _ = stack_module_state(self.modules)
@@ -168,7 +169,7 @@ class GroupTrainer:
         first = self.configs[0]
         self.trainer_cfg = first["trainer"]
         self.every_n_steps = first["checkpoint_every_n_steps"]
-        self.ensemble = Ensemble(self.configs, data.input_shape, device)
+        self.ensemble = Ensemble(self.configs, data.input_shape, len(data.splits["train"]), device)
         optim = [c["optim"] for c in self.configs]
         self.optimizer = StackedOptimizer(
             self.ensemble.flat, first["optim"]["name"], [o["lr"] for o in optim], [o["weight_decay"] for o in optim],
@@ -240,11 +241,15 @@ class GroupTrainer:
         with torch.no_grad():
             self.best_params = torch.where(improved.unsqueeze(1), self.ensemble.flat, self.best_params)
         train = self.sums.means("train")
+        last_step = max(self.progress.global_step - 1, 0)  # the epoch's last step, as a single run logs it
         for member, is_better in enumerate(improved.tolist()):
             if is_better:
                 self.best_epoch[member] = epoch
+            objective = self.ensemble.modules[member].objective
+            weights = objective.weights(last_step)
+            scheduled = {f"scheduled/{name}": weights[name] for name in objective.scheduled_names}
             self.progress.history[member].append(
-                {**train[member], **val[member], "epoch": epoch, "step": self.progress.global_step})
+                {**train[member], **val[member], **scheduled, "epoch": epoch, "step": self.progress.global_step})
 
     def _evaluate(self, flat: torch.Tensor, stage: str) -> list[dict[str, float]]:
         sums = EpochSums(self.ensemble.term_names, len(self.members), self.device)

@@ -13,16 +13,21 @@ from ae_lab.noise import KINDS
 # shapes or to which operations run. Loss weights and targets are read from `Objective.weights(step)`
 # and passed in per member; the noise strength is the argument of the noise kind's function; the
 # optimiser's numbers are per-member tensors of `StackedOptimizer`; `seed` sets a member's initial
-# weights and data order; gradient clipping is a per-member norm.
+# weights and data order; gradient clipping is a per-member norm. A schedule's numbers are per member too
+# (`Objective.weights(step)` is evaluated for each member); its kind and shape choose the function.
+_SCHEDULE_NUMBERS = ("start", "steps", "cycles", "rise", "capacity")
 MEMBER_SCALARS = (
     "seed", "noise_level",
     "loss.beta", "loss.sparsity_weight", "loss.sparsity_target", "loss.contractive_weight",
+    "loss.free_bits", "loss.tc_alpha", "loss.tc_gamma",
+    *(f"loss.{weight}_schedule.{key}" for weight in ("beta", "sparsity") for key in _SCHEDULE_NUMBERS),
     "optim.lr", "optim.weight_decay", "optim.eps", "optim.momentum", "optim.gamma", "optim.milestones",
     "trainer.gradient_clip_val",
 )
 # A weight of 0 switches its term off (and a clip value of null switches clipping off): whether it is
 # zero is control flow, so it is part of the group's structure while its value is per member.
-SWITCHES = ("loss.beta", "loss.sparsity_weight", "loss.contractive_weight", "trainer.gradient_clip_val")
+SWITCHES = ("loss.beta", "loss.sparsity_weight", "loss.contractive_weight", "loss.free_bits",
+            "trainer.gradient_clip_val")
 # What each member does on its own after training (evaluation, its W&B run, what its sweeper reads):
 # these may differ freely within a group.
 PER_MEMBER_PREFIXES = ("eval.", "logger.", "objective")
@@ -81,11 +86,13 @@ def sequential_reason(cfg: dict[str, Any]) -> str | None:
     """Why a group of this structure cannot be vectorised (its members then run one by one), or None.
 
     The contractive penalty differentiates the code with respect to the input inside the loss
-    (`torch.autograd.grad`), which `torch.func.vmap` does not run; the others are loop settings the
-    ensemble loop leaves to Lightning.
+    (`torch.autograd.grad`), which `torch.func.vmap` does not run; greedy pretraining trains in phases
+    the ensemble loop does not have; the others are loop settings the ensemble loop leaves to Lightning.
     """
     if cfg["loss"]["contractive_weight"] > 0:
         return "loss.contractive_weight > 0 (the contractive penalty calls torch.autograd.grad, which vmap cannot batch)"
+    if cfg["model"].get("pretrain", "none") != "none":
+        return "model.pretrain=greedy (its layer-wise phases run through the ordinary run)"
     flat = flatten(cfg)
     for key, default in _LOOP_DEFAULTS.items():
         if flat.get(key, default) != default:
