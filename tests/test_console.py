@@ -40,7 +40,8 @@ def test_verbose_brings_library_messages_back(tmp_path):
 
 ERRORS = [
     (["model=vea"], "model=vea is not an option of model: choose one of ae, vae (did you mean vae?)"),
-    (["dataset=minst"], "choose one of digits, dsprites, fashion_mnist, mnist, shapes (did you mean mnist?)"),
+    (["dataset=minst"], "choose one of array, custom, digits, dsprites, fashion_mnist, image_folder, mnist, shapes "
+                          "(did you mean mnist?)"),
     (["model.latnt_dim=8"], "model.latnt_dim is not a key of model (did you mean model.latent_dim?)"),
     (["noise.prob=0.2"], "noise.prob is not a key of noise (did you mean noise.p? it is a key of noise=masking"),
     (["noise=masking", "noise.pp=0.2"], "noise.pp is not a key of noise (did you mean noise.p?)"),

@@ -85,8 +85,9 @@ def test_a_sweep_on_slurm_records_every_job_as_the_basic_launcher_does(slurm_clu
 
 def test_a_ddp_job_on_slurm_is_one_job_of_two_tasks(slurm_cluster, tmp_path):
     sweep = tmp_path / "outputs" / "sweeps" / "ddp"
-    done = sweep_on(slurm_cluster, ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *QUICK,
-                                    f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    # verbose=true: Lightning's "MEMBER: 2/2" line (the process group's size) reaches the tasks' output
+    done = sweep_on(slurm_cluster, ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "verbose=true",
+                                    *QUICK, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     tasks = _task_logs(sweep)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:] + tasks[-3000:]
     # the two ranks are the job's two SLURM tasks (submitit's log of each task names its rank)
