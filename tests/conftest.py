@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,32 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.Comp
     env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
     return subprocess.run([sys.executable, "-m", "ae_lab", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def kill_after_step(args: list[str], cwd: Path, step: int) -> None:
+    """Run `python -m ae_lab ARGS` in `cwd` until training step `step` has ended, then SIGKILL it
+    (tests/stall/sitecustomize.py stops the run there and leaves a marker file); its output goes to
+    `cwd/killed-after-<step>.log`."""
+    marker = cwd / f"stalled-after-{step}"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests" / "stall"), os.environ.get("PYTHONPATH")])),
+               AE_LAB_STALL_AFTER_STEP=str(step), AE_LAB_STALL_MARKER=str(marker))
+    log = cwd / f"killed-after-{step}.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen([sys.executable, "-m", "ae_lab", *args], cwd=cwd, env=env,
+                                   stdout=output, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 240
+            while not marker.exists():
+                assert process.poll() is None, log.read_text()[-3000:]
+                assert time.time() < deadline, f"the run did not reach step {step}"
+                time.sleep(0.1)
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:  # never leave a training process behind
+                process.kill()
+                process.wait()
 
 
 def read_json(path: Path) -> dict:

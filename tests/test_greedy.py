@@ -5,11 +5,6 @@ phase resumes inside it."""
 from __future__ import annotations
 
 import csv
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -18,9 +13,8 @@ import torch
 from ae_lab.data import build_datamodule
 from ae_lab.greedy import PhaseCheckpoints, pretraining_layer
 from ae_lab.module import Autoencoder
-from conftest import compose_config, read_json, run_cli
+from conftest import compose_config, kill_after_step, read_json, run_cli
 
-STALL = Path(__file__).resolve().parent / "stall"
 # three layers (two hidden and the code), one epoch each, then one epoch of fine-tuning; masking noise:
 # a stacked denoising autoencoder. digits, 3 training batches an epoch.
 GREEDY = ["model.pretrain=greedy", "model.epochs_per_layer=1", "model.hidden_dims=[32,16]", "model.latent_dim=6",
@@ -99,23 +93,7 @@ def test_a_run_killed_in_phase_two_resumes_in_phase_two_and_ends_as_an_uninterru
     assert [int(row["epoch"]) for row in history if row.get("train/loss")] == [3]  # fine-tuning only
 
     # epoch 1 (layer 2) is steps 4-6: killed after step 5, the newest checkpoint is step 4's, inside phase 2
-    marker = tmp_path / "stalled"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(STALL), os.environ.get("PYTHONPATH")])),
-               AE_LAB_STALL_AFTER_STEP="5", AE_LAB_STALL_MARKER=str(marker))
-    process = subprocess.Popen([sys.executable, "-m", "ae_lab", *args, f"hydra.run.dir={killed}"], cwd=tmp_path,
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while not marker.exists():
-            assert process.poll() is None and time.time() < deadline, "the run did not reach step 5"
-            time.sleep(0.1)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    kill_after_step([*args, f"hydra.run.dir={killed}"], tmp_path, step=5)
     checkpoint = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
     assert (checkpoint["global_step"], checkpoint["epoch"]) == (4, 1)
     assert not (killed / "checkpoints" / "pretrain_layer2.ckpt").exists()

@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,9 +18,8 @@ from ae_lab.nets import Latent
 from ae_lab.kl_forms import free_bits_kl, kl_decomposition
 from ae_lab.objectives import Objective
 from ae_lab.schedules import scheduled_weight
-from conftest import compose_config, read_json, run_cli
+from conftest import compose_config, kill_after_step, read_json, run_cli
 
-STALL = Path(__file__).resolve().parent / "stall"
 
 
 def _schedule(**keys):
@@ -82,23 +76,7 @@ def test_scheduled_beta_is_logged_per_epoch_and_continues_exactly_after_a_resume
     assert done.returncode == 0, done.stderr[-3000:]
     assert _logged(reference, "scheduled/beta") == pytest.approx(EXPECTED_BETA)
     # killed after step 8, in the second cycle's rise: the newest checkpoint is step 6's (mid-epoch)
-    marker = tmp_path / "stalled"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(STALL), os.environ.get("PYTHONPATH")])),
-               AE_LAB_STALL_AFTER_STEP="8", AE_LAB_STALL_MARKER=str(marker))
-    process = subprocess.Popen([sys.executable, "-m", "ae_lab", *FIT, f"hydra.run.dir={killed}"], cwd=tmp_path,
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while not marker.exists():
-            assert process.poll() is None and time.time() < deadline, "the run did not reach step 8"
-            time.sleep(0.1)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    kill_after_step([*FIT, f"hydra.run.dir={killed}"], tmp_path, step=8)
     assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
     done = run_cli([f"resume={killed}"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

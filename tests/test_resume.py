@@ -9,17 +9,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import QUICK, ROOT, read_json, run_cli, train_in_process
+from conftest import QUICK, ROOT, kill_after_step, read_json, run_cli, train_in_process
 from wandb_records import read_records
 
 SHARED = ROOT.parent / "shared" / "data"
-STALL = Path(__file__).resolve().parent / "stall"  # a sitecustomize that stops a run after a given step
 # MNIST with dynamic binarisation, masking noise and a VAE: the data order, the binarisation, the noise
 # and the latent samples all have to continue exactly. 10 batches an epoch, step checkpoints every 5.
 RUN = ["dataset=mnist", f"dataset.root={SHARED}", "dataset.binarize=dynamic", "noise=masking", "model=vae",
@@ -31,28 +29,6 @@ RUN = ["dataset=mnist", f"dataset.root={SHARED}", "dataset.binarize=dynamic", "n
 def _environment(**extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
     return {**env, **extra}
-
-
-def _kill_after_step(args: list[str], cwd: Path, step: int) -> None:
-    """Run `python -m ae_lab ARGS` until training step `step` has ended, then SIGKILL it."""
-    marker = cwd / f"stalled-after-{step}"
-    env = _environment(PYTHONPATH=os.pathsep.join(filter(None, [str(STALL), os.environ.get("PYTHONPATH")])),
-                       AE_LAB_STALL_AFTER_STEP=str(step), AE_LAB_STALL_MARKER=str(marker))
-    with open(cwd / f"killed-after-{step}.log", "w") as output:
-        process = subprocess.Popen([sys.executable, "-m", "ae_lab", *args], cwd=cwd, env=env,
-                                   stdout=output, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 240
-            while not marker.exists():
-                assert process.poll() is None, (cwd / f"killed-after-{step}.log").read_text()[-3000:]
-                assert time.time() < deadline, "the run did not reach the step"
-                time.sleep(0.1)
-            process.send_signal(signal.SIGKILL)
-            process.wait(timeout=60)
-        finally:
-            if process.poll() is None:  # never leave a training process behind
-                process.kill()
-                process.wait()
 
 
 def _global_step(checkpoint: Path) -> int:
@@ -69,7 +45,7 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_as_an_uninterrupted_run(tmp_pat
         # killed after the last batch of the last epoch (30), before its validation: no checkpoint is
         # taken there (Lightning would resume it past the validation), so step 25's is the newest, and
         # the final training metrics depend on the epoch sums of steps 21-25 that it carries
-        _kill_after_step([*RUN, f"hydra.run.dir={run_dir}"], tmp_path, step=30)
+        kill_after_step([*RUN, f"hydra.run.dir={run_dir}"], tmp_path, step=30)
         assert _global_step(run_dir / "checkpoints" / "last.ckpt") == 25
         assert read_json(run_dir / "run.json")["status"] == "running"
         wandb_id = read_json(run_dir / "run.json")["wandb_run_id"]

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, read_json, run_cli
+from conftest import ROOT, kill_after_step, read_json, run_cli
 from wandb_records import run_contents
 
 QUICK = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.enable_progress_bar=false",
@@ -162,28 +160,18 @@ def test_a_sweep_run_again_resumes_a_cut_off_job_from_its_checkpoint(tmp_path):
     env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
     reference = subprocess.Popen([sys.executable, "-m", "ae_lab", *run, f"hydra.run.dir={tmp_path / 'reference'}"],
                                  cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    sweep, marker = tmp_path / "sweep", tmp_path / "stalled"
+    sweep = tmp_path / "sweep"
     args = ["-m", *run, f"hydra.sweep.dir={sweep}"]
-    stall = {"PYTHONPATH": str(ROOT / "tests" / "stall"), "AE_LAB_STALL_AFTER_STEP": "6",
-             "AE_LAB_STALL_MARKER": str(marker)}
-    cut = subprocess.Popen([sys.executable, "-m", "ae_lab", *args], cwd=tmp_path, env={**env, **stall},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 240
-        while not marker.exists():
-            assert cut.poll() is None and time.time() < deadline, "the job did not reach step 6"
-            time.sleep(0.1)
-        cut.send_signal(signal.SIGKILL)
-        cut.wait(timeout=60)
+        kill_after_step(args, tmp_path, step=6)
         again = run_cli(args, cwd=tmp_path)
         assert again.returncode == 0, again.stderr[-3000:]
         _, errors = reference.communicate(timeout=300)
         assert reference.returncode == 0, errors[-3000:]
     finally:
-        for process in (cut, reference):
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        if reference.poll() is None:
+            reference.kill()
+            reference.wait()
     [job] = job_folders(sweep)
     record = read_json(job / "run.json")
     assert record["status"] == "completed" and record["resumed_from"]["global_step"] == 4

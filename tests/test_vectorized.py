@@ -5,7 +5,6 @@ a NaN member isolated, a killed group resumed exactly, compare on a vectorised s
 from __future__ import annotations
 
 import csv
-import json
 import math
 import statistics
 from pathlib import Path
