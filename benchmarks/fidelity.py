@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import matplotlib
+from omegaconf import OmegaConf
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -163,6 +164,54 @@ def archive(folder: Path, budget: str, name: str, archive_root: Path) -> None:
     (target / "machine.txt").write_text(machine() + "\n")
 
 
+SWEEP_METRICS = ("eval/mig", "eval/factor_vae")
+
+
+def archive_sweep(sweep: Path, budget: str, archive_root: Path) -> None:
+    """Archive a finished β × seed sweep (e.g. `+sweeps=locatello_beta` through the vectorised launcher) as
+    `python -m ae_lab.compare` shows it: the table (seeds aggregated: mean ± std), one plot per metric
+    against β with the seeds' spread, the command, the machine and the wall time."""
+    target = archive_root / budget / f"sweep_{sweep.name}"
+    target.mkdir(parents=True, exist_ok=True)
+    compare = [sys.executable, "-m", "ae_lab.compare", str(sweep)]
+    table = subprocess.run([*compare, "--metrics", ",".join(SWEEP_METRICS), "--format", "markdown"],
+                           capture_output=True, text=True, check=True, cwd=REPOSITORY).stdout
+    (target / "table.md").write_text(table)
+    for metric in SWEEP_METRICS:
+        subprocess.run([*compare, "--metrics", metric, "--plot", str(target), "--x", "loss.beta"],
+                       capture_output=True, check=True, cwd=REPOSITORY)
+    records = [json.loads(path.read_text()) for path in sweep.glob("*/run.json")]
+    started = min(datetime.fromisoformat(record["started"]) for record in records)
+    ended = max(datetime.fromisoformat(record["ended"]) for record in records)
+    overrides = OmegaConf.load(sweep / "multirun.yaml").hydra.overrides.task
+    hidden = ("logger=", "trainer.enable_progress_bar=", "hydra.sweep.dir=")
+    (target / "summary.json").write_text(json.dumps({
+        "command": "python -m ae_lab -m " + " ".join(str(o) for o in overrides if not str(o).startswith(hidden)),
+        "jobs": len(records), "completed": sum(record["status"] == "completed" for record in records),
+        "wall_minutes": round((ended - started).total_seconds() / 60, 1)}, indent=2) + "\n")
+    (target / "machine.txt").write_text(machine() + "\n")
+
+
+def sweep_sections(archive_root: Path, machines: list[str], report_folder: Path) -> list[str]:
+    """A section per archived sweep: its command, machine, wall time, table and plots (linked relative to
+    `report_folder`); machines not yet in `machines` are added to it."""
+    lines = []
+    for budget in ("full", "cpu"):
+        for folder in sorted((archive_root / budget).glob("sweep_*")):
+            summary = json.loads((folder / "summary.json").read_text())
+            machine_text = (folder / "machine.txt").read_text().strip()
+            if machine_text not in machines:
+                machines.append(machine_text)
+            plots = sorted(folder.glob("*_vs_loss.beta.png"))
+            lines += ["", f"## β sweep `{folder.name.removeprefix('sweep_')}` (budget `{budget}`)", "",
+                      f"`{summary['command']}`: {summary['completed']} of {summary['jobs']} jobs completed in "
+                      f"{summary['wall_minutes']} min (machine M{machines.index(machine_text) + 1}). "
+                      "Rows: β (seeds aggregated, mean ± std over the seeds).", "",
+                      (folder / "table.md").read_text().strip(), "",
+                      *[f"![{plot.stem}]({plot.resolve().relative_to(report_folder.resolve())})" for plot in plots]]
+    return lines
+
+
 def archived_runs(archive_root: Path) -> list[tuple[Setting, str, Path]]:
     """(setting, budget, archive folder) for every archived run, in the order of SETTINGS, full budget first."""
     return [(setting, budget, archive_root / budget / setting.name) for setting in SETTINGS
@@ -262,6 +311,7 @@ def report(archive_root: Path, output: Path) -> None:
     runs = archived_runs(archive_root)
     machines = list(dict.fromkeys((folder / "machine.txt").read_text().strip() for _, _, folder in runs))
     full = sorted({setting.name for setting, budget, _ in runs if budget == "full"})
+    machines_line = "Machines: (filled in below)"
     lines = ["# Fidelity: published figures and ours", "",
              "Written by `python benchmarks/fidelity.py` from the runs archived in `benchmarks/fidelity/<budget>/` "
              "(each run's metrics, record, overrides and per-epoch history, copied from its run folder when it "
@@ -269,7 +319,7 @@ def report(archive_root: Path, output: Path) -> None:
              "some evaluation sizes) to fit a CPU, and every change from the preset is in the command column: "
              "**rows at budget `cpu` are not full-budget reproductions.**", "",
              f"Rows at full budget: {', '.join(full) if full else 'none'}.", "",
-             "Machines: " + "; ".join(f"**M{number}** {text}" for number, text in enumerate(machines, 1)), "",
+             machines_line, "",
              "| setting | source | its figure | ours | command | budget | machine | fit time | wall time |",
              "|---|---|---|---|---|---|---|---|---|"]
     curves, found = [], {"full": {}, "cpu": {}}
@@ -288,6 +338,9 @@ def report(archive_root: Path, output: Path) -> None:
         if found[budget]:
             lines += ["", f"## The qualitative claims, checked on the runs at budget `{budget}`", "",
                       *claims(found[budget])]
+    lines += sweep_sections(archive_root, machines, output.parent)
+    lines[lines.index(machines_line)] = "Machines: " + "; ".join(
+        f"**M{number}** {text}" for number, text in enumerate(machines, 1))
     lines += ["", "`DATA` is the folder holding `mnist/` (`dataset.root`). NLL rows: `eval/iw_nll`, the importance-"
               "weighted bound on the test split (its first `eval.test_examples` images when set). "
               "Disentanglement rows: the generated dSprites-style set (`dataset=shapes`; real dSprites could "
@@ -308,6 +361,8 @@ def main() -> None:
                         help="train nothing: archive the completed runs present and rewrite the report")
     parser.add_argument("--archive", type=Path, default=REPOSITORY / "benchmarks" / "fidelity")
     parser.add_argument("--output", type=Path, default=REPOSITORY / "benchmarks" / "FIDELITY.md")
+    parser.add_argument("--sweep", type=Path, action="append", default=[],
+                        help="a finished beta x seed sweep folder to archive into the report (repeatable)")
     args = parser.parse_args()
     runs = args.runs or REPOSITORY / "outputs" / "fidelity" / args.budget
     for setting in SETTINGS:
@@ -318,6 +373,8 @@ def main() -> None:
         record = runs / setting.name / "run.json"
         if record.is_file() and json.loads(record.read_text()).get("status") == "completed":
             archive(runs / setting.name, args.budget, setting.name, args.archive)
+    for sweep in args.sweep:
+        archive_sweep(sweep.resolve(), args.budget, args.archive)
     report(args.archive, args.output)
 
 
