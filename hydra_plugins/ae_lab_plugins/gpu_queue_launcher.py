@@ -85,18 +85,14 @@ class GpuQueueLauncher(Launcher):
                              "of GPUs per job (an integer >= 1)")
         return _Job(index, list(overrides), config, folder, devices)
 
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+    def _jobs_to_run(self, jobs: list[_Job], returns: dict[int, JobReturn]) -> list[tuple[_Job, DictConfig]]:
+        """The jobs still to run, each with its task config. A job whose folder holds a completed run of
+        its config is returned as it is (into `returns`); one whose folder holds another config's
+        completed run is recorded failed, and its folder kept."""
         from ae_lab.errors import ConfigError
         from ae_lab.tracking import completed_metrics
 
-        setup_globals()
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        free = self._gpu_ids()
-        log.info(f"Queueing {len(job_overrides)} jobs on GPUs {free}")
-        jobs = [self._job(initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
-        returns: dict[int, JobReturn] = {}
-        pending: list[_Job] = []
+        todo = []
         for job in jobs:
             task_config = self._task_config(job)
             try:
@@ -107,7 +103,21 @@ class GpuQueueLauncher(Launcher):
             if finished is not None:
                 log.info(f"\t#{job.index} : already completed in {job.folder}")
                 returns[job.index] = self._return(job, finished.get(task_config.objective, math.nan))
-            elif job.devices > len(free):
+            else:
+                todo.append((job, task_config))
+        return todo
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        free = self._gpu_ids()
+        log.info(f"Queueing {len(job_overrides)} jobs on GPUs {free}")
+        jobs = [self._job(initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
+        returns: dict[int, JobReturn] = {}
+        pending: list[_Job] = []
+        for job, _ in self._jobs_to_run(jobs, returns):
+            if job.devices > len(free):
                 returns[job.index] = self._failed(
                     job, f"{self.devices_key}={job.devices} but only {len(free)} GPUs are available")
             else:

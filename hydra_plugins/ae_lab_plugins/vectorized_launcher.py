@@ -57,7 +57,6 @@ class VectorizedLauncher(GpuQueueLauncher):
         from ae_lab.data import input_shape
         from ae_lab.ensemble.grouping import group_jobs, group_key, sequential_reason
         from ae_lab.errors import ConfigError, fail
-        from ae_lab.tracking import completed_metrics
 
         if not isinstance(self.max_members, int) or self.max_members < 1:
             fail(f"hydra.launcher.max_members={self.max_members!r} is not allowed: an integer >= 1")
@@ -68,17 +67,7 @@ class VectorizedLauncher(GpuQueueLauncher):
         jobs = [self._job(initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
         returns: dict[int, JobReturn] = {}
         todo: list[_Job] = []
-        for job in jobs:
-            task_config = self._task_config(job)
-            try:
-                finished = completed_metrics(job.folder, task_config)
-            except ConfigError as error:
-                returns[job.index] = self._failed(job, str(error), write_record=False)
-                continue
-            if finished is not None:
-                log.info(f"\t#{job.index} : already completed in {job.folder}")
-                returns[job.index] = self._return(job, finished.get(task_config.objective, math.nan))
-                continue
+        for job, task_config in self._jobs_to_run(jobs, returns):
             try:
                 for warning in validate(task_config, input_shape(task_config.dataset)):
                     log.warning(warning)
