@@ -260,6 +260,11 @@ def wall_time(record: dict) -> str:
     return f"{seconds / 60:.1f} min" + (" (last attempt)" if "resumed_from" in record else "")
 
 
+def fit_time(record: dict) -> str:
+    """Lightning's fit time; for a resumed run, of its last attempt (said so)."""
+    return f"{record['timings']['fit_seconds'] / 60:.1f} min" + (" (last attempt)" if "resumed_from" in record else "")
+
+
 def claims(found: dict[str, Metrics]) -> list[str]:
     """Each qualitative claim of the sources, held against the runs of one budget (computed, not written in)."""
     lines = []
@@ -330,7 +335,7 @@ def report(archive_root: Path, output: Path) -> None:
         number = machines.index((folder / "machine.txt").read_text().strip()) + 1
         lines.append(f"| {setting.name} | {setting.source} | {setting.published} | {setting.ours(metrics)} | "
                      f"`python -m ae_lab {' '.join(recorded_overrides(folder))}` | {budget} | M{number} | "
-                     f"{record['timings']['fit_seconds'] / 60:.1f} min | {wall_time(record)} |")
+                     f"{fit_time(record)} | {wall_time(record)} |")
         if setting.curve_targets and (folder / "history.csv").is_file():
             name = learning_curve(setting, budget, folder, output.parent / "figures")
             curves.append(f"![{setting.name}, budget {budget}](figures/{name})")
