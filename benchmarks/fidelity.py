@@ -174,7 +174,7 @@ def archive_sweep(sweep: Path, budget: str, archive_root: Path) -> None:
     target = archive_root / budget / f"sweep_{sweep.name}"
     target.mkdir(parents=True, exist_ok=True)
     compare = [sys.executable, "-m", "ae_lab.compare", str(sweep)]
-    table = subprocess.run([*compare, "--metrics", ",".join(SWEEP_METRICS), "--format", "markdown"],
+    table = subprocess.run([*compare, "--metrics", ",".join(SWEEP_METRICS), "--sort", "loss.beta", "--format", "markdown"],
                            capture_output=True, text=True, check=True, cwd=REPOSITORY).stdout
     (target / "table.md").write_text(table)
     for metric in SWEEP_METRICS:
