@@ -91,6 +91,9 @@ class Ensemble:
         kind = configs[0]["noise"]["kind"]
         self.corrupt, strength_key = KINDS.get(kind, (None, None))
         self.strength = self.per_member([c["noise"][strength_key] if strength_key else 0.0 for c in configs])
+        self.fixed_weights = None
+        if not any(module.objective.scheduled_names for module in self.modules):
+            self.fixed_weights = self.weights(0)
         self._train_terms = vmap(partial(self._terms, train=True), randomness="different")
         self._eval_terms = vmap(partial(self._terms, train=False), in_dims=(0, None, 0, 0), randomness="different")
 
@@ -104,7 +107,10 @@ class Ensemble:
         return torch.tensor(values, dtype=torch.float32, device=self.device)
 
     def weights(self, step: int) -> dict[str, torch.Tensor]:
-        """Every member's `Objective.weights(step)`, stacked: the per-member scalars of the loss."""
+        """Every member's `Objective.weights(step)`, stacked: the per-member scalars of the loss. Without a
+        schedule that moves they are the same at every step, stacked once (no per-step tensors to build)."""
+        if self.fixed_weights is not None:
+            return self.fixed_weights
         each = [module.objective.weights(step) for module in self.modules]
         return {key: self.per_member([float(w[key]) for w in each]) for key in each[0]}
 
