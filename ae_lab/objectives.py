@@ -69,13 +69,27 @@ def kl_sparsity(code: torch.Tensor, target: float | torch.Tensor) -> torch.Tenso
             + (1 - target) * torch.log((1 - target) / (1 - rate))).sum()
 
 
-def contractive_penalty(code: torch.Tensor, inputs: torch.Tensor, estimator: str = "exact",
+JacobianRows = Callable[[torch.Tensor], torch.Tensor]
+"""directions (k, B, d_z) -> the rows v^T J_i of every example's Jacobian J_i = d code_i / d inputs_i for
+each direction v: (k, B, *input_shape)."""
+
+
+def autograd_rows(code: torch.Tensor, inputs: torch.Tensor, create_graph: bool) -> JacobianRows:
+    """The rows by `torch.autograd.grad`, batched over the directions with `is_grads_batched`. `code` must
+    have been computed from `inputs` (which requires grad); `create_graph` keeps them differentiable."""
+    return lambda directions: torch.autograd.grad(code, inputs, grad_outputs=directions, is_grads_batched=True,
+                                                  create_graph=create_graph)[0]
+
+
+def contractive_penalty(code: torch.Tensor, rows: JacobianRows | torch.Tensor, estimator: str = "exact",
                         projections: int = 1, create_graph: bool = True) -> torch.Tensor:
     """Per-example squared Frobenius norm of the encoder Jacobian d code / d inputs.
 
-    `code` must have been computed from `inputs` (which requires grad). Works for any encoder that
-    treats examples independently (MLP or conv, any depth): rows of each example's Jacobian are
-    vector-Jacobian products, batched over the rows with `is_grads_batched`.
+    `rows` computes vector-Jacobian products (`JacobianRows`): either such a function (the vectorised
+    ensemble passes one made of a `torch.func.vjp` pullback, which `vmap` can batch where it cannot
+    batch `torch.autograd.grad`), or the input tensor `code` was computed from, for which they are taken
+    by autograd (`autograd_rows`, with `create_graph`). Works for any encoder that treats examples
+    independently (MLP or conv, any depth).
 
     Cost: `exact` takes d_z vector-Jacobian products (one backward pass through the encoder per latent
     unit, vectorised), so time and memory grow linearly in the latent size d_z and in the encoder's
@@ -84,21 +98,24 @@ def contractive_penalty(code: torch.Tensor, inputs: torch.Tensor, estimator: str
     E_v ||v^T J||^2 = ||J||_F^2 with v ~ N(0, I_{d_z}), averaged over `projections` draws: its cost
     is `projections` products, independent of d_z, at the price of variance.
     """
+    if isinstance(rows, torch.Tensor):
+        rows = autograd_rows(code, rows, create_graph)
     batch, latent_dim = code.shape
     if estimator == "exact":
         directions = torch.eye(latent_dim, dtype=code.dtype, device=code.device)
         directions = directions.unsqueeze(1).expand(latent_dim, batch, latent_dim)
     else:
         directions = torch.randn(projections, batch, latent_dim, dtype=code.dtype, device=code.device)
-    rows = torch.autograd.grad(code, inputs, grad_outputs=directions, is_grads_batched=True,
-                               create_graph=create_graph)[0]
-    squared = rows.pow(2).flatten(2).sum(2)  # (directions, batch)
+    squared = rows(directions).pow(2).flatten(2).sum(2)  # (directions, batch)
     return squared.sum(0) if estimator == "exact" else squared.mean(0)
 
 
 @dataclass
 class Batch:
-    """What the terms of one step read; quantities several terms share are computed once."""
+    """What the terms of one step read; quantities several terms share are computed once.
+
+    `jacobian_rows`: how the contractive term gets the rows of d code / d inputs; None: by autograd
+    from `inputs` (which then requires grad; `create_graph` in training)."""
 
     logits: torch.Tensor
     x: torch.Tensor
@@ -108,6 +125,7 @@ class Batch:
     create_graph: bool
     recon_kind: str
     output: Callable[[torch.Tensor], torch.Tensor]
+    jacobian_rows: JacobianRows | None = None
     shared: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def once(self, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -186,8 +204,8 @@ class Objective:
                 terms.append(Term("sparsity", "sparsity_weight", lambda b: l1_sparsity(b.latent.code).mean()))
         if cfg.contractive_weight > 0:
             terms.append(Term("contractive", "contractive_weight", lambda b: contractive_penalty(
-                b.latent.code, b.inputs, cfg.contractive_estimator, cfg.contractive_projections,
-                create_graph=b.create_graph).mean()))
+                b.latent.code, b.inputs if b.jacobian_rows is None else b.jacobian_rows,
+                cfg.contractive_estimator, cfg.contractive_projections, create_graph=b.create_graph).mean()))
         return terms
 
     @property
@@ -221,8 +239,11 @@ class Objective:
         return names
 
     def __call__(self, logits: torch.Tensor, x: torch.Tensor, latent: Latent, inputs: torch.Tensor,
-                 weights: dict[str, float | torch.Tensor], create_graph: bool) -> dict[str, torch.Tensor]:
-        batch = Batch(logits, x, latent, inputs, weights, create_graph, self.cfg.recon, self.output)
+                 weights: dict[str, float | torch.Tensor], create_graph: bool,
+                 jacobian_rows: JacobianRows | None = None) -> dict[str, torch.Tensor]:
+        """The terms of a batch whose (corrupted) `inputs` gave `logits` and `latent`; the contractive
+        term takes the code's Jacobian rows from `jacobian_rows`, or by autograd from `inputs`."""
+        batch = Batch(logits, x, latent, inputs, weights, create_graph, self.cfg.recon, self.output, jacobian_rows)
         values: dict[str, torch.Tensor] = {}
         loss = 0.0
         for term in self.terms:

@@ -1,6 +1,7 @@
 """The vectorised launcher (`hydra/launcher=vectorized`, ae_lab/ensemble/): grouping, the per-member
-optimiser against torch.optim, members equal to separate runs, member run folders and W&B runs,
-a NaN member isolated, a killed group resumed exactly, compare on a vectorised sweep."""
+optimiser against torch.optim, members equal to separate runs (plain and contractive), the contractive
+projection estimator under vmap, member run folders and W&B runs, a NaN member isolated, a killed group
+resumed exactly, compare on a vectorised sweep."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import torch
 from omegaconf import OmegaConf
 
 from ae_lab.ensemble import group as group_module
-from ae_lab.ensemble.group import Member, run_group
+from ae_lab.ensemble.group import Ensemble, Member, run_group
 from ae_lab.ensemble.grouping import group_jobs, sequential_reason
 from ae_lab.ensemble.optim import StackedOptimizer, clip_gradients
+from ae_lab.objectives import contractive_penalty
 from conftest import compose_config, read_json, run_cli, train_in_process
 from wandb_records import run_contents
 
@@ -56,8 +58,10 @@ def test_a_weight_switched_on_or_another_noise_kind_is_another_group():
     assert group_jobs([plain(job) for job in jobs], max_members=64) == [[0, 6], [1, 2], [3, 4], [5], [7]]
 
 
-def test_the_contractive_penalty_falls_back_to_single_runs():
-    assert "contractive" in sequential_reason(plain(["loss=contractive"]))
+def test_greedy_pretraining_falls_back_to_single_runs_the_contractive_penalty_does_not():
+    assert "greedy" in sequential_reason(plain(["model.pretrain=greedy"]))
+    for estimator in ("exact", "projection"):
+        assert sequential_reason(plain(["loss=contractive", f"loss.contractive_estimator={estimator}"])) is None
     assert sequential_reason(plain(["model=vae", "noise=masking"])) is None
 
 
@@ -121,12 +125,20 @@ def _csv_epochs(run_dir: Path) -> list[dict[str, float]]:
     return [by_epoch[epoch] for epoch in sorted(by_epoch) if "train/loss" in by_epoch[epoch]]
 
 
-def test_plain_ae_members_equal_separate_runs_epoch_by_epoch(tmp_path):
-    """Per-member seed, lr, weight decay, clipping and an lr milestone; every epoch's train and val
-    losses and every final metric equal the separate run's (relative 1e-4)."""
+@pytest.mark.parametrize("loss", [
+    pytest.param([[]] * 3, id="plain"),
+    pytest.param([["loss=contractive", f"loss.contractive_weight={weight}"] for weight in (0.01, 0.3, 1.0)],
+                 id="contractive-exact"),
+])
+def test_deterministic_members_equal_separate_runs_epoch_by_epoch(tmp_path, loss):
+    """A plain AE and an exact contractive AE (its penalty through torch.func.vjp in the ensemble, through
+    torch.autograd.grad in the single run), each member with its own seed, lr, weight decay, clipping,
+    lr milestone (and contractive weight): every epoch's train and val terms and every final metric
+    equal the separate run's (relative 1e-4)."""
     base = [*SMALL, "trainer.max_epochs=3", "logger=csv", "optim.milestones=[2]", "optim.gamma=0.5"]
     variants = [["seed=0"], ["seed=1", "optim.lr=0.003", "optim.weight_decay=0.01", "trainer.gradient_clip_val=5"],
                 ["seed=2", "optim.name=adam", "optim.eps=1e-6", "trainer.gradient_clip_val=0.5"]]
+    variants = [variant + own_loss for variant, own_loss in zip(variants, loss)]
     # clipping on is structure: the first variant gets its own group, the others share one
     members = [Member(compose_config(base + v), tmp_path / "ensemble" / str(i)) for i, v in enumerate(variants)]
     run_group(members[:1], "a", tmp_path / "a.pt")
@@ -147,16 +159,55 @@ def test_plain_ae_members_equal_separate_runs_epoch_by_epoch(tmp_path):
             assert mine[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
 
 
-def test_vae_members_lie_within_the_spread_of_separate_runs(tmp_path):
-    base = [*SMALL, "model=vae", "noise=gaussian", "logger=none", "eval.figures=false"]
+@pytest.mark.parametrize("variant", [
+    pytest.param(["model=vae", "noise=gaussian"], id="vae"),
+    pytest.param(["loss=contractive", "loss.contractive_weight=1", "loss.contractive_estimator=projection",
+                  "loss.contractive_projections=2"], id="contractive-projection"),
+])
+def test_stochastic_members_lie_within_the_spread_of_separate_runs(tmp_path, variant):
+    """Members whose steps draw random numbers (VAE sampling and noise; contractive projections) from
+    the group's generator: their final test losses lie within the spread of separate runs over seeds."""
+    base = [*SMALL, *variant, "logger=none", "eval.figures=false"]
+    assert sequential_reason(plain(base)) is None  # an ensemble under the launcher, not the fallback
     seeds = (0, 1, 2)
     members = [Member(compose_config(base + [f"seed={s}"]), tmp_path / "ensemble" / str(s)) for s in seeds]
-    outcomes = run_group(members, "vae", tmp_path / "vae.pt")
+    outcomes = run_group(members, "stochastic", tmp_path / "stochastic.pt")
+    assert all(math.isfinite(value) for o in outcomes for value in o.metrics.values())
     ours = [o.metrics["test/loss"] for o in outcomes]
     theirs = [train_in_process(base + [f"seed={s}"], tmp_path / "alone" / str(s))["test/loss"] for s in seeds]
     spread = max(theirs) - min(theirs)
     assert abs(statistics.mean(ours) - statistics.mean(theirs)) < max(2 * spread, 0.01 * statistics.mean(theirs))
     assert min(ours) > min(theirs) - spread - 0.01 * min(theirs) and max(ours) < max(theirs) + spread + 0.01 * max(theirs)
+
+
+def test_ensemble_projection_estimates_each_members_exact_penalty():
+    """The projection estimator under vmap (the rows from a torch.func pullback): the mean of repeated
+    estimates on one batch lies within 4 standard errors of each member's exact penalty, computed by the
+    single run's autograd path."""
+    configs = [plain(["loss=contractive", "loss.contractive_estimator=projection", f"seed={seed}"]) for seed in (0, 1)]
+    ensemble = Ensemble(configs, (1, 8, 8), dataset_size=1000, device=torch.device("cpu"))
+    x = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    draws = torch.stack([ensemble.eval_terms(ensemble.flat, x, 0)["contractive"] for _ in range(400)])
+    for member, module in enumerate(ensemble.modules):
+        inputs = x.clone().requires_grad_(True)
+        exact = contractive_penalty(module(inputs)[1].code, inputs, "exact").mean().item()
+        estimates = draws[:, member]
+        assert abs(estimates.mean().item() - exact) < 4 * estimates.std().item() / math.sqrt(len(estimates))
+        assert estimates.std() > 0  # a random estimate, not the exact value again
+
+
+def test_a_contractive_sweep_trains_as_one_ensemble(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    done = run_cli(["-m", "hydra/launcher=vectorized", "loss=contractive", "loss.contractive_weight=0.01,0.1",
+                    "trainer.max_epochs=1", "eval=minimal", "logger=none", "trainer.enable_progress_bar=false",
+                    f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "in 1 groups" in output and "one job at a time" not in output, output[-3000:]
+    records = [read_json(folder / "run.json") for folder in sweep_dir.glob("*_*") if folder.is_dir()]
+    assert len(records) == 2
+    assert all(r["status"] == "completed" and r["ensemble"]["members"] == 2 for r in records)
 
 
 # ----- faults

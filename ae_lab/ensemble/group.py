@@ -32,12 +32,13 @@ from typing import Any, Callable
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import functional_call, stack_module_state, vjp, vmap
 
 from ae_lab.checkpoints import random_state, set_random_state
 from ae_lab.data import ArrayDataModule, Split, build_datamodule
 from ae_lab.ensemble.optim import StackedOptimizer, clip_gradients
 from ae_lab.module import Autoencoder
+from ae_lab.nets import Latent
 from ae_lab.noise import KINDS
 from ae_lab.run import write_results
 from ae_lab.storage import atomic_write
@@ -116,10 +117,25 @@ class Ensemble:
 
     def _terms(self, params: dict[str, torch.Tensor], x: torch.Tensor, weights: dict[str, torch.Tensor],
                strength: torch.Tensor, train: bool) -> dict[str, torch.Tensor]:
-        """One member's loss terms on its batch: the single run's `Autoencoder._step`, per member."""
+        """One member's loss terms on its batch: the single run's `Autoencoder._step`, per member.
+
+        With the contractive penalty, the network runs once under `torch.func.vjp` with respect to the
+        inputs: the code is its output, the logits and latent come back as auxiliary outputs, and the
+        code's pullback, vmapped over directions, gives the Jacobian rows (vmap cannot batch the single
+        run's `torch.autograd.grad`). The training step's gradient differentiates through the pullback."""
         inputs = self.corrupt(x, strength) if train and self.corrupt is not None else x
-        logits, latent = functional_call(self.base, params, (inputs,))
-        return self.base.objective(logits, x, latent, inputs, weights, create_graph=train)
+        if not self.base.objective.needs_input_grad:
+            logits, latent = functional_call(self.base, params, (inputs,))
+            return self.base.objective(logits, x, latent, inputs, weights, create_graph=train)
+
+        def code_of(inputs: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+            logits, latent = functional_call(self.base, params, (inputs,))
+            # vjp's auxiliary outputs must be tensors: the fields a deterministic head leaves None stay out
+            return latent.code, (logits, {name: value for name, value in latent._asdict().items() if value is not None})
+
+        _, pullback, (logits, fields) = vjp(code_of, inputs, has_aux=True)
+        return self.base.objective(logits, x, Latent(**fields), inputs, weights, create_graph=train,
+                                   jacobian_rows=lambda directions: vmap(pullback)(directions)[0])
 
     def train_terms(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         return self._train_terms(self.unflatten(self.flat), x, self.weights(step), self.strength)

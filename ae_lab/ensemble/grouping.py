@@ -67,7 +67,8 @@ def group_jobs(configs: list[dict[str, Any]], max_members: int) -> list[list[int
     (`model.latent_dim`, `hidden_dims`, `channels`, ...) change parameter shapes, so members could not
     be stacked; the architecture, latent head, reconstruction kind, noise kind, sparsity kind,
     contractive estimator, and a weight switched on or off change which operations run (control flow);
-    the data set, batch size, epochs and other trainer settings change the loop all members share.
+    the number of contractive projections is the shape of the directions every member draws; the data
+    set, batch size, epochs and other trainer settings change the loop all members share.
     """
     groups: dict[str, list[int]] = {}
     for index, cfg in enumerate(configs):
@@ -85,12 +86,9 @@ _LOOP_DEFAULTS = {"trainer.max_steps": -1, "trainer.accumulate_grad_batches": 1,
 def sequential_reason(cfg: dict[str, Any]) -> str | None:
     """Why a group of this structure cannot be vectorised (its members then run one by one), or None.
 
-    The contractive penalty differentiates the code with respect to the input inside the loss
-    (`torch.autograd.grad`), which `torch.func.vmap` does not run; greedy pretraining trains in phases
-    the ensemble loop does not have; the others are loop settings the ensemble loop leaves to Lightning.
+    Greedy pretraining trains in phases the ensemble loop does not have; the others are loop settings
+    the ensemble loop leaves to Lightning.
     """
-    if cfg["loss"]["contractive_weight"] > 0:
-        return "loss.contractive_weight > 0 (the contractive penalty calls torch.autograd.grad, which vmap cannot batch)"
     if cfg["model"].get("pretrain", "none") != "none":
         return "model.pretrain=greedy (its layer-wise phases run through the ordinary run)"
     flat = flatten(cfg)

@@ -5,7 +5,7 @@ folder holds a completed run of its config is skipped, so a killed sweep run aga
 is missing). The remaining jobs are grouped by `ae_lab.ensemble.grouping.group_jobs` (jobs that differ
 only in per-member scalars share a group, at most `max_members` per group); each group trains as one
 ensemble (`ae_lab.ensemble.group.run_group`) and writes every member's run folder. A group the
-ensemble loop cannot run (`sequential_reason`: the contractive penalty, some trainer settings) runs its
+ensemble loop cannot run (`sequential_reason`: greedy pretraining, some trainer settings) runs its
 jobs one by one in this process, as the basic launcher would, with a log line saying why.
 
 Groups run one after another on one device (the first GPU when one is visible, else the CPU);
