@@ -11,8 +11,9 @@ MultiStepLR per epoch, gradient clipping, `limit_*_batches`; val/* and test/* fr
 
 Member i starts from the weights a single run with its seed starts from: `pl.seed_everything(seed)`
 then `Autoencoder.from_config`, as `ae_lab.run` does. The random draws inside a step (noise, VAE
-sampling, contractive projections) come from one generator for the group (`vmap(randomness="different")`), so stochastic
-members match single runs in distribution, not draw for draw.
+sampling, contractive projections) come from one generator for the group
+(`vmap(randomness="different")`), so stochastic members match single runs in distribution, not draw
+for draw.
 
 A group checkpoint (`<sweep>/.ensembles/<name>.pt`) is written every `checkpoint_every_n_steps` steps
 and after every validation; running the sweep again resumes the group from it (exactly, on CPU) and
