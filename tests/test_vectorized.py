@@ -184,7 +184,8 @@ def test_ensemble_projection_estimates_each_members_exact_penalty():
     """The projection estimator under vmap (the rows from a torch.func pullback): the mean of repeated
     estimates on one batch lies within 4 standard errors of each member's exact penalty, computed by the
     single run's autograd path."""
-    configs = [plain(["loss=contractive", "loss.contractive_estimator=projection", f"seed={seed}"]) for seed in (0, 1)]
+    configs = [plain(["loss=contractive", "loss.contractive_estimator=projection", f"seed={seed}"])
+               for seed in (0, 1)]
     ensemble = Ensemble(configs, (1, 8, 8), dataset_size=1000, device=torch.device("cpu"))
     x = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)

@@ -132,7 +132,8 @@ class Ensemble:
         def code_of(inputs: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
             logits, latent = functional_call(self.base, params, (inputs,))
             # vjp's auxiliary outputs must be tensors: the fields a deterministic head leaves None stay out
-            return latent.code, (logits, {name: value for name, value in latent._asdict().items() if value is not None})
+            fields = {name: value for name, value in latent._asdict().items() if value is not None}
+            return latent.code, (logits, fields)
 
         _, pullback, (logits, fields) = vjp(code_of, inputs, has_aux=True)
         return self.base.objective(logits, x, Latent(**fields), inputs, weights, create_graph=train,
