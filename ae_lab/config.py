@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -515,6 +516,23 @@ def register_configs() -> None:
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
             store.store(group=f"schema/{group}", name=name, node=node)
+    register_sweeps(store)
+
+
+SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
+
+
+def register_sweeps(store: ConfigStore) -> None:
+    """The ready sweeps in the repository's `sweeps/` as the config group `sweeps` (`+sweeps=<name>`,
+    from any working directory). Stored in the ConfigStore rather than by putting the repository root on
+    Hydra's search path: that made every folder of the repository (.git, .venv, outputs) a config group
+    that Hydra walks, e.g. for `--help`. Each file's `# @package` header is kept."""
+    from omegaconf import OmegaConf
+
+    for path in sorted(SWEEPS.glob("*.yaml")):
+        header = path.read_text().splitlines()[:1]
+        package = header[0].split("@package", 1)[1].strip() if header and "@package" in header[0] else None
+        store.store(group="sweeps", name=path.stem, node=OmegaConf.load(path), package=package)
 
 
 def run_folder(new: str, *, _root_: Any) -> str:
