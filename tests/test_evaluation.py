@@ -161,10 +161,37 @@ def _png(path) -> np.ndarray:
 
 
 def _assert_drawn(path, count: int, rows: int) -> None:
-    """An `image_rows` grid: the pixel size its layout gives, and not blank."""
+    """An `image_rows` grid: room for `rows` x `count` images of at least 56 pixels, and not blank."""
     pixels = _png(path)
-    assert pixels.shape[:2] == (round(100 * (1.2 * rows + 0.4)), round(100 * (1.1 * count + 1.2)))
+    assert pixels.shape[0] > 56 * rows and pixels.shape[1] > 56 * count
     assert pixels[..., :3].std() > 0.05
+
+
+def test_image_rows_puts_each_image_in_its_row_and_column(tmp_path):
+    """Every cell is its image, enlarged without smoothing, at its row and column: cell (r, c) is filled
+    with its own colour (red level, no green: apart from the labels' grey) and found again in the PNG as
+    one solid block of the enlarged size."""
+    from PIL import Image
+
+    from ae_lab.figures import image_rows
+
+    rows, count, size = 3, 4, 8
+    levels = torch.arange(1, rows * count + 1, dtype=torch.float32).reshape(rows, count) / (rows * count + 1)
+    colours = torch.stack([levels, torch.zeros_like(levels), 1 - levels], dim=2)  # (rows, count, RGB)
+    batches = {f"row {r}": colours[r].reshape(count, 3, 1, 1).expand(count, 3, size, size) for r in range(rows)}
+    path = image_rows(batches, tmp_path / "grid.png", title="a title", columns=[f"c{c}" for c in range(count)])
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    boxes = []
+    for colour in colours.reshape(-1, 3):
+        found = np.argwhere((pixels == (colour * 255).round().numpy()).all(axis=2))
+        top, left = found.min(0)
+        bottom, right = found.max(0) + 1
+        assert bottom - top == right - left >= 56 and len(found) == (bottom - top) * (right - left)  # one solid block
+        boxes.append((top, left))
+    tops = [[boxes[r * count + c][0] for c in range(count)] for r in range(rows)]
+    lefts = [[boxes[r * count + c][1] for c in range(count)] for r in range(rows)]
+    assert all(len(set(row)) == 1 for row in tops) and [row[0] for row in tops] == sorted({row[0] for row in tops})
+    assert all(row == lefts[0] for row in lefts) and lefts[0] == sorted(set(lefts[0]))
 
 
 def test_autoencoder_run_evaluates_and_draws(tmp_path):
