@@ -77,7 +77,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> 
         interrupt = CheckpointOnInterrupt(run_dir / "checkpoints" / "interrupted.ckpt")
         try:
             logger = build_logger(cfg, run_dir, math.prod(data.input_shape),
-                                  run_id=resume.record.get("wandb_run_id") if resume else None)
+                                  run_id=resume.record.get("wandb_run_id") if resume else None,
+                                  resumed_at_step=resume.global_step if resume else None)
             if record is not None:  # known from the start, so that a resumed run goes on with it
                 record.update(wandb_run_id=wandb_run_id(logger))
             metrics, best_checkpoint, figures, timings = _fit_and_test(cfg, run_dir, data, logger,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import itertools
 import json
 import os
@@ -19,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ae_lab.config import flatten
 from ae_lab.errors import ConfigError
-from ae_lab.storage import write_json
+from ae_lab.storage import atomic_write, write_json
 
 PACKAGES = ("ae_lab", "torch", "pytorch-lightning", "hydra-core", "omegaconf", "wandb", "numpy",
             "scikit-learn", "matplotlib")
@@ -219,7 +221,8 @@ def run_naming(run_dir: Path, resumed: bool) -> tuple[list[str], set[str], str |
     return [str(override) for override in hydra.overrides.task], set(hydra.runtime.choices), sweep
 
 
-def build_logger(cfg: DictConfig, run_dir: Path, input_size: int, run_id: str | None = None):
+def build_logger(cfg: DictConfig, run_dir: Path, input_size: int, run_id: str | None = None,
+                 resumed_at_step: int | None = None):
     """The Lightning logger named by `logger.kind`.
 
     W&B: one run per ae_lab run, written into the run folder; named after the run's overrides, grouped
@@ -227,13 +230,18 @@ def build_logger(cfg: DictConfig, run_dir: Path, input_size: int, run_id: str | 
     set, config = the resolved config with flattened keys. `run_id` (a resumed run) continues that W&B
     run (`resume="allow"`), named and grouped as it was; offline, each attempt writes its own `wandb/offline-run-*` folder with
     that id, and `wandb sync` given all of them uploads them, in order, into the one run.
+    CSV: `csv/metrics.csv`; a resumed run (`resumed_at_step`, its checkpoint's global step) keeps the
+    rows logged before that step and goes on writing into the same file.
     """
     if cfg.logger.kind == "none":
         return False
     if cfg.logger.kind == "csv":
         from pytorch_lightning.loggers import CSVLogger
 
-        return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+        logger = CSVLogger(save_dir=str(run_dir), name="csv", version="")
+        if resumed_at_step is not None:
+            _keep_csv_history(logger, resumed_at_step)
+        return logger
     from pytorch_lightning.loggers import WandbLogger
 
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -250,6 +258,26 @@ def build_logger(cfg: DictConfig, run_dir: Path, input_size: int, run_id: str | 
     # "The anonymous setting has no effect": it has none, so it is not passed
     logger._wandb_init.pop("anonymous", None)
     return logger
+
+
+def _keep_csv_history(logger: Any, before_step: int) -> None:
+    """Lightning's CSV writer deletes an existing metrics.csv when it starts, which lost a resumed run's
+    history. Keep the rows logged before the checkpoint's step (the resumed run logs the later ones
+    again) and let the writer append to them."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    path = Path(logger.log_dir) / "metrics.csv"
+    if rank_zero_only.rank != 0 or not path.is_file():
+        return
+    with path.open(newline="") as file:
+        reader = csv.DictReader(file)
+        header, rows = list(reader.fieldnames or []), [row for row in reader if float(row["step"]) < before_step]
+    text = io.StringIO()
+    table = csv.DictWriter(text, fieldnames=header)
+    table.writeheader()
+    table.writerows(rows)
+    logger.experiment.metrics_keys = header  # creating the writer deletes the file
+    atomic_write(path, lambda file: file.write(text.getvalue().encode()))
 
 
 def wandb_run_id(logger: Any) -> str | None:

@@ -4,6 +4,7 @@ continue its run is refused before anything is written."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -233,3 +234,24 @@ def test_resumes_that_cannot_continue_their_run_are_refused(two_runs, tmp_path):
         checkpoint.unlink()
     with pytest.raises(ConfigError, match="has no checkpoints/last.ckpt .*: start it again"):
         _check(run)
+
+
+@pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason=f"the MNIST files are not in {SHARED}")
+def test_a_resumed_run_keeps_its_csv_history(tmp_path):
+    """Lightning's CSV writer deletes metrics.csv when it starts; a resumed run's file holds the same rows
+    as an uninterrupted run's: the killed attempt's rows before the checkpoint, then the resumed ones."""
+    reference_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    done = run_cli([*RUN, "logger=csv", f"hydra.run.dir={reference_dir}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kill_after_step([*RUN, "logger=csv", f"hydra.run.dir={run_dir}"], tmp_path, step=30)
+    assert _global_step(run_dir / "checkpoints" / "last.ckpt") == 25
+    done = run_cli([f"resume={run_dir}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def rows(folder: Path) -> list[tuple[tuple[str, str], ...]]:
+        with (folder / "csv" / "metrics.csv").open(newline="") as file:
+            return sorted(tuple(sorted((key, value) for key, value in row.items() if value)) for row in csv.DictReader(file))
+
+    resumed = rows(run_dir)
+    assert {"0", "1", "2"} <= {dict(row)["epoch"] for row in resumed}  # 0 and 1 were logged before the kill
+    assert resumed == rows(reference_dir)
