@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -51,6 +52,31 @@ class _Job:
     folder: Path
     devices: int
 
+    @cached_property
+    def task_config(self) -> DictConfig:
+        """The config the task sees: `config` without its `hydra` node (made once; the copy is slow)."""
+        config = OmegaConf.masked_copy(self.config, [key for key in self.config if key != "hydra"])
+        OmegaConf.set_struct(config, True)
+        return config
+
+
+class _ComposedOnce:
+    """`ConfigLoader.load_sweep_config` that keeps each composition for one more call with the same
+    arguments. Hydra's sweeper composes every job's config to validate the batch, then hands the launcher
+    only the overrides, and the launcher composes each again (0.2-0.5 s a job, as much as a small job's
+    training); the two share one config loader, so the launcher gets the sweeper's composition instead."""
+
+    def __init__(self, load: Any) -> None:
+        self.load = load
+        self.kept: dict[tuple[int, tuple[str, ...]], DictConfig] = {}
+
+    def __call__(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        key = (id(master_config), tuple(sweep_overrides))
+        if key in self.kept:
+            return self.kept.pop(key)
+        self.kept[key] = composed = self.load(master_config=master_config, sweep_overrides=sweep_overrides)
+        return composed
+
 
 class GpuQueueLauncher(Launcher):
     def __init__(self, gpus: Optional[list[int]] = None, devices_key: str = "trainer.devices",
@@ -64,6 +90,9 @@ class GpuQueueLauncher(Launcher):
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
         self.hydra_context = hydra_context
+        loader = hydra_context.config_loader
+        if not isinstance(loader.load_sweep_config, _ComposedOnce):
+            loader.load_sweep_config = _ComposedOnce(loader.load_sweep_config)
 
     def _gpu_ids(self) -> list[int]:
         if self.gpus is not None:
@@ -73,7 +102,8 @@ class GpuQueueLauncher(Launcher):
         return list(range(torch.cuda.device_count()))
 
     def _job(self, index: int, overrides: Sequence[str]) -> _Job:
-        config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        config = self.hydra_context.config_loader.load_sweep_config(master_config=self.config,
+                                                                    sweep_overrides=list(overrides))
         with open_dict(config):
             config.hydra.job.id = index
             config.hydra.job.num = index
@@ -157,9 +187,7 @@ class GpuQueueLauncher(Launcher):
 
     @staticmethod
     def _task_config(job: _Job) -> DictConfig:
-        config = OmegaConf.masked_copy(job.config, [key for key in job.config if key != "hydra"])
-        OmegaConf.set_struct(config, True)
-        return config
+        return job.task_config
 
     def _finished(self, job: _Job, returncode: int) -> JobReturn:
         metrics_path = job.folder / "metrics.json"
