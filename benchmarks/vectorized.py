@@ -2,12 +2,14 @@
 
     python benchmarks/vectorized.py [--data-root ../shared/data]
 
-Each row runs the same sweep (β × seed, M jobs, same epochs) as real `python -m ae_lab -m` processes,
-once with `hydra/launcher=vectorized` and once with Hydra's basic launcher, and divides the wall
-times (start-up included). Where the basic sweep of M jobs would take too long for this machine, it
-is timed on fewer jobs and scaled to M (marked "scaled"): its cost grows linearly in the jobs, each
-being the same run. Also: the ensemble's training examples/s per member against a hand-written loop
-for one model, and what a member's evaluation and writing cost against its group's training.
+Each row runs the same sweep (β × seed, M jobs, same epochs, `eval=default`) as real `python -m ae_lab -m`
+processes: with `hydra/launcher=vectorized`, with Hydra's basic launcher, and with Hydra's joblib
+launcher (2 workers, one torch thread each), and divides the wall times (start-up, evaluation and
+writing every run folder included). Where the basic or joblib sweep of M jobs would take too long for
+this machine, it is timed on fewer jobs and scaled to M (marked "scaled"): its cost grows linearly in
+the jobs, each being the same run. Also: the ensemble's training examples/s per member against a
+hand-written loop for one model, and what a member's evaluation and writing cost against its group's
+training, from the same sweeps.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import torch
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 ENVIRONMENT = dict(os.environ)  # OMP_NUM_THREADS set by --threads, the same for every process
-QUIET = ["logger=none", "eval=minimal", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+QUIET = ["logger=none", "eval=default", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+LAUNCHERS = {"vectorized": ["hydra/launcher=vectorized"], "basic": [],
+             "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]}
 
 
 def sweep_values(members: int) -> list[str]:
@@ -35,11 +39,13 @@ def sweep_values(members: int) -> list[str]:
     return ["loss.beta=" + ",".join(["1", "2", "4", "8"][:min(4, members)]), "seed=" + ",".join(map(str, range(seeds)))]
 
 
-def timed_sweep(overrides: list[str], folder: Path, vectorized: bool) -> float:
-    launcher = ["hydra/launcher=vectorized"] if vectorized else []
-    command = [sys.executable, "-m", "ae_lab", "-m", *launcher, *overrides, *QUIET, f"hydra.sweep.dir={folder}"]
+def timed_sweep(overrides: list[str], folder: Path, launcher: str) -> float:
+    command = [sys.executable, "-m", "ae_lab", "-m", *LAUNCHERS[launcher], *overrides, *QUIET,
+               f"hydra.sweep.dir={folder}"]
+    # joblib's 2 workers get one thread each (the machine's cores shared between them)
+    environment = {**ENVIRONMENT, "OMP_NUM_THREADS": "1"} if launcher == "joblib" else ENVIRONMENT
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, env=ENVIRONMENT)
+    done = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, env=environment)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
@@ -112,80 +118,77 @@ def main() -> None:
                   REPOSITORY.parent / "shared" / "data")
     parser.add_argument("--data-root", type=Path, default=shared)
     parser.add_argument("--output", type=Path, default=REPOSITORY / "benchmarks" / "VECTORIZED.md")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads of every process (1: the cores are shared; on an oversubscribed "
-                             "CPU, OpenMP's waits make multi-threaded ops many times slower)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the basic and vectorised sweeps (default: torch's, one per core; "
+                             "on a CPU shared with other work, OpenMP's waits make multi-threaded ops many "
+                             "times slower, and 1 is the fair setting)")
     args = parser.parse_args()
-    ENVIRONMENT["OMP_NUM_THREADS"] = str(args.threads)
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        ENVIRONMENT["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     began = time.perf_counter()
     mnist = ["dataset=mnist", f"dataset.root={args.data_root}", "dataset.download=false"]
-    cases = [  # name, overrides, member counts, the most jobs the basic launcher is timed on
-        ("digits, MLP AE (default), 2 epochs", ["trainer.max_epochs=2"], (4, 16, 64), 16),
-        ("MNIST, 784-400-40 MLP VAE, 1 epoch of 60 batches",
+    cases = [  # name, overrides, member counts, the most jobs the basic and joblib launchers are timed on
+        ("digits, MLP AE (default), 20 epochs", ["trainer.max_epochs=20"], (4, 16, 64), 16),
+        ("MNIST, 784-400-40 MLP VAE, 1 epoch of 100 batches",
          [*mnist, "model=vae", "model.hidden_dims=[400]", "model.latent_dim=40", "trainer.max_epochs=1",
-          "trainer.limit_train_batches=60", "trainer.limit_val_batches=5", "trainer.limit_test_batches=5",
-          "eval.test_examples=500"], (4, 16), 8),
+          "trainer.limit_train_batches=100", "trainer.limit_val_batches=5", "trainer.limit_test_batches=5",
+          "eval.test_examples=500"], (4, 16), 4),
         ("shapes (2,000 images), conv VAE, 2 epochs",
          ["dataset=shapes", "dataset.subsample=2000", "model=vae", "model.arch=conv", "trainer.max_epochs=2",
           "eval.test_examples=200"], (4,), 4),
     ]
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        for name, overrides, counts, basic_cap in cases:
+        for name, overrides, counts, cap in cases:
             for members in counts:
-                values = sweep_values(members)
-                vectorized = timed_sweep(overrides + values, Path(scratch) / f"v{len(rows)}", True)
-                writeout, fit = writeout_share(Path(scratch) / f"v{len(rows)}")
-                timed = min(members, basic_cap)
-                basic = timed_sweep(overrides + sweep_values(timed), Path(scratch) / f"b{len(rows)}", False)
-                basic_scaled = basic * members / timed
-                basic_fit = sum(t["fit_seconds"] for t in timings(Path(scratch) / f"b{len(rows)}")) * members / timed
-                rows.append((name, members, basic_scaled / vectorized, vectorized, basic_scaled,
-                             timed < members, writeout, fit, basic_fit))
+                folders = {launcher: Path(scratch) / f"{launcher}{len(rows)}" for launcher in LAUNCHERS}
+                timed = min(members, cap)
+                seconds = {"vectorized": timed_sweep(overrides + sweep_values(members), folders["vectorized"],
+                                                     "vectorized")}
+                for launcher in ("basic", "joblib"):
+                    seconds[launcher] = timed_sweep(overrides + sweep_values(timed), folders[launcher],
+                                                    launcher) * members / timed
+                writeout, fit = writeout_share(folders["vectorized"])
+                basic_fit = sum(t["fit_seconds"] for t in timings(folders["basic"])) * members / timed
+                rows.append((name, members, seconds, timed < members, writeout, fit, basic_fit))
                 print(rows[-1], flush=True)
-        with tempfile.TemporaryDirectory() as folder:
-            full_eval = ["trainer.max_epochs=3", *sweep_values(16)]
-            command = [sys.executable, "-m", "ae_lab", "-m", "hydra/launcher=vectorized", *full_eval,
-                       "logger=none", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={folder}"]
-            subprocess.run(command, cwd=REPOSITORY, capture_output=True, check=True, env=ENVIRONMENT)
-            default_eval = writeout_share(Path(folder))
     hand, ensemble = {}, {}
     for members in (4, 16, 64):
         hand[members], ensemble[members] = hand_loop_vs_ensemble(members)
 
+    threads = args.threads or torch.get_num_threads()
     lines = [
         "# The vectorised launcher against the basic one", "",
         f"Command: `python benchmarks/vectorized.py` ({time.perf_counter() - began:.0f} s). Machine: "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other work while "
-        f"this ran (load average {os.getloadavg()[0]:.1f} at the end); torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s) in every process (`--threads`); device: CPU.", "",
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (load average "
+        f"{os.getloadavg()[0]:.1f} at the end); torch {torch.__version__}, {threads} thread(s) in the basic and "
+        "vectorised sweeps (`--threads`), 1 in each of joblib's 2 workers; device: CPU.", "",
         "**GPU figures are still to come**: no GPU was lent to the session that ran this (goal there: the "
         "MNIST VAE at M = 16 and 64, >= 10x the basic launcher).", "",
-        "## Wall time of a sweep (beta x seed): basic launcher / vectorised launcher", "",
-        "Both are real `python -m ae_lab -m ...` processes with `logger=none eval=minimal`, run one after "
-        "the other; times include start-up, evaluation and writing every run folder. \"scaled\": the basic "
-        "launcher was timed on fewer jobs and its time multiplied up to M jobs (identical jobs cost the same).", "",
-        "Training only: the jobs' `fit` seconds summed (run.json `timings.fit_seconds`, Lightning's `fit` "
-        "for the basic launcher) against the group's training, from the same two sweeps. The rest of "
-        "either sweep's time is start-up and Hydra composing each job's config (both launchers compose "
-        "every job; the basic sweeper also composes each one once more to check the batch).", "",
-        "| sweep | M | speed-up, wall | speed-up, training only | vectorised (s) | basic (s) | "
-        "group training (s) | basic: jobs' training (s) | member write-out (s, mean) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "## Wall time of a sweep (beta x seed)", "",
+        "The same sweep as real `python -m ae_lab -m ...` processes with `logger=none eval=default` (so every "
+        "run's evaluation, figures and folder are paid), run one after the other through each launcher; "
+        "speed-up = the other launcher's wall time / the vectorised launcher's. \"scaled\": timed on fewer "
+        "jobs and multiplied up to M (identical jobs cost the same).", "",
+        "Training only: the basic launcher's jobs' `fit` seconds summed (run.json `timings.fit_seconds`, "
+        "Lightning's `fit`) against the group's training. Member write-out: a member's evaluation, figures, "
+        "checkpoints and records after the group's training (run.json `timings.writeout_seconds`), its mean, "
+        "and all M of them against the group's training.", "",
+        "| sweep | M | vs basic, wall | vs joblib (2 workers), wall | vs basic, training only | vectorised (s) | "
+        "basic (s) | joblib (s) | group training (s) | member write-out: mean (s), all M / group training |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, members, ratio, vectorized, basic, scaled, writeout, fit, basic_fit in rows:
+    for name, members, seconds, scaled, writeout, fit, basic_fit in rows:
         mark = " (scaled)" if scaled else ""
-        lines.append(f"| {name} | {members} | **{ratio:.1f}x** | **{basic_fit / fit:.1f}x** | {vectorized:.1f} | "
-                     f"{basic:.1f}{mark} | {fit:.1f} | {basic_fit:.1f}{mark} | {writeout:.2f} |")
+        vectorized = seconds["vectorized"]
+        lines.append(
+            f"| {name} | {members} | **{seconds['basic'] / vectorized:.1f}x** | "
+            f"**{seconds['joblib'] / vectorized:.1f}x** | {basic_fit / fit:.1f}x | {vectorized:.1f} | "
+            f"{seconds['basic']:.1f}{mark} | {seconds['joblib']:.1f}{mark} | {fit:.1f} | "
+            f"{writeout:.2f}, {members * writeout / fit:.2f} |")
     lines += [
-        "", "Not measured yet: joblib with 2 workers.", "",
-        "## Per-member work after training", "",
-        f"digits, M = 16, 3 epochs, `eval=default` (figures, probe, IW bound where it applies): a member's "
-        f"evaluation and writing take {default_eval[0]:.2f} s on average, against {default_eval[1]:.1f} s for "
-        f"the whole group's training, i.e. {16 * default_eval[0] / default_eval[1]:.1f}x the group's training for "
-        "all 16 members together.", "",
-        "## Training examples/s: ensemble (per member) against a hand-written loop for one model", "",
+        "", "## Training examples/s: ensemble (per member) against a hand-written loop for one model", "",
         "digits MLP AE, batch 64, Adam, 30 timed steps after 5 warm-up steps. The ensemble's rate counts "
         "every member's examples (M x batch per step).", "",
         "| M | hand loop, one model (examples/s) | ensemble (member examples/s) | ratio |", "|---|---|---|---|",
