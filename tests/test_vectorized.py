@@ -147,6 +147,37 @@ def test_plain_ae_members_equal_separate_runs_epoch_by_epoch(tmp_path):
             assert mine[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.parametrize("max_steps", [47, 13])
+def test_max_steps_stops_a_member_where_a_single_run_stops(tmp_path, max_steps):
+    """digits: 20 batches an epoch. 47 steps: two whole epochs and 7 steps of a third, which Lightning
+    trains but does not validate; 13 steps: no validation at all (final weights, no best.ckpt).
+    Every epoch's losses, every final metric, `epochs` and the best epoch equal the single run's."""
+    base = [*SMALL, "trainer.max_epochs=5", f"trainer.max_steps={max_steps}", "logger=csv", "seed=3"]
+    assert sequential_reason(plain(base)) is None
+    member = Member(compose_config(base), tmp_path / "member")
+    run_group([member], "steps", tmp_path / "steps.pt")
+    alone = tmp_path / "alone"
+    train_in_process(base, alone)
+    ours, theirs = _csv_epochs(member.run_dir), _csv_epochs(alone)
+    assert len(ours) == len(theirs) == math.ceil(max_steps / 20)
+    assert "val/loss" not in theirs[-1]  # the cut epoch is not validated
+    for mine, single in zip(ours, theirs):
+        assert mine.keys() == single.keys()
+        for key in single:
+            assert mine[key] == pytest.approx(single[key], rel=1e-4), key
+    mine, single = read_json(member.run_dir / "metrics.json"), read_json(alone / "metrics.json")
+    assert mine.keys() == single.keys() and mine["epochs"] == single["epochs"] == math.ceil(max_steps / 20)
+    for key in single:
+        assert mine[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+    best = [folder / "checkpoints" / "best.ckpt" for folder in (member.run_dir, alone)]
+    if max_steps == 47:
+        epochs = [torch.load(path, weights_only=False)["epoch"] for path in best]
+        assert epochs[0] == epochs[1] in (0, 1)
+    else:
+        assert not any(path.exists() for path in best)
+        assert read_json(member.run_dir / "run.json")["best_checkpoint"] is None
+
+
 def test_vae_members_lie_within_the_spread_of_separate_runs(tmp_path):
     base = [*SMALL, "model=vae", "noise=gaussian", "logger=none", "eval.figures=false"]
     seeds = (0, 1, 2)
