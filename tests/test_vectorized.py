@@ -299,6 +299,53 @@ def test_vectorized_sweep_folders_wandb_compare_reproduce_and_rerun(tmp_path):
     assert again.returncode == 0 and output.count("already completed") == 2, output[-2000:]
 
 
+GROUPS_SWEEP = ["model.latent_dim=4,8", "seed=0,1", "trainer.max_epochs=1", "logger=none", "eval=minimal",
+                "trainer.enable_progress_bar=false"]  # two groups (one per latent size) of two members
+ON_TWO_GPUS = ["hydra/launcher=vectorized", "hydra.launcher.gpus=[0,1]", "hydra.launcher.poll_seconds=0.1"]
+
+
+def _members(sweep: Path) -> list[Path]:
+    return sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def test_groups_run_one_per_gpu_in_workers_and_equal_the_in_process_sweep(tmp_path):
+    """Two simulated GPUs (CUDA_VISIBLE_DEVICES on this CPU-only machine): each group trains in its own
+    worker process that saw exactly one of them, writes its members' folders as in-process, and the
+    numbers equal the same sweep trained in this process."""
+    on_gpus, in_process = tmp_path / "gpus", tmp_path / "here"
+    done = run_cli(["-m", *ON_TWO_GPUS, *GROUPS_SWEEP, f"hydra.sweep.dir={on_gpus}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_cli(["-m", "hydra/launcher=vectorized", *GROUPS_SWEEP, f"hydra.sweep.dir={in_process}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # what each worker saw, from its log beside the group checkpoint
+    seen = {}
+    for worker_log in (on_gpus / ".ensembles").glob("*.log"):
+        [line] = [line for line in worker_log.read_text().splitlines() if "CUDA_VISIBLE_DEVICES=" in line]
+        seen[worker_log.stem] = (line.split("CUDA_VISIBLE_DEVICES=")[1].split(",")[0], int(line.split("worker ")[1].split(",")[0]))
+    assert sorted(gpu for gpu, _ in seen.values()) == ["0", "1"]
+    assert not list((on_gpus / ".ensembles").glob("*.pt")) and not list((on_gpus / ".ensembles").glob("*.pkl"))
+    members = _members(on_gpus)
+    assert [p.name for p in members] == [p.name for p in _members(in_process)] and len(members) == 4
+    groups = set()
+    for member in members:
+        record = read_json(member / "run.json")
+        gpu, pid = seen[record["ensemble"]["group"]]
+        assert record["status"] == "completed" and record["ensemble"]["members"] == 2
+        assert record["cuda_visible_devices"] == gpu and record["pid"] == pid  # written by its group's worker
+        groups.add(record["ensemble"]["group"])
+        single = in_process / member.name
+        assert read_json(single / "run.json")["ensemble"] == record["ensemble"]
+        for name in ("config.yaml", "overrides.yaml"):
+            assert (member / ".hydra" / name).read_text() == (single / ".hydra" / name).read_text()
+        for needed in ("evaluation.json", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+            assert (member / needed).exists(), needed
+        ours, theirs = read_json(member / "metrics.json"), read_json(single / "metrics.json")
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert len(groups) == 2
+
+
 def run_cli_module(module: str, args: list[str], cwd: Path) -> str:
     import subprocess
     import sys

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -29,6 +29,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
+Work = TypeVar("Work")  # what the queue runs: a job here, a job or an ensemble group under `vectorized`
 
 
 @dataclass
@@ -111,49 +112,70 @@ class GpuQueueLauncher(Launcher):
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        free = self._gpu_ids()
-        log.info(f"Queueing {len(job_overrides)} jobs on GPUs {free}")
+        gpus = self._gpu_ids()
+        log.info(f"Queueing {len(job_overrides)} jobs on GPUs {gpus}")
         jobs = [self._job(initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
         returns: dict[int, JobReturn] = {}
-        pending: list[_Job] = []
-        for job, _ in self._jobs_to_run(jobs, returns):
-            if job.devices > len(free):
-                returns[job.index] = self._failed(
-                    job, f"{self.devices_key}={job.devices} but only {len(free)} GPUs are available")
-            else:
-                pending.append(job)
+        pending = self._placeable([job for job, _ in self._jobs_to_run(jobs, returns)], gpus, returns)
+        for job, process in self._queue(pending, gpus, self._start):
+            returns[job.index] = self._finished(job, process.returncode)
+        return [returns[job.index] for job in jobs]
 
-        running: list[tuple[_Job, subprocess.Popen, list[int], Any]] = []
+    def _placeable(self, jobs: list[_Job], gpus: list[int], returns: dict[int, JobReturn]) -> list[_Job]:
+        """The jobs that fit on `gpus`; each of the others is recorded failed (into `returns`)."""
+        placeable = []
+        for job in jobs:
+            if job.devices > len(gpus):
+                returns[job.index] = self._failed(
+                    job, f"{self.devices_key}={job.devices} but only {len(gpus)} GPUs are available")
+            else:
+                placeable.append(job)
+        return placeable
+
+    def _queue(self, work: list[Work], gpus: list[int], start: Callable[[Work, list[int]], subprocess.Popen]
+               ) -> Iterator[tuple[Work, subprocess.Popen]]:
+        """Run each piece of `work` (anything with `devices`, the number of GPUs it takes, each at most
+        len(gpus)) as the process `start(work, its GPUs)` as soon as enough of `gpus` are free, a
+        later, smaller piece before an earlier one that does not fit yet; yield each piece with its
+        process once that has ended.
+
+        Ctrl-C: the processes are in this process's group, so a Ctrl-C in the terminal reaches each of
+        them (each records its own runs interrupted); here it ends the loop (KeyboardInterrupt)."""
+        free, pending = list(gpus), list(work)
+        running: list[tuple[Work, subprocess.Popen, list[int]]] = []
         while pending or running:
-            for job in list(pending):
-                if job.devices > len(free):
+            for piece in list(pending):
+                if piece.devices > len(free):
                     continue
-                assigned, free = free[:job.devices], free[job.devices:]
-                pending.remove(job)
-                running.append((job, *self._start(job, assigned)))
+                assigned, free = free[:piece.devices], free[piece.devices:]
+                pending.remove(piece)
+                running.append((piece, start(piece, assigned), assigned))
             time.sleep(self.poll_seconds)
             for entry in list(running):
-                job, process, assigned, output = entry
+                piece, process, assigned = entry
                 if process.poll() is None:
                     continue
                 running.remove(entry)
-                output.close()
                 free = sorted(free + assigned)
-                returns[job.index] = self._finished(job, process.returncode)
-        return [returns[job.index] for job in jobs]
+                yield piece, process
 
-    def _start(self, job: _Job, gpus: list[int]) -> tuple[subprocess.Popen, list[int], Any]:
+    def _spawn(self, command: list[str], gpus: list[int], output: Path) -> subprocess.Popen:
+        """Start `command` in the sweep's working directory, seeing only `gpus` (CUDA_VISIBLE_DEVICES),
+        its stdout and stderr into `output`."""
+        environment = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+        with open(output, "w") as file:  # the process has its own copy of the file
+            return subprocess.Popen(command, env=environment, cwd=str(self.config.hydra.runtime.cwd),
+                                    stdout=file, stderr=subprocess.STDOUT)
+
+    def _start(self, job: _Job, gpus: list[int]) -> subprocess.Popen:
+        """`job` as a single run (`python -m ae_lab`) in its folder, its output into `output.log` there."""
         from ae_lab.distributed import quoted
 
         log.info(f"\t#{job.index} on GPUs {gpus} : {' '.join(filter_overrides(job.overrides))}")
         job.folder.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "ae_lab", *job.overrides,
                    f"hydra.run.dir={quoted(str(job.folder))}", "hydra.mode=RUN"]
-        environment = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
-        output = open(job.folder / "output.log", "w")
-        process = subprocess.Popen(command, env=environment, cwd=str(self.config.hydra.runtime.cwd),
-                                   stdout=output, stderr=subprocess.STDOUT)
-        return process, gpus, output
+        return self._spawn(command, gpus, job.folder / "output.log")
 
     @staticmethod
     def _task_config(job: _Job) -> DictConfig:
