@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -320,8 +321,8 @@ def test_groups_run_one_per_gpu_in_workers_and_equal_the_in_process_sweep(tmp_pa
     # what each worker saw, from its log beside the group checkpoint
     seen = {}
     for worker_log in (on_gpus / ".ensembles").glob("*.log"):
-        [line] = [line for line in worker_log.read_text().splitlines() if "CUDA_VISIBLE_DEVICES=" in line]
-        seen[worker_log.stem] = (line.split("CUDA_VISIBLE_DEVICES=")[1].split(",")[0], int(line.split("worker ")[1].split(",")[0]))
+        [(pid, gpu)] = re.findall(r"worker (\d+), CUDA_VISIBLE_DEVICES=([^,]*),", worker_log.read_text())
+        seen[worker_log.stem] = (gpu, int(pid))
     assert sorted(gpu for gpu, _ in seen.values()) == ["0", "1"]
     assert not list((on_gpus / ".ensembles").glob("*.pt")) and not list((on_gpus / ".ensembles").glob("*.pkl"))
     members = _members(on_gpus)
@@ -344,6 +345,55 @@ def test_groups_run_one_per_gpu_in_workers_and_equal_the_in_process_sweep(tmp_pa
         for key, value in theirs.items():
             assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     assert len(groups) == 2
+
+
+def test_a_killed_worker_leaves_its_members_failed_and_a_rerun_resumes_its_group(tmp_path):
+    """The worker of a group is SIGKILLed after its group checkpoint at step 5: the sweep ends with the
+    members recorded failed (the worker's end in their run.json); run again, the group goes on
+    from that checkpoint and completes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    sweep_dir = tmp_path / "sweep"
+    args = [sys.executable, "-m", "ae_lab", "-m", *ON_TWO_GPUS, "seed=0,1", "trainer.max_epochs=1", "logger=none",
+            "eval=minimal", "trainer.enable_progress_bar=false", "checkpoint_every_n_steps=5",
+            f"hydra.sweep.dir={sweep_dir}"]
+    marker = tmp_path / "stalled"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
+    env.update(PYTHONPATH=str(ROOT / "tests" / "stall"), AE_LAB_STALL_AFTER_STEP="5", AE_LAB_STALL_MARKER=str(marker))
+    with open(tmp_path / "sweep.log", "w") as output:
+        sweep = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 240
+            while not marker.exists():
+                assert sweep.poll() is None and time.time() < deadline, (tmp_path / "sweep.log").read_text()[-3000:]
+                time.sleep(0.1)
+            members = _members(sweep_dir)
+            worker = read_json(members[0] / "run.json")["pid"]
+            assert worker != sweep.pid and read_json(members[1] / "run.json")["pid"] == worker
+            os.kill(worker, signal.SIGKILL)
+            assert sweep.wait(timeout=120) == 1  # the sweep went on to its end: failed jobs
+        finally:
+            if sweep.poll() is None:
+                sweep.kill()
+    [checkpoint] = (sweep_dir / ".ensembles").glob("*.pt")
+    for member in members:
+        record = read_json(member / "run.json")
+        assert record["status"] == "failed" and "was killed (signal 9)" in record["error"], record
+        assert not (member / "metrics.json").exists()
+    done = run_cli(args[3:], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not checkpoint.exists()
+    for member in members:
+        record = read_json(member / "run.json")
+        assert record["status"] == "completed" and record["resumed_from"]["global_step"] == 5
+        assert list(member.glob("run.attempt-*.json"))  # the failed attempt's record is kept
+        assert math.isfinite(read_json(member / "metrics.json")["test/loss"])
 
 
 def run_cli_module(module: str, args: list[str], cwd: Path) -> str:

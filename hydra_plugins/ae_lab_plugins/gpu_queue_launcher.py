@@ -8,6 +8,9 @@ yet). submitit's local executor gives every job the same GPUs, which is why this
 
 A job whose folder already holds a completed run of the same config is not started again, so a
 re-run into the same `hydra.sweep.dir` finishes only what is missing.
+
+The queue (`_queue`) is shared with the `vectorized` launcher, which queues ensemble groups (one GPU
+each) beside such jobs.
 """
 
 

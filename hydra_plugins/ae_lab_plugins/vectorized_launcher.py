@@ -222,7 +222,12 @@ class VectorizedLauncher(GpuQueueLauncher):
         says so: the worker's pid) as it is, completed or failed; one it did not is recorded failed."""
         from ae_lab.tracking import record_lost
 
-        tail = " ".join(group.worker_log.read_text(errors="replace").strip().splitlines()[-1:])
+        code = process.returncode
+        if code < 0:
+            ended = f"was killed (signal {-code})"
+        else:  # a Python error's last line ends the log
+            last = group.worker_log.read_text(errors="replace").strip().splitlines()[-1:]
+            ended = f"ended (exit code {code}: {' '.join(last)})"
         returns = {}
         for job in group.jobs:
             try:
@@ -237,8 +242,8 @@ class VectorizedLauncher(GpuQueueLauncher):
                 log.error(f"\t#{job.index} {record['status']}: {record.get('error')}")
                 returns[job.index] = self._return(job, math.nan)
             else:
-                message = (f"the worker of ensemble {group.name} ended (exit code {process.returncode}) before "
-                           f"writing this member: {tail} (see {group.worker_log})")
+                message = (f"the worker of ensemble {group.name} {ended} before writing this member "
+                           f"(see {group.worker_log})")
                 if written:  # left `running` by the worker
                     record_lost(job.folder, message)
                 returns[job.index] = self._failed(job, message)
