@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
+import signal
 import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -18,7 +25,7 @@ from ae_lab.ensemble import group as group_module
 from ae_lab.ensemble.group import Member, run_group
 from ae_lab.ensemble.grouping import group_jobs, sequential_reason
 from ae_lab.ensemble.optim import StackedOptimizer, clip_gradients
-from conftest import compose_config, read_json, run_cli, train_in_process
+from conftest import ROOT, compose_config, read_json, run_cli, train_in_process
 from wandb_records import run_contents
 
 SMALL = ["trainer.max_epochs=2", "eval=minimal", "trainer.enable_progress_bar=false",
@@ -347,46 +354,52 @@ def test_groups_run_one_per_gpu_in_workers_and_equal_the_in_process_sweep(tmp_pa
     assert len(groups) == 2
 
 
+@contextmanager
+def _sweep_stalled_after_step_5(tmp_path: Path, overrides: list[str], groups: int) -> Iterator[subprocess.Popen]:
+    """`python -m ae_lab -m` on two simulated GPUs into `tmp_path/sweep`, in its own process group, with
+    its `groups` workers stalled after their group checkpoints at step 5 (tests/stall); killed at the end
+    if still running. Its output goes to `tmp_path/sweep.log`."""
+    sweep_dir, marker = tmp_path / "sweep", tmp_path / "stalled"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
+    env.update(PYTHONPATH=str(ROOT / "tests" / "stall"), AE_LAB_STALL_AFTER_STEP="5", AE_LAB_STALL_MARKER=str(marker))
+    args = [sys.executable, "-m", "ae_lab", "-m", *ON_TWO_GPUS, *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    with open(tmp_path / "sweep.log", "w") as output:
+        sweep = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        try:
+            deadline = time.time() + 240
+            while not marker.exists() or len(list((sweep_dir / ".ensembles").glob("*.pt"))) < groups:
+                assert sweep.poll() is None and time.time() < deadline, (tmp_path / "sweep.log").read_text()[-3000:]
+                time.sleep(0.1)
+            yield sweep
+        finally:
+            marker.unlink(missing_ok=True)
+            if sweep.poll() is None:
+                os.killpg(sweep.pid, signal.SIGKILL)
+                sweep.wait()
+
+
+STEPPED = ["trainer.max_epochs=1", "logger=none", "eval=minimal", "trainer.enable_progress_bar=false",
+           "checkpoint_every_n_steps=5"]
+
+
 def test_a_killed_worker_leaves_its_members_failed_and_a_rerun_resumes_its_group(tmp_path):
     """The worker of a group is SIGKILLed after its group checkpoint at step 5: the sweep ends with the
     members recorded failed (the worker's end in their run.json); run again, the group goes on
     from that checkpoint and completes."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from conftest import ROOT
-
     sweep_dir = tmp_path / "sweep"
-    args = [sys.executable, "-m", "ae_lab", "-m", *ON_TWO_GPUS, "seed=0,1", "trainer.max_epochs=1", "logger=none",
-            "eval=minimal", "trainer.enable_progress_bar=false", "checkpoint_every_n_steps=5",
-            f"hydra.sweep.dir={sweep_dir}"]
-    marker = tmp_path / "stalled"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
-    env.update(PYTHONPATH=str(ROOT / "tests" / "stall"), AE_LAB_STALL_AFTER_STEP="5", AE_LAB_STALL_MARKER=str(marker))
-    with open(tmp_path / "sweep.log", "w") as output:
-        sweep = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 240
-            while not marker.exists():
-                assert sweep.poll() is None and time.time() < deadline, (tmp_path / "sweep.log").read_text()[-3000:]
-                time.sleep(0.1)
-            members = _members(sweep_dir)
-            worker = read_json(members[0] / "run.json")["pid"]
-            assert worker != sweep.pid and read_json(members[1] / "run.json")["pid"] == worker
-            os.kill(worker, signal.SIGKILL)
-            assert sweep.wait(timeout=120) == 1  # the sweep went on to its end: failed jobs
-        finally:
-            if sweep.poll() is None:
-                sweep.kill()
+    with _sweep_stalled_after_step_5(tmp_path, ["seed=0,1", *STEPPED], groups=1) as sweep:
+        members = _members(sweep_dir)
+        worker = read_json(members[0] / "run.json")["pid"]
+        assert worker != sweep.pid and read_json(members[1] / "run.json")["pid"] == worker
+        os.kill(worker, signal.SIGKILL)
+        assert sweep.wait(timeout=120) == 1  # the sweep went on to its end: failed jobs
     [checkpoint] = (sweep_dir / ".ensembles").glob("*.pt")
     for member in members:
         record = read_json(member / "run.json")
         assert record["status"] == "failed" and "was killed (signal 9)" in record["error"], record
         assert not (member / "metrics.json").exists()
-    done = run_cli(args[3:], tmp_path)
+    done = run_cli(["-m", *ON_TWO_GPUS, "seed=0,1", *STEPPED, f"hydra.sweep.dir={sweep_dir}"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert not checkpoint.exists()
     for member in members:
@@ -396,10 +409,23 @@ def test_a_killed_worker_leaves_its_members_failed_and_a_rerun_resumes_its_group
         assert math.isfinite(read_json(member / "metrics.json")["test/loss"])
 
 
-def run_cli_module(module: str, args: list[str], cwd: Path) -> str:
-    import subprocess
-    import sys
+def test_ctrl_c_interrupts_every_worker_and_the_sweep_ends_with_its_summary(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) while two groups train in their workers: each
+    worker records its members interrupted and keeps its group checkpoint; the launcher waits for them,
+    writes the summary and exits with 130 and one line, no traceback."""
+    sweep_dir = tmp_path / "sweep"
+    with _sweep_stalled_after_step_5(tmp_path, ["model.latent_dim=4,8", "seed=0,1", *STEPPED], groups=2) as sweep:
+        os.killpg(sweep.pid, signal.SIGINT)
+        assert sweep.wait(timeout=120) == 130
+    output = (tmp_path / "sweep.log").read_text()
+    assert "interrupted; run the same sweep again" in output and "Traceback" not in output, output[-3000:]
+    assert "4 interrupted" in (sweep_dir / "summary.md").read_text()
+    assert len(list((sweep_dir / ".ensembles").glob("*.pt"))) == 2
+    for member in _members(sweep_dir):
+        assert read_json(member / "run.json")["status"] == "interrupted"
 
+
+def run_cli_module(module: str, args: list[str], cwd: Path) -> str:
     done = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done.stdout

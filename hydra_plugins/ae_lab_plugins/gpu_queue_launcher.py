@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 Work = TypeVar("Work")  # what the queue runs: a job here, a job or an ensemble group under `vectorized`
+INTERRUPT_GRACE_SECONDS = 60  # after Ctrl-C, how long to wait for each running process to record its runs
 
 
 @dataclass
@@ -120,9 +121,21 @@ class GpuQueueLauncher(Launcher):
         jobs = [self._job(initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
         returns: dict[int, JobReturn] = {}
         pending = self._placeable([job for job, _ in self._jobs_to_run(jobs, returns)], gpus, returns)
-        for job, process in self._queue(pending, gpus, self._start):
-            returns[job.index] = self._finished(job, process.returncode)
+        try:
+            for job, process in self._queue(pending, gpus, self._start):
+                returns[job.index] = self._finished(job, process.returncode)
+        except KeyboardInterrupt:
+            self._interrupted("its unfinished jobs")
         return [returns[job.index] for job in jobs]
+
+    def _interrupted(self, what: str) -> None:
+        """After Ctrl-C: the sweep's summary, then exit code 130 with one line saying how to go on."""
+        from ae_lab.errors import fail
+        from ae_lab.sweep import summarize
+
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        summarize(sweep_dir)
+        fail(f"interrupted; run the same sweep again (hydra.sweep.dir={sweep_dir}) to resume {what}", exit_code=130)
 
     def _placeable(self, jobs: list[_Job], gpus: list[int], returns: dict[int, JobReturn]) -> list[_Job]:
         """The jobs that fit on `gpus`; each of the others is recorded failed (into `returns`)."""
@@ -143,24 +156,34 @@ class GpuQueueLauncher(Launcher):
         process once that has ended.
 
         Ctrl-C: the processes are in this process's group, so a Ctrl-C in the terminal reaches each of
-        them (each records its own runs interrupted); here it ends the loop (KeyboardInterrupt)."""
+        them (each records its own runs interrupted); here the loop waits for them to end (at most
+        INTERRUPT_GRACE_SECONDS each), so that their records are written before the sweep's summary,
+        then raises KeyboardInterrupt."""
         free, pending = list(gpus), list(work)
         running: list[tuple[Work, subprocess.Popen, list[int]]] = []
-        while pending or running:
-            for piece in list(pending):
-                if piece.devices > len(free):
-                    continue
-                assigned, free = free[:piece.devices], free[piece.devices:]
-                pending.remove(piece)
-                running.append((piece, start(piece, assigned), assigned))
-            time.sleep(self.poll_seconds)
-            for entry in list(running):
-                piece, process, assigned = entry
-                if process.poll() is None:
-                    continue
-                running.remove(entry)
-                free = sorted(free + assigned)
-                yield piece, process
+        try:
+            while pending or running:
+                for piece in list(pending):
+                    if piece.devices > len(free):
+                        continue
+                    assigned, free = free[:piece.devices], free[piece.devices:]
+                    pending.remove(piece)
+                    running.append((piece, start(piece, assigned), assigned))
+                time.sleep(self.poll_seconds)
+                for entry in list(running):
+                    piece, process, assigned = entry
+                    if process.poll() is None:
+                        continue
+                    running.remove(entry)
+                    free = sorted(free + assigned)
+                    yield piece, process
+        except KeyboardInterrupt:
+            for _, process, _ in running:
+                try:
+                    process.wait(timeout=INTERRUPT_GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    log.error(f"process {process.pid} has not ended {INTERRUPT_GRACE_SECONDS} s after Ctrl-C")
+            raise
 
     def _spawn(self, command: list[str], gpus: list[int], output: Path) -> subprocess.Popen:
         """Start `command` in the sweep's working directory, seeing only `gpus` (CUDA_VISIBLE_DEVICES),

@@ -125,7 +125,7 @@ class VectorizedLauncher(GpuQueueLauncher):
         else:
             for piece in work:
                 if isinstance(piece, _Group):
-                    returns.update(self._run_group(piece, sweep_dir))
+                    returns.update(self._run_group(piece))
                 else:
                     returns[piece.index] = self._run_alone(piece)
         return [returns[job.index] for job in jobs]
@@ -147,7 +147,7 @@ class VectorizedLauncher(GpuQueueLauncher):
 
     # ----- one GPU or none: in this process
 
-    def _run_group(self, group: _Group, sweep_dir: Path) -> dict[int, JobReturn]:
+    def _run_group(self, group: _Group) -> dict[int, JobReturn]:
         from ae_lab.ensemble.group import run_group
 
         for job in group.jobs:
@@ -155,12 +155,7 @@ class VectorizedLauncher(GpuQueueLauncher):
         try:
             outcomes = run_group(self.members(group.jobs), group.name, group.checkpoint)
         except KeyboardInterrupt:  # the members are recorded as interrupted; as for a single run in a sweep
-            from ae_lab.errors import fail
-            from ae_lab.sweep import summarize
-
-            summarize(sweep_dir)
-            fail(f"interrupted; run the same sweep again (hydra.sweep.dir={sweep_dir}) to resume ensemble "
-                 f"{group.name}", exit_code=130)
+            self._interrupted(f"ensemble {group.name}")
         except Exception as error:  # noqa: BLE001 - each member's run.json holds it; the sweep goes on
             log.exception(f"ensemble {group.name} failed: {error}")
             # a member whose record was not written yet (the data could not be loaded) gets one now
@@ -196,11 +191,14 @@ class VectorizedLauncher(GpuQueueLauncher):
         placeable = {job.index for job in self._placeable(alone, gpus, returns)}
         work = [piece for piece in work if isinstance(piece, _Group) or piece.index in placeable]
         log.info(f"Queueing {len(work)} groups and single jobs on GPUs {gpus}")
-        for piece, process in self._queue(work, gpus, self._start_work):
-            if isinstance(piece, _Group):
-                returns.update(self._worker_ended(piece, process))
-            else:
-                returns[piece.index] = self._finished(piece, process.returncode)
+        try:
+            for piece, process in self._queue(work, gpus, self._start_work):
+                if isinstance(piece, _Group):
+                    returns.update(self._worker_ended(piece, process))
+                else:
+                    returns[piece.index] = self._finished(piece, process.returncode)
+        except KeyboardInterrupt:  # the workers got it too: members recorded interrupted, checkpoints kept
+            self._interrupted("its unfinished groups and jobs")
 
     def _start_work(self, piece: _Group | _Job, gpus: list[int]) -> subprocess.Popen:
         """A job as `gpu_queue` starts it; a group as its worker, its jobs handed over in a file."""
