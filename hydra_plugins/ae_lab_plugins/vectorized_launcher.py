@@ -17,7 +17,7 @@ jobs run as `gpu_queue` jobs (one `python -m ae_lab` process per job on its `tra
 output in the job folder's `output.log`). A worker that dies leaves the members it had not written
 recorded failed; the sweep goes on, and running it again resumes the group from its checkpoint. Ctrl-C
 in the terminal reaches the workers as it reaches `gpu_queue`'s jobs: each records its members
-interrupted and keeps its group checkpoint.
+interrupted and keeps its group checkpoint, and the launcher waits for them before its summary.
 """
 
 import hashlib
