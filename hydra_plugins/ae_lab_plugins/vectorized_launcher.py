@@ -29,7 +29,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -73,7 +73,7 @@ class _Group:
 class VectorizedLauncher(GpuQueueLauncher):
     """Reuses the per-GPU queue launcher's job composition, folder naming, queue and job returns."""
 
-    def __init__(self, max_members: int = 64, **queue) -> None:
+    def __init__(self, max_members: int = 64, **queue: Any) -> None:  # queue: GpuQueueLauncher's keys
         super().__init__(**queue)
         self.max_members = max_members
         self.task_function: TaskFunction | None = None
@@ -190,7 +190,8 @@ class VectorizedLauncher(GpuQueueLauncher):
         alone = [piece for piece in work if isinstance(piece, _Job)]
         placeable = {job.index for job in self._placeable(alone, gpus, returns)}
         work = [piece for piece in work if isinstance(piece, _Group) or piece.index in placeable]
-        log.info(f"Queueing {len(work)} groups and single jobs on GPUs {gpus}")
+        groups = sum(isinstance(piece, _Group) for piece in work)
+        log.info(f"Queueing {groups} groups and {len(work) - groups} single jobs on GPUs {gpus}")
         try:
             for piece, process in self._queue(work, gpus, self._start_work):
                 if isinstance(piece, _Group):
