@@ -168,6 +168,9 @@ def test_max_steps_stops_a_member_where_a_single_run_stops(tmp_path, max_steps):
     train_in_process(base, alone)
     ours, theirs = _csv_epochs(member.run_dir), _csv_epochs(alone)
     assert len(ours) == len(theirs) == math.ceil(max_steps / 20)
+    steps = [[(row["epoch"], row["step"]) for row in csv.DictReader((run_dir / "csv" / "metrics.csv").open())
+              if row["train/loss"]] for run_dir in (member.run_dir, alone)]
+    assert steps[0] == steps[1]  # each epoch's metrics logged at the same step
     assert "val/loss" not in theirs[-1]  # the cut epoch is not validated
     for mine, single in zip(ours, theirs):
         assert mine.keys() == single.keys()

@@ -260,12 +260,14 @@ class GroupTrainer:
     def _record_epoch(self, epoch: int, val: list[dict[str, float]]) -> None:
         """Each member's history entry of `epoch`: its train means, `val` and its scheduled weights."""
         train = self.sums.means("train")
-        last_step = max(self.progress.global_step - 1, 0)  # the epoch's last step, as a single run logs it
+        # the epoch's last step: a single run's scheduled weights are those of that step, and Lightning logs
+        # the epoch's metrics at it
+        last_step = max(self.progress.global_step - 1, 0)
         for member, module in enumerate(self.ensemble.modules):
             weights = module.objective.weights(last_step)
             scheduled = {f"scheduled/{name}": weights[name] for name in module.objective.scheduled_names}
             self.progress.history[member].append(
-                {**train[member], **val[member], **scheduled, "epoch": epoch, "step": self.progress.global_step})
+                {**train[member], **val[member], **scheduled, "epoch": epoch, "step": last_step})
 
     def _evaluate(self, flat: torch.Tensor, stage: str) -> list[dict[str, float]]:
         sums = EpochSums(self.ensemble.term_names, len(self.members), self.device)
