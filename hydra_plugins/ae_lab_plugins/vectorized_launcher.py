@@ -203,13 +203,13 @@ class VectorizedLauncher(GpuQueueLauncher):
 
     def _start_work(self, piece: _Group | _Job, gpus: list[int]) -> subprocess.Popen:
         """A job as `gpu_queue` starts it; a group as its worker, its jobs handed over in a file."""
+        from ae_lab.storage import atomic_write
+
         if isinstance(piece, _Job):
             return self._start(piece, gpus)
         for job in piece.jobs:
             log.info(f"\t#{job.index} (ensemble {piece.name}, GPU {gpus[0]}) : "
                      f"{' '.join(filter_overrides(job.overrides))}")
-        from ae_lab.storage import atomic_write
-
         piece.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         handover = piece.checkpoint.with_suffix(".jobs.pkl")
         atomic_write(handover, lambda file: pickle.dump(piece, file))  # the configs keep Hydra's resolver cache
@@ -237,7 +237,7 @@ class VectorizedLauncher(GpuQueueLauncher):
             if written and record["status"] == "completed":
                 metrics = json.loads((job.folder / "metrics.json").read_text())
                 returns[job.index] = self._return(job, metrics.get(self._task_config(job).objective, math.nan))
-            elif written and record["status"] != "running":  # failed (a NaN member, the group's error) or interrupted
+            elif written and record["status"] != "running":  # failed (NaN, the group's error) or interrupted
                 log.error(f"\t#{job.index} {record['status']}: {record.get('error')}")
                 returns[job.index] = self._return(job, math.nan)
             else:
