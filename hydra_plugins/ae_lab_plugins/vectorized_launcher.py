@@ -164,7 +164,8 @@ class VectorizedLauncher(GpuQueueLauncher):
         for job, outcome in zip(group.jobs, outcomes):
             if outcome.metrics is None:
                 log.error(f"\t#{job.index} failed: {outcome.error}")
-            value = math.nan if outcome.metrics is None else outcome.metrics.get(self._task_config(job).objective, math.nan)
+            objective = self._task_config(job).objective
+            value = math.nan if outcome.metrics is None else outcome.metrics.get(objective, math.nan)
             returns[job.index] = self._return(job, value)
         return returns
 
