@@ -108,6 +108,7 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
     _require(0 < optim.gamma <= 1, "optim.gamma", optim.gamma, "a factor in (0, 1]")
     _require(trainer.max_epochs >= 1 or trainer.max_epochs == -1, "trainer.max_epochs",
              trainer.max_epochs, "an integer >= 1, or -1 for no limit")
+    _require(trainer.max_steps >= -1, "trainer.max_steps", trainer.max_steps, "an integer >= 0, or -1 for no limit")
     if trainer.accelerator in ("gpu", "cuda") and isinstance(trainer.devices, int):
         import torch
 

@@ -102,6 +102,15 @@ def record_refused(run_dir: Path, cfg: DictConfig, error: BaseException) -> None
         write_json(record, {"status": "failed", "seed": cfg.seed, "error": str(error), "ended": _now()})
 
 
+def record_lost(run_dir: Path, error: str) -> None:
+    """Mark failed, with `error`, a run whose record was left `running` by a process that died before it
+    could say so (killed, out of memory): an ensemble group's worker."""
+    path = run_dir / "run.json"
+    payload = json.loads(path.read_text())
+    payload.update(status="failed", ended=_now(), error=error)
+    write_json(path, payload)
+
+
 class RunRecord:
     """`run.json`: status (running | completed | failed | interrupted | requeued), seed, code and package
     versions, data checksum, start and end times, and the error when the run failed.

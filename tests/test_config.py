@@ -68,6 +68,7 @@ BAD_VALUES = [
     (["dataset.val_fraction=0.9"], "dataset.val_fraction"),
     (["optim.lr=0"], "optim.lr"),
     (["trainer.max_epochs=0"], "trainer.max_epochs"),
+    (["trainer.max_steps=-2"], "trainer.max_steps"),
     (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val"),
     (["checkpoint_every_n_steps=-1"], "checkpoint_every_n_steps"),
     (["model.hidden_dims=[64,0]"], "model.hidden_dims"),

@@ -7,8 +7,16 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import re
+import signal
 import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -19,7 +27,7 @@ from ae_lab.ensemble.group import Ensemble, Member, run_group
 from ae_lab.ensemble.grouping import group_jobs, sequential_reason
 from ae_lab.ensemble.optim import StackedOptimizer, clip_gradients
 from ae_lab.objectives import contractive_penalty
-from conftest import compose_config, read_json, run_cli, train_in_process
+from conftest import ROOT, compose_config, read_json, run_cli, train_in_process
 from wandb_records import run_contents
 
 SMALL = ["trainer.max_epochs=2", "eval=minimal", "trainer.enable_progress_bar=false",
@@ -157,6 +165,40 @@ def test_deterministic_members_equal_separate_runs_epoch_by_epoch(tmp_path, loss
         assert mine.keys() == single.keys()
         for key in single:
             assert mine[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("max_steps", [47, 13])
+def test_max_steps_stops_a_member_where_a_single_run_stops(tmp_path, max_steps):
+    """digits: 20 batches an epoch. 47 steps: two whole epochs and 7 steps of a third, which Lightning
+    trains but does not validate; 13 steps: no validation at all (final weights, no best.ckpt).
+    Every epoch's losses, every final metric, `epochs` and the best epoch equal the single run's."""
+    base = [*SMALL, "trainer.max_epochs=5", f"trainer.max_steps={max_steps}", "logger=csv", "seed=3"]
+    assert sequential_reason(plain(base)) is None
+    member = Member(compose_config(base), tmp_path / "member")
+    run_group([member], "steps", tmp_path / "steps.pt")
+    alone = tmp_path / "alone"
+    train_in_process(base, alone)
+    ours, theirs = _csv_epochs(member.run_dir), _csv_epochs(alone)
+    assert len(ours) == len(theirs) == math.ceil(max_steps / 20)
+    steps = [[(row["epoch"], row["step"]) for row in csv.DictReader((run_dir / "csv" / "metrics.csv").open())
+              if row["train/loss"]] for run_dir in (member.run_dir, alone)]
+    assert steps[0] == steps[1]  # each epoch's metrics logged at the same step
+    assert "val/loss" not in theirs[-1]  # the cut epoch is not validated
+    for mine, single in zip(ours, theirs):
+        assert mine.keys() == single.keys()
+        for key in single:
+            assert mine[key] == pytest.approx(single[key], rel=1e-4), key
+    mine, single = read_json(member.run_dir / "metrics.json"), read_json(alone / "metrics.json")
+    assert mine.keys() == single.keys() and mine["epochs"] == single["epochs"] == math.ceil(max_steps / 20)
+    for key in single:
+        assert mine[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+    best = [folder / "checkpoints" / "best.ckpt" for folder in (member.run_dir, alone)]
+    if max_steps == 47:
+        epochs = [torch.load(path, weights_only=False)["epoch"] for path in best]
+        assert epochs[0] == epochs[1] in (0, 1)
+    else:
+        assert not any(path.exists() for path in best)
+        assert read_json(member.run_dir / "run.json")["best_checkpoint"] is None
 
 
 @pytest.mark.parametrize("variant", [
@@ -320,10 +362,125 @@ def test_vectorized_sweep_folders_wandb_compare_reproduce_and_rerun(tmp_path):
     assert again.returncode == 0 and output.count("already completed") == 2, output[-2000:]
 
 
-def run_cli_module(module: str, args: list[str], cwd: Path) -> str:
-    import subprocess
-    import sys
+GROUPS_SWEEP = ["model.latent_dim=4,8", "seed=0,1", "trainer.max_epochs=1", "logger=none", "eval=minimal",
+                "trainer.enable_progress_bar=false"]  # two groups (one per latent size) of two members
+ON_TWO_GPUS = ["hydra/launcher=vectorized", "hydra.launcher.gpus=[0,1]", "hydra.launcher.poll_seconds=0.1"]
 
+
+def _members(sweep: Path) -> list[Path]:
+    return sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def test_groups_run_one_per_gpu_in_workers_and_equal_the_in_process_sweep(tmp_path):
+    """Two simulated GPUs (CUDA_VISIBLE_DEVICES on this CPU-only machine): each group trains in its own
+    worker process that saw exactly one of them, writes its members' folders as in-process, and the
+    numbers equal the same sweep trained in this process."""
+    on_gpus, in_process = tmp_path / "gpus", tmp_path / "here"
+    done = run_cli(["-m", *ON_TWO_GPUS, *GROUPS_SWEEP, f"hydra.sweep.dir={on_gpus}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_cli(["-m", "hydra/launcher=vectorized", *GROUPS_SWEEP, f"hydra.sweep.dir={in_process}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # what each worker saw, from its log beside the group checkpoint
+    seen = {}
+    for worker_log in (on_gpus / ".ensembles").glob("*.log"):
+        [(pid, gpu)] = re.findall(r"worker (\d+), CUDA_VISIBLE_DEVICES=([^,]*),", worker_log.read_text())
+        seen[worker_log.stem] = (gpu, int(pid))
+    assert sorted(gpu for gpu, _ in seen.values()) == ["0", "1"]
+    assert not list((on_gpus / ".ensembles").glob("*.pt")) and not list((on_gpus / ".ensembles").glob("*.pkl"))
+    members = _members(on_gpus)
+    assert [p.name for p in members] == [p.name for p in _members(in_process)] and len(members) == 4
+    groups = set()
+    for member in members:
+        record = read_json(member / "run.json")
+        gpu, pid = seen[record["ensemble"]["group"]]
+        assert record["status"] == "completed" and record["ensemble"]["members"] == 2
+        assert record["cuda_visible_devices"] == gpu and record["pid"] == pid  # written by its group's worker
+        groups.add(record["ensemble"]["group"])
+        single = in_process / member.name
+        assert read_json(single / "run.json")["ensemble"] == record["ensemble"]
+        for name in ("config.yaml", "overrides.yaml"):
+            assert (member / ".hydra" / name).read_text() == (single / ".hydra" / name).read_text()
+        for needed in ("evaluation.json", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+            assert (member / needed).exists(), needed
+        ours, theirs = read_json(member / "metrics.json"), read_json(single / "metrics.json")
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert len(groups) == 2
+
+
+@contextmanager
+def _sweep_stalled_after_step_5(tmp_path: Path, overrides: list[str], groups: int) -> Iterator[subprocess.Popen]:
+    """`python -m ae_lab -m` on two simulated GPUs into `tmp_path/sweep`, in its own process group, with
+    its `groups` workers stalled after their group checkpoints at step 5 (tests/stall); killed at the end
+    if still running. Its output goes to `tmp_path/sweep.log`."""
+    sweep_dir, marker = tmp_path / "sweep", tmp_path / "stalled"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
+    env.update(PYTHONPATH=str(ROOT / "tests" / "stall"), AE_LAB_STALL_AFTER_STEP="5", AE_LAB_STALL_MARKER=str(marker))
+    args = [sys.executable, "-m", "ae_lab", "-m", *ON_TWO_GPUS, *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    with open(tmp_path / "sweep.log", "w") as output:
+        sweep = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        try:
+            deadline = time.time() + 240
+            while not marker.exists() or len(list((sweep_dir / ".ensembles").glob("*.pt"))) < groups:
+                assert sweep.poll() is None and time.time() < deadline, (tmp_path / "sweep.log").read_text()[-3000:]
+                time.sleep(0.1)
+            yield sweep
+        finally:
+            marker.unlink(missing_ok=True)
+            if sweep.poll() is None:
+                os.killpg(sweep.pid, signal.SIGKILL)
+                sweep.wait()
+
+
+STEPPED = ["trainer.max_epochs=1", "logger=none", "eval=minimal", "trainer.enable_progress_bar=false",
+           "checkpoint_every_n_steps=5"]
+
+
+def test_a_killed_worker_leaves_its_members_failed_and_a_rerun_resumes_its_group(tmp_path):
+    """The worker of a group is SIGKILLed after its group checkpoint at step 5: the sweep ends with the
+    members recorded failed (the worker's end in their run.json); run again, the group goes on
+    from that checkpoint and completes."""
+    sweep_dir = tmp_path / "sweep"
+    with _sweep_stalled_after_step_5(tmp_path, ["seed=0,1", *STEPPED], groups=1) as sweep:
+        members = _members(sweep_dir)
+        worker = read_json(members[0] / "run.json")["pid"]
+        assert worker != sweep.pid and read_json(members[1] / "run.json")["pid"] == worker
+        os.kill(worker, signal.SIGKILL)
+        assert sweep.wait(timeout=120) == 1  # the sweep went on to its end: failed jobs
+    [checkpoint] = (sweep_dir / ".ensembles").glob("*.pt")
+    for member in members:
+        record = read_json(member / "run.json")
+        assert record["status"] == "failed" and "was killed (signal 9)" in record["error"], record
+        assert not (member / "metrics.json").exists()
+    done = run_cli(["-m", *ON_TWO_GPUS, "seed=0,1", *STEPPED, f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not checkpoint.exists()
+    for member in members:
+        record = read_json(member / "run.json")
+        assert record["status"] == "completed" and record["resumed_from"]["global_step"] == 5
+        assert list(member.glob("run.attempt-*.json"))  # the failed attempt's record is kept
+        assert math.isfinite(read_json(member / "metrics.json")["test/loss"])
+
+
+def test_ctrl_c_interrupts_every_worker_and_the_sweep_ends_with_its_summary(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) while two groups train in their workers: each
+    worker records its members interrupted and keeps its group checkpoint; the launcher waits for them,
+    writes the summary and exits with 130 and one line, no traceback."""
+    sweep_dir = tmp_path / "sweep"
+    with _sweep_stalled_after_step_5(tmp_path, ["model.latent_dim=4,8", "seed=0,1", *STEPPED], groups=2) as sweep:
+        os.killpg(sweep.pid, signal.SIGINT)
+        assert sweep.wait(timeout=120) == 130
+    output = (tmp_path / "sweep.log").read_text()
+    assert "interrupted; run the same sweep again" in output and "Traceback" not in output, output[-3000:]
+    assert "4 interrupted" in (sweep_dir / "summary.md").read_text()
+    assert len(list((sweep_dir / ".ensembles").glob("*.pt"))) == 2
+    for member in _members(sweep_dir):
+        assert read_json(member / "run.json")["status"] == "interrupted"
+
+
+def run_cli_module(module: str, args: list[str], cwd: Path) -> str:
     done = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done.stdout

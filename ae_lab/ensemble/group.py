@@ -6,8 +6,9 @@ val/loss, epoch metrics, the NaN stop, checkpoints of one model) would all have 
 member anyway, and its per-step overhead (about a millisecond) is what a vectorised sweep removes.
 The loop below reproduces, per member, exactly what the single run's Trainer does on one device:
 the data order of `EpochSampler` (a permutation from seed + epoch), epoch means weighted by batch
-size, validation after every epoch, `best.ckpt` by val/loss (strictly lower, NaN never best),
-MultiStepLR per epoch, gradient clipping, `limit_*_batches`; val/* and test/* from the best weights.
+size, validation after every whole epoch, `best.ckpt` by val/loss (strictly lower, NaN never best),
+`trainer.max_steps` (an epoch it cuts short is not validated), MultiStepLR per epoch, gradient
+clipping, `limit_*_batches`; val/* and test/* from the best weights.
 
 Member i starts from the weights a single run with its seed starts from: `pl.seed_everything(seed)`
 then `Autoencoder.from_config`, as `ae_lab.run` does. The random draws inside a step (noise, VAE
@@ -258,22 +259,33 @@ class GroupTrainer:
             log.error("member %d (%s) failed and is frozen: %s", member, self.members[member].run_dir.name, message)
 
     def _validate(self, epoch: int) -> None:
+        """The end of a whole epoch: validate, keep each member's best weights, record the epoch."""
         val = self._evaluate(self.ensemble.flat, "val")
         val_loss = torch.tensor([m["val/loss"] for m in val], dtype=torch.float64, device=self.device)
         improved = torch.isfinite(val_loss) & (val_loss < self.best_val) & self.alive
         self.best_val = torch.where(improved, val_loss, self.best_val)
         with torch.no_grad():
             self.best_params = torch.where(improved.unsqueeze(1), self.ensemble.flat, self.best_params)
-        train = self.sums.means("train")
-        last_step = max(self.progress.global_step - 1, 0)  # the epoch's last step, as a single run logs it
         for member, is_better in enumerate(improved.tolist()):
             if is_better:
                 self.best_epoch[member] = epoch
-            objective = self.ensemble.modules[member].objective
-            weights = objective.weights(last_step)
-            scheduled = {f"scheduled/{name}": weights[name] for name in objective.scheduled_names}
+        self._record_epoch(epoch, val)
+
+    def _end_cut_epoch(self, epoch: int) -> None:
+        """The end of an epoch cut short by `trainer.max_steps`: recorded without validation."""
+        self._record_epoch(epoch, [{} for _ in self.members])
+
+    def _record_epoch(self, epoch: int, val: list[dict[str, float]]) -> None:
+        """Each member's history entry of `epoch`: its train means, `val` and its scheduled weights."""
+        train = self.sums.means("train")
+        # the epoch's last step: a single run's scheduled weights are those of that step, and Lightning logs
+        # the epoch's metrics at it
+        last_step = max(self.progress.global_step - 1, 0)
+        for member, module in enumerate(self.ensemble.modules):
+            weights = module.objective.weights(last_step)
+            scheduled = {f"scheduled/{name}": weights[name] for name in module.objective.scheduled_names}
             self.progress.history[member].append(
-                {**train[member], **val[member], **scheduled, "epoch": epoch, "step": self.progress.global_step})
+                {**train[member], **val[member], **scheduled, "epoch": epoch, "step": last_step})
 
     def _evaluate(self, flat: torch.Tensor, stage: str) -> list[dict[str, float]]:
         sums = EpochSums(self.ensemble.term_names, len(self.members), self.device)
@@ -281,16 +293,29 @@ class GroupTrainer:
             sums.add(self.ensemble.eval_terms(flat, x, self.progress.global_step), x.shape[0])
         return sums.means(stage)
 
+    def _steps_reached(self) -> bool:
+        """`trainer.max_steps` reached (-1: no limit), Lightning's test."""
+        max_steps = self.trainer_cfg["max_steps"]
+        return max_steps != -1 and self.progress.global_step >= max_steps
+
     def fit(self) -> None:
-        """Train every epoch (from where a loaded checkpoint left off)."""
+        """Train every epoch (from where a loaded checkpoint left off) until `trainer.max_epochs` epochs
+        or `trainer.max_steps` steps, whichever comes first (-1: no limit), as Lightning's fit loop does.
+
+        An epoch cut short by max_steps is not validated (Lightning validates at an epoch's last batch
+        only), so it cannot become the best epoch; its train/* means are recorded (the single run's
+        `on_train_epoch_end` logs them, and metrics.json takes train/* from there) and it counts in
+        `epochs` (Lightning's `current_epoch` counts it as completed).
+        """
         started = time.time() - self.progress.fit_seconds
         batches, train = self._train_batches(), self.data.splits["train"]
         size = self.data.batch_size
-        while self.progress.epoch < self.trainer_cfg["max_epochs"]:
+        max_epochs = self.trainer_cfg["max_epochs"]
+        while (max_epochs == -1 or self.progress.epoch < max_epochs) and not self._steps_reached():
             epoch = self.progress.epoch
             self.optimizer.lr_scale = self._lr_scale(epoch)
             positions = self._epoch_positions(epoch)
-            while self.progress.batch < batches:
+            while self.progress.batch < batches and not self._steps_reached():
                 chosen = positions[:, self.progress.batch * size:(self.progress.batch + 1) * size]
                 x = train.batch(chosen.flatten())["x"].to(self.device)
                 self._step(x.view(*chosen.shape, *x.shape[1:]))
@@ -299,17 +324,25 @@ class GroupTrainer:
                         and self.progress.batch < batches:  # the epoch's end is saved after its validation
                     self.progress.fit_seconds = time.time() - started
                     self.save_checkpoint()
-            self._validate(epoch)
-            losses = [history[-1]["val/loss"] for history, alive in zip(self.progress.history, self.alive.tolist())
-                      if alive]
-            log.info("epoch %d: %d of %d members training, val/loss %.4g to %.4g", epoch, len(losses),
-                     len(self.members), min(losses, default=math.nan), max(losses, default=math.nan))
+            if self.progress.batch == batches:
+                self._validate(epoch)
+                losses = [history[-1]["val/loss"] for history, alive in
+                          zip(self.progress.history, self.alive.tolist()) if alive]
+                log.info("epoch %d: %d of %d members training, val/loss %.4g to %.4g", epoch, len(losses),
+                         len(self.members), min(losses, default=math.nan), max(losses, default=math.nan))
+            else:
+                self._end_cut_epoch(epoch)
+                log.info("epoch %d: stopped at trainer.max_steps=%d, not validated", epoch,
+                         self.trainer_cfg["max_steps"])
             self.progress.epoch, self.progress.batch = epoch + 1, 0
             self.sums = EpochSums(self.ensemble.term_names, len(self.members), self.device)
             self.progress.fit_seconds = time.time() - started
             self.save_checkpoint()
             if not bool(self.alive.any()):
                 break
+        if not any("val/loss" in entry for entry in self.progress.history[0]):  # as `ae_lab.run` then does
+            log.warning("no validation ran before training stopped: val, test and evaluation use the final weights")
+            self.best_params = self.ensemble.flat.detach().clone()
 
     # ----- group checkpoint
     def save_checkpoint(self) -> None:
@@ -426,12 +459,15 @@ def _write_member(trainer: GroupTrainer, index: int, member: Member, record: Run
         _save(folder / "last.ckpt", _checkpoint(module, trainer.ensemble.member_state(trainer.ensemble.flat, index),
                                                 epochs, step))
         best = trainer.ensemble.member_state(trainer.best_params, index)
-        _save(folder / "best.ckpt", _checkpoint(module, best, trainer.best_epoch[index], step))
+        best_checkpoint = None  # none when no validation made a best epoch, as in a single run
+        if trainer.best_epoch[index] >= 0:
+            best_checkpoint = str(folder / "best.ckpt")
+            _save(folder / "best.ckpt", _checkpoint(module, best, trainer.best_epoch[index], step))
         module.load_state_dict(best)
         figures = write_results(module, data, cfg, run_dir, metrics)
         wandb_run = log_results(logger, metrics, figures)
         seconds = time.time() - started
-        record.completed(best_checkpoint=str(folder / "best.ckpt"), wandb_run_id=wandb_run,
+        record.completed(best_checkpoint=best_checkpoint, wandb_run_id=wandb_run,
                          timings={"fit_seconds": trainer.progress.fit_seconds, "writeout_seconds": seconds,
                                   "first_step_unix": None})
         return Outcome(metrics)

@@ -79,7 +79,7 @@ def group_jobs(configs: list[dict[str, Any]], max_members: int) -> list[list[int
 
 # trainer settings the ensemble loop does not implement: a group with another value trains its
 # members one by one through the ordinary run (the reason is logged)
-_LOOP_DEFAULTS = {"trainer.max_steps": -1, "trainer.accumulate_grad_batches": 1, "trainer.val_check_interval": 1.0,
+_LOOP_DEFAULTS = {"trainer.accumulate_grad_batches": 1, "trainer.val_check_interval": 1.0,
                   "trainer.check_val_every_n_epoch": 1, "trainer.num_nodes": 1, "trainer.detect_anomaly": False}
 
 

@@ -8,6 +8,9 @@ yet). submitit's local executor gives every job the same GPUs, which is why this
 
 A job whose folder already holds a completed run of the same config is not started again, so a
 re-run into the same `hydra.sweep.dir` finishes only what is missing.
+
+The queue (`_queue`) is shared with the `vectorized` launcher, which queues ensemble groups (one GPU
+each) beside such jobs.
 """
 
 
@@ -20,7 +23,7 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -30,6 +33,8 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
+Work = TypeVar("Work")  # what the queue runs: a job here, a job or an ensemble group under `vectorized`
+INTERRUPT_GRACE_SECONDS = 60  # after Ctrl-C, how long to wait for each running process to record its runs
 
 
 @dataclass
@@ -124,7 +129,7 @@ class GpuQueueLauncher(Launcher):
 
         todo = []
         for job in jobs:
-            task_config = self._task_config(job)
+            task_config = job.task_config
             try:
                 finished = completed_metrics(job.folder, task_config)
             except ConfigError as error:
@@ -141,53 +146,92 @@ class GpuQueueLauncher(Launcher):
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        free = self._gpu_ids()
-        log.info(f"Queueing {len(job_overrides)} jobs on GPUs {free}")
+        gpus = self._gpu_ids()
+        log.info(f"Queueing {len(job_overrides)} jobs on GPUs {gpus}")
         jobs = [self._job(initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
         returns: dict[int, JobReturn] = {}
-        pending: list[_Job] = []
-        for job, _ in self._jobs_to_run(jobs, returns):
-            if job.devices > len(free):
-                returns[job.index] = self._failed(
-                    job, f"{self.devices_key}={job.devices} but only {len(free)} GPUs are available")
-            else:
-                pending.append(job)
-
-        running: list[tuple[_Job, subprocess.Popen, list[int], Any]] = []
-        while pending or running:
-            for job in list(pending):
-                if job.devices > len(free):
-                    continue
-                assigned, free = free[:job.devices], free[job.devices:]
-                pending.remove(job)
-                running.append((job, *self._start(job, assigned)))
-            time.sleep(self.poll_seconds)
-            for entry in list(running):
-                job, process, assigned, output = entry
-                if process.poll() is None:
-                    continue
-                running.remove(entry)
-                output.close()
-                free = sorted(free + assigned)
+        pending = self._placeable([job for job, _ in self._jobs_to_run(jobs, returns)], gpus, returns)
+        try:
+            for job, process in self._queue(pending, gpus, self._start):
                 returns[job.index] = self._finished(job, process.returncode)
+        except KeyboardInterrupt:
+            self._interrupted("its unfinished jobs")
         return [returns[job.index] for job in jobs]
 
-    def _start(self, job: _Job, gpus: list[int]) -> tuple[subprocess.Popen, list[int], Any]:
+    def _interrupted(self, what: str) -> None:
+        """After Ctrl-C: the sweep's summary, then exit code 130 with one line saying how to go on."""
+        from ae_lab.errors import fail
+        from ae_lab.sweep import summarize
+
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        summarize(sweep_dir)
+        fail(f"interrupted; run the same sweep again (hydra.sweep.dir={sweep_dir}) to resume {what}", exit_code=130)
+
+    def _placeable(self, jobs: list[_Job], gpus: list[int], returns: dict[int, JobReturn]) -> list[_Job]:
+        """The jobs that fit on `gpus`; each of the others is recorded failed (into `returns`)."""
+        placeable = []
+        for job in jobs:
+            if job.devices > len(gpus):
+                returns[job.index] = self._failed(
+                    job, f"{self.devices_key}={job.devices} but only {len(gpus)} GPUs are available")
+            else:
+                placeable.append(job)
+        return placeable
+
+    def _queue(self, work: list[Work], gpus: list[int], start: Callable[[Work, list[int]], subprocess.Popen]
+               ) -> Iterator[tuple[Work, subprocess.Popen]]:
+        """Run each piece of `work` (anything with `devices`, the number of GPUs it takes, each at most
+        len(gpus)) as the process `start(work, its GPUs)` as soon as enough of `gpus` are free, a
+        later, smaller piece before an earlier one that does not fit yet; yield each piece with its
+        process once that has ended.
+
+        Ctrl-C: the processes are in this process's group, so a Ctrl-C in the terminal reaches each of
+        them (each records its own runs interrupted); here the loop waits for them to end (at most
+        INTERRUPT_GRACE_SECONDS each), so that their records are written before the sweep's summary,
+        then raises KeyboardInterrupt."""
+        free, pending = list(gpus), list(work)
+        running: list[tuple[Work, subprocess.Popen, list[int]]] = []
+        try:
+            while pending or running:
+                for piece in list(pending):
+                    if piece.devices > len(free):
+                        continue
+                    assigned, free = free[:piece.devices], free[piece.devices:]
+                    pending.remove(piece)
+                    running.append((piece, start(piece, assigned), assigned))
+                time.sleep(self.poll_seconds)
+                for entry in list(running):
+                    piece, process, assigned = entry
+                    if process.poll() is None:
+                        continue
+                    running.remove(entry)
+                    free = sorted(free + assigned)
+                    yield piece, process
+        except KeyboardInterrupt:
+            for _, process, _ in running:
+                try:
+                    process.wait(timeout=INTERRUPT_GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    log.error(f"process {process.pid} has not ended {INTERRUPT_GRACE_SECONDS} s after Ctrl-C")
+            raise
+
+    def _spawn(self, command: list[str], gpus: list[int], output: Path) -> subprocess.Popen:
+        """Start `command` in the sweep's working directory, seeing only `gpus` (CUDA_VISIBLE_DEVICES),
+        its stdout and stderr into `output`."""
+        environment = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+        with open(output, "w") as file:  # the process has its own copy of the file
+            return subprocess.Popen(command, env=environment, cwd=str(self.config.hydra.runtime.cwd),
+                                    stdout=file, stderr=subprocess.STDOUT)
+
+    def _start(self, job: _Job, gpus: list[int]) -> subprocess.Popen:
+        """`job` as a single run (`python -m ae_lab`) in its folder, its output into `output.log` there."""
         from ae_lab.distributed import quoted
 
         log.info(f"\t#{job.index} on GPUs {gpus} : {' '.join(filter_overrides(job.overrides))}")
         job.folder.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "ae_lab", *job.overrides,
                    f"hydra.run.dir={quoted(str(job.folder))}", "hydra.mode=RUN"]
-        environment = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
-        output = open(job.folder / "output.log", "w")
-        process = subprocess.Popen(command, env=environment, cwd=str(self.config.hydra.runtime.cwd),
-                                   stdout=output, stderr=subprocess.STDOUT)
-        return process, gpus, output
-
-    @staticmethod
-    def _task_config(job: _Job) -> DictConfig:
-        return job.task_config
+        return self._spawn(command, gpus, job.folder / "output.log")
 
     def _finished(self, job: _Job, returncode: int) -> JobReturn:
         metrics_path = job.folder / "metrics.json"
@@ -195,7 +239,7 @@ class GpuQueueLauncher(Launcher):
             import json
 
             metrics = json.loads(metrics_path.read_text())
-            return self._return(job, metrics.get(self._task_config(job).objective, math.nan))
+            return self._return(job, metrics.get(job.task_config.objective, math.nan))
         tail = (job.folder / "output.log").read_text(errors="replace").strip().splitlines()[-1:]
         return self._failed(job, f"exit code {returncode}: {' '.join(tail)}")
 
@@ -207,13 +251,13 @@ class GpuQueueLauncher(Launcher):
         log.error(f"\t#{job.index} failed: {message}")
         if write_record:
             job.folder.mkdir(parents=True, exist_ok=True)
-            record_refused(job.folder, self._task_config(job), RuntimeError(message))
+            record_refused(job.folder, job.task_config, RuntimeError(message))
         return self._return(job, math.nan)
 
     def _return(self, job: _Job, value: float) -> JobReturn:
         result = JobReturn()
         result.overrides = job.overrides
-        result.cfg = self._task_config(job)
+        result.cfg = job.task_config
         result.hydra_cfg = OmegaConf.create({"hydra": job.config.hydra})
         result.working_dir = str(job.folder)
         result.task_name = str(job.config.hydra.job.name)
