@@ -484,3 +484,17 @@ def run_cli_module(module: str, args: list[str], cwd: Path) -> str:
     done = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done.stdout
+
+
+def test_refused_jobs_record_their_own_overrides(tmp_path):
+    """Jobs refused before training (here: greedy pretraining with fewer epochs than its phases) are
+    recorded failed, each folder with its own config and overrides, not those of the last job composed."""
+    done = run_cli(["-m", "hydra/launcher=vectorized", "model.pretrain=greedy", "trainer.max_epochs=1",
+                    "optim.lr=0.001,0.002", "logger=none", "hydra.sweep.dir=sweep"], cwd=tmp_path)
+    assert done.returncode != 0
+    jobs = sorted((tmp_path / "sweep").glob("[0-9]*_*"))
+    assert len(jobs) == 2
+    for job, lr in zip(jobs, ("0.001", "0.002")):
+        assert read_json(job / "run.json")["status"] == "failed"
+        assert f"optim.lr={lr}" in (job / ".hydra" / "overrides.yaml").read_text()
+        assert OmegaConf.load(job / ".hydra" / "config.yaml").optim.lr == float(lr)

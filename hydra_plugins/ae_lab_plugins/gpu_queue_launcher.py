@@ -251,6 +251,7 @@ class GpuQueueLauncher(Launcher):
         log.error(f"\t#{job.index} failed: {message}")
         if write_record:
             job.folder.mkdir(parents=True, exist_ok=True)
+            HydraConfig.instance().set_config(job.config)  # its .hydra/ files are read from the current one
             record_refused(job.folder, job.task_config, RuntimeError(message))
         return self._return(job, math.nan)
 
