@@ -1,4 +1,5 @@
-"""The checks Hydra's types cannot express: ranges and combinations of config values.
+"""The checks Hydra's types cannot express: ranges and combinations of config values, and keys added
+with `+` that are not ae_lab's.
 
 `validate` runs before anything is trained or written and raises `ConfigError` naming the key and what
 is allowed.
@@ -6,12 +7,14 @@ is allowed.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 import os
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ae_lab.errors import ConfigError
 
@@ -19,6 +22,26 @@ from ae_lab.errors import ConfigError
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _unknown_keys(node: DictConfig, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """(key, the keys allowed beside it) for every key of `node` that its schema does not have. Hydra's
+    `+key=value` adds a key even to a typed config, so a misspelt `+model.latnt_dim=3` would otherwise
+    train with the default latent size. Nodes typed as free dictionaries (e.g. `dataset.kwargs`) may
+    hold any key; Hydra's own node (`hydra`, in a config with it) is Hydra's to check."""
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return []
+    known = [field.name for field in dataclasses.fields(schema)]
+    found = []
+    for key in node:
+        if key == "hydra" and not prefix:
+            continue
+        if key not in known:
+            found.append((f"{prefix}{key}", [f"{prefix}{name}" for name in known]))
+        elif isinstance(child := node._get_node(key), DictConfig):
+            found += _unknown_keys(child, f"{prefix}{key}.")
+    return found
 
 
 def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> list[str]:
@@ -29,6 +52,10 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
     checked here too (ae_lab.data.own_data), so that a bad file is refused before anything is written.
     Returns warnings for settings that are allowed but probably not meant.
     """
+    for key, known in _unknown_keys(cfg):
+        close = difflib.get_close_matches(key, known, n=1)
+        raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r} is not a key of ae_lab's config: "
+                          + (f"did you mean {close[0]}?" if close else f"the keys there are {', '.join(known)}"))
     model, loss, noise, data, trainer, optim = (
         cfg.model, cfg.loss, cfg.noise, cfg.dataset, cfg.trainer, cfg.optim
     )

@@ -76,6 +76,8 @@ BAD_VALUES = [
     (["model.fc_dims=[0]"], "model.fc_dims"),
     (["loss=sparse_kl", "model=vae"], "loss.sparsity"),
     (["loss.sparsity=kl", "loss.sparsity_weight=1"], "loss.sparsity"),
+    (["+model.latnt_dim=3"], "model.latnt_dim"),  # `+` adds a key even to a typed config
+    (["+loss.beta_schedule.stpes=3"], "loss.beta_schedule.stpes"),
 ]
 
 
@@ -112,6 +114,7 @@ CLI_BAD_INPUTS = [
     (["noise=gaussian", "noise.std=-0.1"], "noise.std"),
     (["model.arch=foo"], "model.arch"),
     (["model.no_such_key=1"], "model.no_such_key"),
+    (["+model.latnt_dim=3"], "did you mean model.latent_dim?"),
     (["noise=gaussian", "noise.p=0.3"], "noise.p"),
     (["model=nonexistent"], "model=nonexistent"),
     (["model.latent_dim=eight"], "model.latent_dim"),
