@@ -51,11 +51,19 @@ class Requeued(Exception):
         super().__init__(f"stopped by the cluster's {preempt_signal().name} after writing {checkpoint}: requeued")
         self.checkpoint = checkpoint
         self._requeue_handler = requeue_handler
+        self.if_not_requeued: Callable[[str], None] | None = None  # told submitit's reason (the run's record)
 
     def requeue(self) -> None:
         """Hand over to submitit's handler: it pickles the job for its next start, requeues it and exits.
-        On ranks > 0 it does nothing (rank 0 requeues the whole job), so this process ends here."""
-        self._requeue_handler(preempt_signal(), None)
+        On ranks > 0 it does nothing (rank 0 requeues the whole job), so this process ends here. When it
+        does not requeue (it raises: e.g. "timed-out too many times", `max_num_timeout` used up), the
+        run is told the reason (`if_not_requeued`) and submitit's error goes on, so the job ends."""
+        try:
+            self._requeue_handler(preempt_signal(), None)
+        except Exception as refusal:  # submitit's UncompletedJobError
+            if self.if_not_requeued is not None:
+                self.if_not_requeued(str(refusal))
+            raise
         raise SystemExit(1)
 
 

@@ -89,7 +89,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> 
             return metrics
         except Requeued as stop:  # the cluster's signal: checkpointed, to be requeued by the caller
             if record is not None:
-                record.requeued(stop.checkpoint)
+                record.requeued(stop)
             raise
         except BaseException as error:
             if not interrupt.interrupted and not isinstance(error, KeyboardInterrupt):

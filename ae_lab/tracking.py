@@ -167,10 +167,18 @@ class RunRecord:
         self.update(status="interrupted", ended=_now(), error="interrupted by the user (Ctrl-C)",
                     interrupted_checkpoint=str(checkpoint) if checkpoint else None)
 
-    def requeued(self, checkpoint: Path) -> None:
-        """Stopped by the cluster's signal (time limit or preemption) after writing `checkpoint`; the
-        requeued job goes on from it."""
-        self.update(status="requeued", ended=_now(), requeued_checkpoint=str(checkpoint))
+    def requeued(self, stop: Any) -> None:
+        """Stopped by the cluster's signal (time limit or preemption) after writing `stop.checkpoint`
+        (`stop`: ae_lab.preemption.Requeued); the requeued job goes on from it. Should submitit then not
+        requeue the job, `stop` tells this record (`not_requeued`)."""
+        self.update(status="requeued", ended=_now(), requeued_checkpoint=str(stop.checkpoint))
+        stop.if_not_requeued = lambda reason: self.not_requeued(stop.checkpoint, reason)
+
+    def not_requeued(self, checkpoint: Path, reason: str) -> None:
+        """Stopped by the cluster's signal after writing `checkpoint`, but the job was not requeued
+        (submitit's `reason`): interrupted, and `resume=<run folder>` goes on from the checkpoint."""
+        self.update(status="interrupted", ended=_now(), interrupted_checkpoint=str(checkpoint),
+                    error=f"stopped by the cluster and not requeued ({reason}); resume={self.path.parent} goes on")
 
     def failed(self, error: BaseException) -> None:
         message = "".join(traceback.format_exception_only(type(error), error)).strip()

@@ -124,3 +124,28 @@ def test_secrets_never_reach_what_a_run_writes(tmp_path):
     assert any(p.suffix == ".wandb" for p in written)
     for path in written:
         assert secret.encode() not in path.read_bytes(), f"{path} holds the secret"
+
+
+def test_a_run_submitit_does_not_requeue_is_recorded_interrupted(tmp_path):
+    """When submitit's handler refuses to requeue (it raises UncompletedJobError, e.g. "timed-out too
+    many times" once `max_num_timeout` is used up), the run's record says `interrupted`, with the reason
+    and the way on, not `requeued` (the job will not come back)."""
+    from submitit.core.utils import UncompletedJobError
+
+    from ae_lab.preemption import Requeued
+    from ae_lab.tracking import RunRecord
+    from conftest import compose_config
+
+    record = RunRecord(tmp_path, compose_config([]), "digits", "checksum")
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+
+    def submitit_refuses(signum, frame):
+        raise UncompletedJobError("Job not requeued because: timed-out too many times.")
+
+    stop = Requeued(checkpoint, submitit_refuses)
+    record.requeued(stop)  # as ae_lab.run records a stop for the cluster's signal
+    with pytest.raises(UncompletedJobError):
+        stop.requeue()
+    saved = read_json(tmp_path / "run.json")
+    assert saved["status"] == "interrupted" and saved["interrupted_checkpoint"] == str(checkpoint)
+    assert "timed-out too many times" in saved["error"] and f"resume={tmp_path}" in saved["error"]
