@@ -226,7 +226,7 @@ def learning_curve(setting: Setting, budget: str, folder: Path, figures: Path) -
     points = sorted({int(row["epoch"]): -float(row["val/elbo"]) for row in rows
                      if row.get("val/elbo") and int(row["epoch"]) < metrics["epochs"]}.items())
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    axis.plot([epoch + 1 for epoch, _ in points], [value for _, value in points], marker=".",
+    axis.plot([epoch + 1 for epoch, _ in points], [value for _, value in points],
               label="ours: validation −ELBO (1 sample)")
     axis.plot([metrics["epochs"]], [metrics["eval/iw_nll"]], marker="*", markersize=12, linestyle="none",
               label=f"ours: test NLL bound, best checkpoint ({metrics['eval/iw_nll']:.2f})")
@@ -240,6 +240,9 @@ def learning_curve(setting: Setting, budget: str, folder: Path, figures: Path) -
                   label=f"pythae's trainer on our arrays: test NLL ({result['test_nll_k200']:.2f})")
     for (value, label), color in zip(setting.curve_targets, ("black", "grey")):
         axis.axhline(value, linestyle="--", color=color, label=f"{label}: {value}")
+    if setting.curve_targets:  # the first epochs' bounds (near 200 nats) would flatten the rest
+        axis.set_ylim(min(value for value, _ in setting.curve_targets) - 3,
+                      max(value for value, _ in setting.curve_targets) + 20)
     axis.set_xlabel("epoch")
     axis.set_ylabel("nats")
     axis.set_title(f"{setting.name}, budget {budget}: learning curve")
