@@ -112,7 +112,8 @@ def train(arrays_path: Path, out: Path, epochs: int, nll_rounds: int) -> None:
 
     best = trainer._best_model.eval()  # what the script reloads as `final_model`: best by validation loss
     with torch.no_grad():
-        nll = [float(best.get_nll(test_set, n_samples=200)) for _ in range(nll_rounds)]
+        # get_nll returns the mean log-likelihood bound (negative); its script reports it as the NLL
+        nll = [-float(best.get_nll(test_set, n_samples=200)) for _ in range(nll_rounds)]
         neg_elbo = float(np.mean([best(_as_input(test_set[i:i + 1000])).loss.item()
                                   for i in range(0, len(test_set), 1000)]))
     with open(out / "history.csv", "w", newline="") as handle:
