@@ -125,3 +125,35 @@ def test_fidelity_report_shows_each_runs_recorded_command_and_numbers(tmp_path):
     assert "`python -m ae_lab experiment=classic_ae_mnist dataset.root=DATA noise=masking trainer.max_epochs=1" in row
     assert "| cpu | M1 |" in row and read_json(tmp_path / "archive" / "cpu" / "classic_dae" / "metrics.json") == \
         read_json(run / "metrics.json")
+
+
+def test_fidelity_report_puts_the_pythae_control_beside_our_run(tmp_path):
+    """The control run (pythae's own trainer on our arrays, archived beside our full-budget run): its NLL
+    and ours in one table, from the archived files, and the verdict follows their difference."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT, read_json
+
+    archive = tmp_path / "archive"
+    shutil.copytree(ROOT / "benchmarks" / "fidelity" / "full" / "pythae_vae_mnist", archive / "full" / "pythae_vae_mnist")
+    control = archive / "full" / "pythae_vae_mnist" / "pythae_control"
+
+    def report() -> str:
+        output = tmp_path / "FIDELITY.md"
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--report", "--budget", "full",
+                               "--runs", str(tmp_path / "no-runs"), "--archive", str(archive), "--output", str(output)],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return output.read_text()
+
+    ours = read_json(archive / "full" / "pythae_vae_mnist" / "metrics.json")["eval/iw_nll"]
+    theirs = read_json(control / "result.json")
+    text = report()
+    assert f"| ae_lab (`experiment=pythae_vae_mnist`) | {ours:.2f} |" in text
+    assert f"| pythae's trainer | {theirs['test_nll_k200']:.2f} " in text
+    assert f"Difference: {ours - theirs['test_nll_k200']:+.2f} nats; the two trainers agree" in text
+    (control / "result.json").write_text(json.dumps({**theirs, "test_nll_k200": ours - 2.5}))
+    assert "the trainers differ by more than a nat" in report()
