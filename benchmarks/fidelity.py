@@ -161,7 +161,8 @@ def archive(folder: Path, budget: str, name: str, archive_root: Path) -> None:
     for archived, inside in ARCHIVED.items():
         if (folder / inside).is_file():  # the history only where the run logged to CSV
             shutil.copyfile(folder / inside, target / archived)
-    (target / "machine.txt").write_text(machine() + "\n")
+    if not (target / "machine.txt").is_file():  # archived again later (on another machine): where it ran
+        (target / "machine.txt").write_text(machine() + "\n")
 
 
 SWEEP_METRICS = ("eval/mig", "eval/factor_vae")
@@ -188,8 +189,39 @@ def archive_sweep(sweep: Path, budget: str, archive_root: Path) -> None:
     (target / "summary.json").write_text(json.dumps({
         "command": "python -m ae_lab -m " + " ".join(str(o) for o in overrides if not str(o).startswith(hidden)),
         "jobs": len(records), "completed": sum(record["status"] == "completed" for record in records),
-        "wall_minutes": round((ended - started).total_seconds() / 60, 1)}, indent=2) + "\n")
-    (target / "machine.txt").write_text(machine() + "\n")
+        "wall_minutes": round((ended - started).total_seconds() / 60, 1), **training_budget(sweep),
+        "rank_correlation_with_beta": {metric: beta_correlation(sweep, metric) for metric in SWEEP_METRICS}},
+        indent=2) + "\n")
+    if not (target / "machine.txt").is_file():  # archived again later (on another machine): where it ran
+        (target / "machine.txt").write_text(machine() + "\n")
+
+
+def training_budget(sweep: Path) -> dict[str, float]:
+    """The steps each job trained (its last checkpoint's global step) and the training time: an ensemble's
+    once for all its members (run.json `timings.fit_seconds`, the same in each member), or summed over
+    separate jobs."""
+    import torch
+
+    steps = [torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+             for path in sweep.glob("*/checkpoints/last.ckpt")]
+    records = [json.loads(path.read_text()) for path in sweep.glob("*/run.json")]
+    groups = {(record.get("ensemble") or {}).get("group", str(index)): record["timings"]["fit_seconds"]
+              for index, record in enumerate(records) if record.get("timings")}
+    return {"steps_per_job": max(steps), "training_seconds": round(sum(groups.values()), 1)}
+
+
+def beta_correlation(sweep: Path, metric: str) -> dict[str, float]:
+    """Spearman's rank correlation of `metric` with β over every completed job (each seed its own point),
+    and its p-value: whether the metric rises with β at this budget."""
+    from scipy.stats import spearmanr
+
+    pairs = []
+    for folder in sweep.glob("*/"):
+        if (folder / "metrics.json").is_file():
+            beta = OmegaConf.load(folder / ".hydra" / "config.yaml").loss.beta
+            pairs.append((beta, json.loads((folder / "metrics.json").read_text())[metric]))
+    result = spearmanr([beta for beta, _ in pairs], [value for _, value in pairs])
+    return {"rho": round(float(result.statistic), 3), "p": round(float(result.pvalue), 3), "jobs": len(pairs)}
 
 
 def sweep_sections(archive_root: Path, machines: list[str], report_folder: Path) -> list[str]:
@@ -207,8 +239,29 @@ def sweep_sections(archive_root: Path, machines: list[str], report_folder: Path)
                       f"`{summary['command']}`: {summary['completed']} of {summary['jobs']} jobs completed in "
                       f"{summary['wall_minutes']} min (machine M{machines.index(machine_text) + 1}). "
                       "Rows: β (seeds aggregated, mean ± std over the seeds).", "",
-                      (folder / "table.md").read_text().strip(), "",
+                      (folder / "table.md").read_text().strip(), "", *budget_lines(summary),
                       *[f"![{plot.stem}]({plot.resolve().relative_to(report_folder.resolve())})" for plot in plots]]
+    return lines
+
+
+SOURCE_STEPS = 300_000  # Locatello et al. (2019): every model trained 300,000 steps (batch 64)
+
+
+def budget_lines(summary: dict) -> list[str]:
+    """Does the published trend (MIG and FactorVAE rising with β) appear, and what the source's budget
+    would cost at this sweep's measured rate."""
+    if "steps_per_job" not in summary:
+        return []
+    lines = []
+    for metric, found in summary["rank_correlation_with_beta"].items():
+        rises = found["rho"] > 0 and found["p"] < 0.05
+        lines.append(f"- {metric} against β: Spearman ρ = {found['rho']:+.3f} (p = {found['p']:.3f}, {found['jobs']} "
+                     f"runs): the published rise with β {'appears' if rises else 'does not appear'} at this budget.")
+    steps, seconds = summary["steps_per_job"], summary["training_seconds"]
+    days = SOURCE_STEPS / steps * seconds / 86400
+    lines += [f"- Budget: {steps} steps per run, {100 * steps / SOURCE_STEPS:.2f}% of the source's {SOURCE_STEPS:,}; "
+              f"its training took {seconds / 60:.1f} min for all {summary['jobs']} runs, so the source's budget "
+              f"would take about {days:.0f} days on this machine (a GPU's: still to be measured).", ""]
     return lines
 
 
@@ -403,8 +456,10 @@ def report(archive_root: Path, output: Path) -> None:
                       *claims(found[budget])]
     lines += control_section(archive_root)
     lines += sweep_sections(archive_root, machines, output.parent)
+    gpu_note = ("" if any("device: CPU" not in text for text in machines) else
+                ". No run here used a GPU (none was lent to the sessions that ran them): GPU rows are still to come.")
     lines[lines.index(machines_line)] = "Machines: " + "; ".join(
-        f"**M{number}** {text}" for number, text in enumerate(machines, 1))
+        f"**M{number}** {text}" for number, text in enumerate(machines, 1)) + gpu_note
     lines += ["", "`DATA` is the folder holding `mnist/` (`dataset.root`). NLL rows: `eval/iw_nll`, the importance-"
               "weighted bound on the test split (its first `eval.test_examples` images when set). "
               "Disentanglement rows: the generated dSprites-style set (`dataset=shapes`; real dSprites could "

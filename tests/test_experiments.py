@@ -157,3 +157,21 @@ def test_fidelity_report_puts_the_pythae_control_beside_our_run(tmp_path):
     assert f"Difference: {ours - theirs['test_nll_k200']:+.2f} nats; the two trainers agree" in text
     (control / "result.json").write_text(json.dumps({**theirs, "test_nll_k200": ours - 2.5}))
     assert "the trainers differ by more than a nat" in report()
+
+
+def test_fidelity_sweep_section_says_whether_the_trend_appears_and_what_the_budget_would_cost():
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from fidelity import budget_lines
+
+    summary = {"jobs": 18, "steps_per_job": 3000, "training_seconds": 8640.0,
+               "rank_correlation_with_beta": {"eval/mig": {"rho": 0.8, "p": 0.001, "jobs": 18},
+                                              "eval/factor_vae": {"rho": 0.3, "p": 0.2, "jobs": 18}}}
+    mig, factor, budget, _ = budget_lines(summary)
+    assert "ρ = +0.800" in mig and "appears at this budget" in mig and "does not" not in mig
+    assert "does not appear" in factor
+    # 300,000 / 3,000 = 100 times the 0.1 day measured
+    assert "3000 steps per run, 1.00% of the source's 300,000" in budget and "about 10 days" in budget
