@@ -68,13 +68,15 @@ def jobs_in(sweep_dir: Path) -> list[Job]:
 def write_summary(sweep_dir: Path, jobs: list[Job]) -> Path:
     """`summary.md` (a table a person reads) and `summary.json` (for tools) in the sweep folder."""
     shown = [name for name in SUMMARY_METRICS if any(name in job.metrics for job in jobs)]
-    lines = ["| job | overrides | status | " + " | ".join(shown) + " |",
-             "|---|---|---|" + "---|" * len(shown)]
+
+    def row(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    lines = [row(["job", "overrides", "status", *shown]), "|" + "---|" * (3 + len(shown))]
     for job in jobs:
         values = [f"{job.metrics[name]:.4f}" if name in job.metrics else "" for name in shown]
         status = job.status if job.error is None else f"{job.status}: {job.error}"
-        lines.append(f"| {job.folder.name} | {' '.join(job.overrides)} | {status} | "
-                     + " | ".join(values) + " |")
+        lines.append(row([job.folder.name, " ".join(job.overrides), status, *values]))
     counts = {status: sum(job.status == status for job in jobs) for status in ("completed", "failed", "interrupted")}
     lines += ["", f"{len(jobs)} jobs: {counts['completed']} completed, {counts['failed']} failed, "
                   f"{counts['interrupted']} interrupted, "

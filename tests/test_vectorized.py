@@ -498,3 +498,6 @@ def test_refused_jobs_record_their_own_overrides(tmp_path):
         assert read_json(job / "run.json")["status"] == "failed"
         assert f"optim.lr={lr}" in (job / ".hydra" / "overrides.yaml").read_text()
         assert OmegaConf.load(job / ".hydra" / "config.yaml").optim.lr == float(lr)
+    # no job has metrics: the summary's table has its three columns and no empty fourth
+    assert (tmp_path / "sweep" / "summary.md").read_text().splitlines()[:2] == ["| job | overrides | status |",
+                                                                                "|---|---|---|"]
