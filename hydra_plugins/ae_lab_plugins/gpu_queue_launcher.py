@@ -120,37 +120,40 @@ class GpuQueueLauncher(Launcher):
                              "of GPUs per job (an integer >= 1)")
         return _Job(index, list(overrides), config, folder, devices)
 
-    def _jobs_to_run(self, jobs: list[_Job], returns: dict[int, JobReturn]) -> list[tuple[_Job, DictConfig]]:
-        """The jobs still to run, each with its task config. A job whose folder holds a completed run of
-        its config is returned as it is (into `returns`); one whose folder holds another config's
-        completed run is recorded failed, and its folder kept."""
+    def _composed_jobs(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[_Job]:
+        """Every job of the batch composed (Hydra's logging set up and the sweep folder made first)."""
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        return [self._job(initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
+
+    def _jobs_to_run(self, jobs: list[_Job], returns: dict[int, JobReturn]) -> list[_Job]:
+        """The jobs still to run. A job whose folder holds a completed run of its config is returned as it
+        is (into `returns`); one whose folder holds another config's completed run is recorded failed,
+        and its folder kept."""
         from ae_lab.errors import ConfigError
         from ae_lab.tracking import completed_metrics
 
         todo = []
         for job in jobs:
-            task_config = job.task_config
             try:
-                finished = completed_metrics(job.folder, task_config)
+                finished = completed_metrics(job.folder, job.task_config)
             except ConfigError as error:
                 returns[job.index] = self._failed(job, str(error), write_record=False)
                 continue
             if finished is not None:
                 log.info(f"\t#{job.index} : already completed in {job.folder}")
-                returns[job.index] = self._return(job, finished.get(task_config.objective, math.nan))
+                returns[job.index] = self._return(job, finished)
             else:
-                todo.append((job, task_config))
+                todo.append(job)
         return todo
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        setup_globals()
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        jobs = self._composed_jobs(job_overrides, initial_job_idx)
         gpus = self._gpu_ids()
-        log.info(f"Queueing {len(job_overrides)} jobs on GPUs {gpus}")
-        jobs = [self._job(initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
+        log.info(f"Queueing {len(jobs)} jobs on GPUs {gpus}")
         returns: dict[int, JobReturn] = {}
-        pending = self._placeable([job for job, _ in self._jobs_to_run(jobs, returns)], gpus, returns)
+        pending = self._placeable(self._jobs_to_run(jobs, returns), gpus, returns)
         try:
             for job, process in self._queue(pending, gpus, self._start):
                 returns[job.index] = self._finished(job, process.returncode)
@@ -238,8 +241,7 @@ class GpuQueueLauncher(Launcher):
         if returncode == 0 and metrics_path.exists():
             import json
 
-            metrics = json.loads(metrics_path.read_text())
-            return self._return(job, metrics.get(job.task_config.objective, math.nan))
+            return self._return(job, json.loads(metrics_path.read_text()))
         tail = (job.folder / "output.log").read_text(errors="replace").strip().splitlines()[-1:]
         return self._failed(job, f"exit code {returncode}: {' '.join(tail)}")
 
@@ -253,9 +255,11 @@ class GpuQueueLauncher(Launcher):
             job.folder.mkdir(parents=True, exist_ok=True)
             HydraConfig.instance().set_config(job.config)  # its .hydra/ files are read from the current one
             record_refused(job.folder, job.task_config, RuntimeError(message))
-        return self._return(job, math.nan)
+        return self._return(job, None)
 
-    def _return(self, job: _Job, value: float) -> JobReturn:
+    def _return(self, job: _Job, metrics: dict[str, float] | None) -> JobReturn:
+        """The job's return to the sweeper: its `objective` metric (NaN without metrics: it failed)."""
+        value = math.nan if metrics is None else metrics.get(job.task_config.objective, math.nan)
         result = JobReturn()
         result.overrides = job.overrides
         result.cfg = job.task_config

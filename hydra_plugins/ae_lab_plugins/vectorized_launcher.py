@@ -23,7 +23,6 @@ interrupted and keeps its group checkpoint, and the launcher waits for them befo
 import hashlib
 import json
 import logging
-import math
 import pickle
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from hydra.core.utils import JobReturn, filter_overrides, run_job
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
@@ -90,16 +89,13 @@ class VectorizedLauncher(GpuQueueLauncher):
 
         if not isinstance(self.max_members, int) or self.max_members < 1:
             fail(f"hydra.launcher.max_members={self.max_members!r} is not allowed: an integer >= 1")
-        setup_globals()
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        jobs = self._composed_jobs(job_overrides, initial_job_idx)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        jobs = [self._job(initial_job_idx + i, overrides) for i, overrides in enumerate(job_overrides)]
         returns: dict[int, JobReturn] = {}
         todo: list[_Job] = []
-        for job, task_config in self._jobs_to_run(jobs, returns):
+        for job in self._jobs_to_run(jobs, returns):
             try:
-                for warning in validate(task_config, input_shape(task_config.dataset)):
+                for warning in validate(job.task_config, input_shape(job.task_config.dataset)):
                     log.warning(warning)
             except ConfigError as error:
                 returns[job.index] = self._failed(job, str(error))
@@ -164,9 +160,7 @@ class VectorizedLauncher(GpuQueueLauncher):
         for job, outcome in zip(group.jobs, outcomes):
             if outcome.metrics is None:
                 log.error(f"\t#{job.index} failed: {outcome.error}")
-            objective = job.task_config.objective
-            value = math.nan if outcome.metrics is None else outcome.metrics.get(objective, math.nan)
-            returns[job.index] = self._return(job, value)
+            returns[job.index] = self._return(job, outcome.metrics)
         return returns
 
     @staticmethod
@@ -236,11 +230,10 @@ class VectorizedLauncher(GpuQueueLauncher):
                 record = {}
             written = record.get("pid") == process.pid
             if written and record["status"] == "completed":
-                metrics = json.loads((job.folder / "metrics.json").read_text())
-                returns[job.index] = self._return(job, metrics.get(job.task_config.objective, math.nan))
+                returns[job.index] = self._return(job, json.loads((job.folder / "metrics.json").read_text()))
             elif written and record["status"] != "running":  # failed (NaN, the group's error) or interrupted
                 log.error(f"\t#{job.index} {record['status']}: {record.get('error')}")
-                returns[job.index] = self._return(job, math.nan)
+                returns[job.index] = self._return(job, None)
             else:
                 message = (f"the worker of ensemble {group.name} {ended} before writing this member "
                            f"(see {group.worker_log})")
