@@ -68,15 +68,16 @@ def writeout_share(folder: Path) -> tuple[float, float]:
 def hand_loop_vs_ensemble(members: int, steps: int = 30) -> tuple[float, float]:
     """Examples/s of one digits MLP AE trained by a hand-written loop, and of the ensemble counted per
     member (M × batch per step) with the same batch size and Adam."""
-    sys.path.insert(0, str(REPOSITORY / "tests"))
-    from conftest import compose_config
+    from omegaconf import OmegaConf
+    from run import config  # benchmarks/run.py
 
+    from ae_lab.config import register_configs
     from ae_lab.data import build_datamodule
     from ae_lab.ensemble.group import GroupTrainer, Member
     from ae_lab.module import Autoencoder
-    from omegaconf import OmegaConf
 
-    cfgs = [compose_config([f"seed={seed}", "logger=none"]) for seed in range(members)]
+    register_configs()
+    cfgs = [config([f"seed={seed}", "logger=none"]) for seed in range(members)]
     data = build_datamodule(cfgs[0].dataset)
     images = data.splits["train"].batch(torch.arange(len(data.splits["train"])))["x"]
     batch = data.batch_size
