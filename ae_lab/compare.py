@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from ae_lab.config import flatten
 from ae_lab.report import SAMPLE_SIZE
+from ae_lab.sweep import job_order
 
 KEY_METRICS = ("test/loss", "test/recon", "test/kl", "test/elbo")
 
@@ -57,7 +58,7 @@ def find_runs(paths: Sequence[Path]) -> list[Run]:
         if (path / "run.json").exists():
             folders.append(path)
         else:
-            folders += sorted(p.parent for p in path.rglob("run.json") if "wandb" not in p.parts)
+            folders += sorted((p.parent for p in path.rglob("run.json") if "wandb" not in p.parts), key=job_order)
     runs = []
     for folder in dict.fromkeys(folders):
         record = json.loads((folder / "run.json").read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,10 +51,16 @@ class Job:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def job_order(path: Path) -> list[Any]:
+    """Sort key of run folders in job order: numbers compared as numbers, so `2_<hash>` comes before
+    `10_<hash>` (a plain sort of the names puts job 10 after job 1)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
 def jobs_in(sweep_dir: Path) -> list[Job]:
-    """Every job folder (one holding a run.json) directly under `sweep_dir`, in folder order."""
+    """Every job folder (one holding a run.json) directly under `sweep_dir`, in job order."""
     jobs = []
-    for record_path in sorted(sweep_dir.glob("*/run.json")):
+    for record_path in sorted(sweep_dir.glob("*/run.json"), key=job_order):
         folder = record_path.parent
         record = json.loads(record_path.read_text())
         overrides_path = folder / ".hydra" / "overrides.yaml"

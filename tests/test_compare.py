@@ -139,3 +139,16 @@ def test_runs_measured_on_different_sample_sizes_are_flagged(sweep, tmp_path):
     [warning] = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
     assert "eval/sap_n_train: 1333 (1 runs), 10000 (1 runs)" in warning
     assert "warning" not in compare(str(first)).stderr  # one size: nothing to flag
+
+
+def test_jobs_are_listed_in_job_order_not_name_order(tmp_path):
+    from ae_lab.compare import find_runs
+    from ae_lab.sweep import jobs_in
+
+    for number in (0, 1, 2, 10, 11):
+        folder = tmp_path / f"{number}_abcd{number}"
+        folder.mkdir()
+        (folder / "run.json").write_text(json.dumps({"status": "completed"}))
+    expected = ["0_abcd0", "1_abcd1", "2_abcd2", "10_abcd10", "11_abcd11"]
+    assert [job.folder.name for job in jobs_in(tmp_path)] == expected
+    assert [run.folder.name for run in find_runs([tmp_path])] == expected
