@@ -23,6 +23,9 @@ from ae_lab.config import flatten
 from ae_lab.errors import ConfigError
 from ae_lab.storage import atomic_write, write_json
 
+# set by a launcher that starts each sweep job as its own single run (gpu_queue): the sweep's name, the
+# W&B group of the job's run
+SWEEP_VARIABLE = "AE_LAB_SWEEP"
 PACKAGES = ("ae_lab", "torch", "pytorch-lightning", "hydra-core", "omegaconf", "wandb", "numpy",
             "scikit-learn", "matplotlib")
 
@@ -223,7 +226,9 @@ def variant_name(cfg: dict[str, Any], input_size: int) -> str:
 def run_naming(run_dir: Path, resumed: bool) -> tuple[list[str], set[str], str | None]:
     """What names a run's W&B run: its command-line overrides, the config groups, and its sweep (the
     sweep folder's name, None for a single run). From this process's Hydra config; for a resumed run
-    from the one recorded when the run started (the resume's own command line is `resume=…`)."""
+    from the one recorded when the run started (the resume's own command line is `resume=…`). A sweep
+    job that a launcher started as a process of its own (`gpu_queue`: a single run in the job's folder)
+    learns its sweep from SWEEP_VARIABLE."""
     from hydra.core.hydra_config import HydraConfig
 
     recorded = run_dir / ".hydra" / "hydra.yaml"
@@ -235,6 +240,7 @@ def run_naming(run_dir: Path, resumed: bool) -> tuple[list[str], set[str], str |
         sweep = Path(hydra.sweep.dir).name if hydra.mode.name == "MULTIRUN" else None
     else:
         return [], set(), None
+    sweep = sweep or os.environ.get(SWEEP_VARIABLE) or None
     return [str(override) for override in hydra.overrides.task], set(hydra.runtime.choices), sweep
 
 

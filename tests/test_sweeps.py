@@ -221,6 +221,17 @@ def test_gpu_queue_launcher_gives_each_job_its_own_gpus(tmp_path):
         "with 3 GPUs some jobs should have run in parallel"
 
 
+def test_gpu_queue_jobs_are_wandb_runs_in_the_sweeps_group(tmp_path):
+    """A gpu_queue job is a single run in its own process; its W&B run still joins the sweep's group."""
+    sweep = tmp_path / "outputs" / "queued"
+    done = run_cli(["-m", "hydra/launcher=gpu_queue", "hydra.launcher.gpus=[0]", "hydra.launcher.poll_seconds=0.1",
+                    "seed=1,2", *QUICK, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = job_folders(sweep)
+    assert len(jobs) == 2
+    assert [run_contents(job)["run"].run_group for job in jobs] == ["queued", "queued"]
+
+
 @pytest.mark.parametrize("sweep", sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")))
 def test_ready_sweeps_compose(sweep):
     from hydra import compose, initialize_config_dir

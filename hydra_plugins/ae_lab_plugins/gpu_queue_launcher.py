@@ -220,8 +220,12 @@ class GpuQueueLauncher(Launcher):
 
     def _spawn(self, command: list[str], gpus: list[int], output: Path) -> subprocess.Popen:
         """Start `command` in the sweep's working directory, seeing only `gpus` (CUDA_VISIBLE_DEVICES),
-        its stdout and stderr into `output`."""
-        environment = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+        its stdout and stderr into `output`; a job started so learns its sweep (its W&B group) from
+        `ae_lab.tracking.SWEEP_VARIABLE`."""
+        from ae_lab.tracking import SWEEP_VARIABLE
+
+        environment = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)),
+                       SWEEP_VARIABLE: Path(str(self.config.hydra.sweep.dir)).name}
         with open(output, "w") as file:  # the process has its own copy of the file
             return subprocess.Popen(command, env=environment, cwd=str(self.config.hydra.runtime.cwd),
                                     stdout=file, stderr=subprocess.STDOUT)
