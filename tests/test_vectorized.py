@@ -409,6 +409,20 @@ def test_groups_run_one_per_gpu_in_workers_and_equal_the_in_process_sweep(tmp_pa
     assert len(groups) == 2
 
 
+def test_one_named_gpu_trains_its_group_in_a_worker_that_sees_that_gpu(tmp_path):
+    """`hydra.launcher.gpus=[1]`: the group trains on GPU 1 (its worker sees only it), not on torch's cuda:0."""
+    sweep = tmp_path / "sweep"
+    done = run_cli(["-m", "hydra/launcher=vectorized", "hydra.launcher.gpus=[1]", "hydra.launcher.poll_seconds=0.1",
+                    "seed=0,1", "trainer.max_epochs=1", "logger=none", "eval=minimal",
+                    "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [worker_log] = (sweep / ".ensembles").glob("*.log")
+    assert "CUDA_VISIBLE_DEVICES=1," in worker_log.read_text()
+    members = _members(sweep)
+    assert len(members) == 2
+    assert [read_json(member / "run.json")["cuda_visible_devices"] for member in members] == ["1", "1"]
+
+
 @contextmanager
 def _sweep_stalled_after_step_5(tmp_path: Path, overrides: list[str], groups: int) -> Iterator[subprocess.Popen]:
     """`python -m ae_lab -m` on two simulated GPUs into `tmp_path/sweep`, in its own process group, with

@@ -8,9 +8,9 @@ ensemble (`ae_lab.ensemble.group.run_group`) and writes every member's run folde
 ensemble loop cannot run (`sequential_reason`: greedy pretraining, some trainer settings) runs its
 jobs one by one, as single runs, with a log line saying why.
 
-Where: with one GPU or none (`hydra.launcher.gpus`, else every GPU torch sees), everything runs in this
-process, one group after another, on that GPU or the CPU. With several, the groups queue for free GPUs
-as the `gpu_queue` launcher's jobs do (its queue): each group trains in its own worker process
+Where: with GPU ids named (`hydra.launcher.gpus`, one or more), or with none named and several GPUs
+visible to torch, the groups queue for those GPUs as the `gpu_queue` launcher's jobs do (its queue):
+each group trains in its own worker process
 (`group_worker`) that sees exactly one GPU (CUDA_VISIBLE_DEVICES), its members' full configs handed
 over in `<sweep>/.ensembles/<group>.jobs.pkl`, its output in `<group>.log` there; a sequential group's
 jobs run as `gpu_queue` jobs (one `python -m ae_lab` process per job on its `trainer.devices` GPUs,
@@ -18,6 +18,8 @@ output in the job folder's `output.log`). A worker that dies leaves the members 
 recorded failed; the sweep goes on, and running it again resumes the group from its checkpoint. Ctrl-C
 in the terminal reaches the workers as it reaches `gpu_queue`'s jobs: each records its members
 interrupted and keeps its group checkpoint, and the launcher waits for them before its summary.
+Otherwise (no ids named, at most one GPU visible) everything runs in this process, one group after
+another, on that GPU or the CPU.
 """
 
 import hashlib
@@ -116,7 +118,7 @@ class VectorizedLauncher(GpuQueueLauncher):
                 name = self._group_name(members, group_key(plain[indices[0]]))
                 work.append(_Group(name, members, sweep_dir / ".ensembles" / f"{name}.pt"))
         gpus = self._gpu_ids()
-        if len(gpus) > 1:
+        if self.gpus or len(gpus) > 1:  # named ids: a worker sees its own (torch's cuda:0 may be another)
             self._on_gpus(work, gpus, returns)
         else:
             for piece in work:
