@@ -324,8 +324,14 @@ def test_vectorized_sweep_folders_wandb_compare_reproduce_and_rerun(tmp_path):
     for name in folders:
         run_dir = vectorized / name
         for needed in (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "run.json",
-                       "metrics.json", "evaluation.json", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+                       "metrics.json", "evaluation.json", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
+                       "ae_lab.log"):
             assert (run_dir / needed).exists(), needed
+        # its log: the group's training lines, and of the members' write-outs only its own
+        lines = (run_dir / "ae_lab.log").read_text().splitlines()
+        assert sum("epoch 1: 2 of 2 members training" in line for line in lines) == 1
+        written = [line for line in lines if " written in " in line]
+        assert len(written) == 1 and f"({name})" in written[0]
         record, metrics = read_json(run_dir / "run.json"), read_json(run_dir / "metrics.json")
         assert record["status"] == "completed" and record["ensemble"]["members"] == 2
         assert metrics.keys() == read_json(basic / name / "metrics.json").keys()

@@ -38,6 +38,7 @@ from torch.func import functional_call, stack_module_state, vjp, vmap
 
 from ae_lab.checkpoints import random_state, set_random_state
 from ae_lab.data import ArrayDataModule, Split, build_datamodule
+from ae_lab.ensemble.logs import MemberLogs, job_log_file
 from ae_lab.ensemble.optim import StackedOptimizer, clip_gradients
 from ae_lab.module import Autoencoder
 from ae_lab.nets import Latent
@@ -403,10 +404,11 @@ def run_group(members: list[Member], group: str, checkpoint_path: Path) -> list[
     device = torch.device("cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu")
     trainer = GroupTrainer(members, data, checkpoint_path, device)
     resumed = trainer.load_checkpoint()
-    records = []
+    records, log_files = [], []
     for index, member in enumerate(members):
         member.activate()
         member.run_dir.mkdir(parents=True, exist_ok=True)
+        log_files.append(job_log_file())
         if not resumed or not (member.run_dir / ".hydra" / "config.yaml").exists():
             write_config_files(member.run_dir, member.cfg)
         resumed_from = {"checkpoint": str(checkpoint_path.resolve()), "global_step": trainer.progress.global_step,
@@ -414,21 +416,24 @@ def run_group(members: list[Member], group: str, checkpoint_path: Path) -> list[
         record = RunRecord(member.run_dir, member.cfg, data.name, data.checksum, resumed_from=resumed_from)
         record.update(ensemble={"group": group, "member": index, "members": len(members)})
         records.append(record)
-    log.info("ensemble %s: %d members on %s%s", group, len(members), device,
-             f", resumed at step {trainer.progress.global_step}" if resumed else "")
-    try:
-        trainer.fit()
-    except KeyboardInterrupt:
-        for record in records:
-            record.interrupted(checkpoint_path if checkpoint_path.exists() else None)
-        raise
-    except BaseException as error:
-        for record in records:
-            record.failed(error)
-        raise
-    finals = trainer.final_metrics()
-    outcomes = [_write_member(trainer, index, member, record, finals[index], data)
-                for index, (member, record) in enumerate(zip(members, records))]
+    with MemberLogs(log_files).attached() as logs:
+        log.info("ensemble %s: %d members on %s%s", group, len(members), device,
+                 f", resumed at step {trainer.progress.global_step}" if resumed else "")
+        try:
+            trainer.fit()
+        except KeyboardInterrupt:
+            for record in records:
+                record.interrupted(checkpoint_path if checkpoint_path.exists() else None)
+            raise
+        except BaseException as error:
+            for record in records:
+                record.failed(error)
+            raise
+        finals = trainer.final_metrics()
+        outcomes = []
+        for index, (member, record) in enumerate(zip(members, records)):
+            with logs.only(index):
+                outcomes.append(_write_member(trainer, index, member, record, finals[index], data))
     checkpoint_path.unlink(missing_ok=True)  # every member has its own checkpoints now
     return outcomes
 
@@ -467,6 +472,8 @@ def _write_member(trainer: GroupTrainer, index: int, member: Member, record: Run
         figures = write_results(module, data, cfg, run_dir, metrics)
         wandb_run = log_results(logger, metrics, figures)
         seconds = time.time() - started
+        log.info("member %d (%s) written in %.2f s: test/loss %.4g", index, run_dir.name, seconds,
+                 metrics.get("test/loss", math.nan))
         record.completed(best_checkpoint=best_checkpoint, wandb_run_id=wandb_run,
                          timings={"fit_seconds": trainer.progress.fit_seconds, "writeout_seconds": seconds,
                                   "first_step_unix": None})
