@@ -1,5 +1,5 @@
 """The vectorised launcher (`hydra/launcher=vectorized`, ae_lab/ensemble/): grouping, the per-member
-optimiser against torch.optim, members equal to separate runs (plain and contractive), the contractive
+optimiser against torch.optim, members equal to separate runs (deterministic and stochastic), the contractive
 projection estimator under vmap, member run folders and W&B runs, a NaN member isolated, a killed group
 resumed exactly, compare on a vectorised sweep."""
 
@@ -10,7 +10,6 @@ import math
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from ae_lab.ensemble.group import Ensemble, Member, run_group
 from ae_lab.ensemble.grouping import group_jobs, sequential_reason
 from ae_lab.ensemble.optim import StackedOptimizer, clip_gradients
 from ae_lab.objectives import contractive_penalty
-from conftest import ROOT, compose_config, read_json, run_cli, train_in_process
+from conftest import ROOT, SHARED, compose_config, needs_shared, read_json, run_cli, train_in_process
 from wandb_records import run_contents
 
 SMALL = ["trainer.max_epochs=2", "eval=minimal", "trainer.enable_progress_bar=false",
@@ -137,12 +136,24 @@ def _csv_epochs(run_dir: Path) -> list[dict[str, float]]:
     pytest.param([[]] * 3, id="plain"),
     pytest.param([["loss=contractive", f"loss.contractive_weight={weight}"] for weight in (0.01, 0.3, 1.0)],
                  id="contractive-exact"),
+    pytest.param([["model=vae", "noise=gaussian", f"loss.beta={beta}", f"noise.std={std}"]
+                  for beta, std in ((1, 0.1), (4, 0.3), (0.5, 0.2))], id="vae-gaussian-noise"),
+    pytest.param([["loss=contractive", "loss.contractive_estimator=projection", "noise=salt_pepper",
+                   f"loss.contractive_weight={weight}", f"noise.p={p}"] for weight, p in ((0.1, 0.1), (1, 0.2), (0.3, 0.3))],
+                 id="contractive-projection-salt-pepper"),
+    # without weight decay: Adam makes whole steps of near-zero gradients (MNIST's blank pixels), so with
+    # clipping and weight decay together rounding differences reach 1e-4 within an epoch (digits above)
+    pytest.param([["model=vae", "dataset=mnist", f"dataset.root={SHARED}", "dataset.download=false",
+                   "dataset.binarize=dynamic", "trainer.limit_train_batches=5", "trainer.limit_val_batches=2",
+                   "trainer.limit_test_batches=2", f"loss.beta={beta}", "optim.weight_decay=0"] for beta in (1, 2, 4)],
+                 id="vae-dynamic-binarisation", marks=needs_shared),
 ])
-def test_deterministic_members_equal_separate_runs_epoch_by_epoch(tmp_path, loss):
-    """A plain AE and an exact contractive AE (its penalty through torch.func.vjp in the ensemble, through
-    torch.autograd.grad in the single run), each member with its own seed, lr, weight decay, clipping,
-    lr milestone (and contractive weight): every epoch's train and val terms and every final metric
-    equal the separate run's (relative 1e-4)."""
+def test_members_equal_separate_runs_epoch_by_epoch(tmp_path, loss):
+    """Each member with its own seed, lr, weight decay, clipping, lr milestone (and loss weight, noise
+    level): every epoch's train and val terms and every final metric equal the separate run's (`_equal`:
+    relative 1e-4). Plain AE; exact contractive AE (its penalty through torch.func.vjp in the ensemble, through
+    torch.autograd.grad in the single run); and members that draw random numbers (VAE sampling, noise,
+    contractive projections): each draws in its own stream what its single run draws."""
     base = [*SMALL, "trainer.max_epochs=3", "logger=csv", "optim.milestones=[2]", "optim.gamma=0.5"]
     variants = [["seed=0"], ["seed=1", "optim.lr=0.003", "optim.weight_decay=0.01", "trainer.gradient_clip_val=5"],
                 ["seed=2", "optim.name=adam", "optim.eps=1e-6", "trainer.gradient_clip_val=0.5"]]
@@ -158,13 +169,17 @@ def test_deterministic_members_equal_separate_runs_epoch_by_epoch(tmp_path, loss
         ours, theirs = _csv_epochs(member), _csv_epochs(alone)
         assert len(ours) == len(theirs) == 3
         for mine, single in zip(ours, theirs):
-            assert mine.keys() == single.keys()
-            for key in single:
-                assert mine[key] == pytest.approx(single[key], rel=1e-4), key
-        mine, single = read_json(member / "metrics.json"), read_json(alone / "metrics.json")
-        assert mine.keys() == single.keys()
-        for key in single:
-            assert mine[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+            _equal(mine, single)
+        _equal(read_json(member / "metrics.json"), read_json(alone / "metrics.json"))
+
+
+def _equal(mine: dict[str, float], single: dict[str, float]) -> None:
+    """The same keys, each value within float rounding of the single run's: relative 1e-4, or for a small
+    term (a KL near 0) 1e-5 of its split's loss, of which its rounding error is a part."""
+    assert mine.keys() == single.keys()
+    for key, value in single.items():
+        scale = abs(single.get(key.split("/")[0] + "/loss", 0.0))
+        assert mine[key] == pytest.approx(value, rel=1e-4, abs=max(1e-6, 1e-5 * scale)), key
 
 
 @pytest.mark.parametrize("max_steps", [47, 13])
@@ -199,27 +214,6 @@ def test_max_steps_stops_a_member_where_a_single_run_stops(tmp_path, max_steps):
     else:
         assert not any(path.exists() for path in best)
         assert read_json(member.run_dir / "run.json")["best_checkpoint"] is None
-
-
-@pytest.mark.parametrize("variant", [
-    pytest.param(["model=vae", "noise=gaussian"], id="vae"),
-    pytest.param(["loss=contractive", "loss.contractive_weight=1", "loss.contractive_estimator=projection",
-                  "loss.contractive_projections=2"], id="contractive-projection"),
-])
-def test_stochastic_members_lie_within_the_spread_of_separate_runs(tmp_path, variant):
-    """Members whose steps draw random numbers (VAE sampling and noise; contractive projections) from
-    the group's generator: their final test losses lie within the spread of separate runs over seeds."""
-    base = [*SMALL, *variant, "logger=none", "eval.figures=false"]
-    assert sequential_reason(plain(base)) is None  # an ensemble under the launcher, not the fallback
-    seeds = (0, 1, 2)
-    members = [Member(compose_config(base + [f"seed={s}"]), tmp_path / "ensemble" / str(s)) for s in seeds]
-    outcomes = run_group(members, "stochastic", tmp_path / "stochastic.pt")
-    assert all(math.isfinite(value) for o in outcomes for value in o.metrics.values())
-    ours = [o.metrics["test/loss"] for o in outcomes]
-    theirs = [train_in_process(base + [f"seed={s}"], tmp_path / "alone" / str(s))["test/loss"] for s in seeds]
-    spread = max(theirs) - min(theirs)
-    assert abs(statistics.mean(ours) - statistics.mean(theirs)) < max(2 * spread, 0.01 * statistics.mean(theirs))
-    assert min(ours) > min(theirs) - spread - 0.01 * min(theirs) and max(ours) < max(theirs) + spread + 0.01 * max(theirs)
 
 
 def test_ensemble_projection_estimates_each_members_exact_penalty():

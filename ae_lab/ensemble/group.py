@@ -11,10 +11,12 @@ size, validation after every whole epoch, `best.ckpt` by val/loss (strictly lowe
 clipping, `limit_*_batches`; val/* and test/* from the best weights.
 
 Member i starts from the weights a single run with its seed starts from: `pl.seed_everything(seed)`
-then `Autoencoder.from_config`, as `ae_lab.run` does. The random draws inside a step (noise, VAE
-sampling, contractive projections) come from one generator for the group
-(`vmap(randomness="different")`), so stochastic members match single runs in distribution, not draw
-for draw.
+then `Autoencoder.from_config`, as `ae_lab.run` does, and draws its random numbers (noise, VAE
+sampling, contractive projections, resampled binary pixels) from its own stream, as that run draws
+them (`ae_lab.ensemble.streams`): the same numbers in the same order (a batch is fetched just before
+its step, as Lightning fetches from a loader of known length; Lightning's sanity check draws from a
+copy of the generator, `isolate_rng`, so there is nothing of it to repeat). So stochastic members,
+too, equal their single runs up to float rounding.
 
 A group checkpoint (`<sweep>/.ensembles/<name>.pt`) is written every `checkpoint_every_n_steps` steps
 and after every validation; running the sweep again resumes the group from it (exactly, on CPU) and
@@ -29,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytorch_lightning as pl
 import torch
@@ -40,6 +42,7 @@ from ae_lab.checkpoints import random_state, set_random_state
 from ae_lab.data import ArrayDataModule, Split, build_datamodule
 from ae_lab.ensemble.logs import MemberLogs, job_log_file
 from ae_lab.ensemble.optim import StackedOptimizer, clip_gradients
+from ae_lab.ensemble.streams import Draw, MemberStreams, Replay
 from ae_lab.module import Autoencoder
 from ae_lab.nets import Latent
 from ae_lab.noise import KINDS
@@ -80,10 +83,15 @@ class Ensemble:
     def __init__(self, configs: list[dict[str, Any]], input_shape: tuple[int, ...], dataset_size: int,
                  device: torch.device) -> None:
         self.configs = configs
-        self.modules = []
+        self.modules, states = [], []
+        if device.type == "cuda":
+            torch.cuda.init()  # so that each member's stream holds its GPU generator's state too
         for plain in configs:  # what ae_lab.run does before it builds a single run's module
             pl.seed_everything(plain["seed"], workers=True, verbose=False)
             self.modules.append(Autoencoder.from_config(plain, input_shape, dataset_size=dataset_size))
+            states.append(random_state())
+        self.streams = MemberStreams(states)
+        self._plans: dict[tuple[bool, tuple[int, ...]], list[Draw]] = {}
         self.base = self.modules[0]
         self.term_names = self.base.objective.term_names
         stacked, _ = stack_module_state(self.modules)
@@ -92,14 +100,13 @@ class Ensemble:
         self.flat = torch.cat([value.detach().flatten(1) for value in stacked.values()], 1).to(device)
         self.flat.requires_grad_(True)
         self.device = device
+        self.input_shape = tuple(input_shape)
         kind = configs[0]["noise"]["kind"]
         self.corrupt, strength_key = KINDS.get(kind, (None, None))
         self.strength = self.per_member([c["noise"][strength_key] if strength_key else 0.0 for c in configs])
         self.fixed_weights = None
         if not any(module.objective.scheduled_names for module in self.modules):
             self.fixed_weights = self.weights(0)
-        self._train_terms = vmap(partial(self._terms, train=True), randomness="different")
-        self._eval_terms = vmap(partial(self._terms, train=False), in_dims=(0, None, 0, 0), randomness="different")
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """The named, stacked parameters (M, *shape) as views of the rows of `flat` (M, P)."""
@@ -119,13 +126,22 @@ class Ensemble:
         return {key: self.per_member([float(w[key]) for w in each]) for key in each[0]}
 
     def _terms(self, params: dict[str, torch.Tensor], x: torch.Tensor, weights: dict[str, torch.Tensor],
-               strength: torch.Tensor, train: bool) -> dict[str, torch.Tensor]:
-        """One member's loss terms on its batch: the single run's `Autoencoder._step`, per member.
+               strength: torch.Tensor, draws: list[torch.Tensor], plan: list[Draw] | None,
+               train: bool) -> dict[str, torch.Tensor]:
+        """One member's loss terms on its batch: the single run's `Autoencoder._step`, per member, its
+        random calls answered by `draws` (made in its stream; `plan`: what they are; None: draw as usual).
 
         With the contractive penalty, the network runs once under `torch.func.vjp` with respect to the
         inputs: the code is its output, the logits and latent come back as auxiliary outputs, and the
         code's pullback, vmapped over directions, gives the Jacobian rows (vmap cannot batch the single
         run's `torch.autograd.grad`). The training step's gradient differentiates through the pullback."""
+        if plan is None:
+            return self._member_terms(params, x, weights, strength, train)
+        with Replay(plan, draws):
+            return self._member_terms(params, x, weights, strength, train)
+
+    def _member_terms(self, params: dict[str, torch.Tensor], x: torch.Tensor, weights: dict[str, torch.Tensor],
+                      strength: torch.Tensor, train: bool) -> dict[str, torch.Tensor]:
         inputs = self.corrupt(x, strength) if train and self.corrupt is not None else x
         if not self.base.objective.needs_input_grad:
             logits, latent = functional_call(self.base, params, (inputs,))
@@ -141,12 +157,30 @@ class Ensemble:
         return self.base.objective(logits, x, Latent(**fields), inputs, weights, create_graph=train,
                                    jacobian_rows=lambda directions: vmap(pullback)(directions)[0])
 
+    def _vmapped_terms(self, flat: torch.Tensor, x: torch.Tensor, step: int, train: bool) -> dict[str, torch.Tensor]:
+        """Every member's terms: `x` is (M, B, ...), a batch per member, or (B, ...), one for all. The
+        step's draws are recorded once per batch shape (running it for member 0), then made in each
+        member's stream."""
+        params, weights = self.unflatten(flat), self.weights(step)
+        per_member_x = x.dim() == len(self.input_shape) + 2
+        key = (train, tuple(x.shape))
+        if key not in self._plans:
+            first = {name: value[0] for name, value in params.items()}
+            self._plans[key] = self.streams.record(lambda: self._terms(
+                first, x[0] if per_member_x else x, {k: v[0] for k, v in weights.items()}, self.strength[0],
+                [], None, train))
+        plan = self._plans[key]
+        draws = self.streams.draw(plan, range(len(self.modules)))
+        terms = vmap(partial(self._terms, plan=plan, train=train), in_dims=(0, 0 if per_member_x else None, 0, 0, 0),
+                     randomness="different")
+        return terms(params, x, weights, self.strength, draws)
+
     def train_terms(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        return self._train_terms(self.unflatten(self.flat), x, self.weights(step), self.strength)
+        return self._vmapped_terms(self.flat, x, step, train=True)
 
     @torch.no_grad()
     def eval_terms(self, flat: torch.Tensor, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        return self._eval_terms(self.unflatten(flat), x, self.weights(step), self.strength)
+        return self._vmapped_terms(flat, x, step, train=False)
 
     def member_state(self, flat: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
         """Member `index`'s parameters as a state dict of the ordinary module."""
@@ -222,11 +256,22 @@ class GroupTrainer:
         return limited(math.ceil(len(self.data.splits["train"]) / self.data.batch_size),
                        self.trainer_cfg["limit_train_batches"])
 
-    def _split_batches(self, split: Split, limit: Any):
+    def _fetch(self, split: Split, positions: torch.Tensor) -> torch.Tensor:
+        """The examples at `positions`: (B,) for every member gives (B, ...); (M, B), a batch per member,
+        gives (M, B, ...). A split that draws while fetching (binary pixels resampled) is fetched member
+        by member, each in its own stream, giving (M, B, ...) either way."""
+        if split.resample_binary:
+            return torch.stack(self.ensemble.streams.in_each(
+                lambda member: split.batch(positions[member] if positions.dim() == 2 else positions)["x"],
+                range(len(self.members)))).to(self.device)
+        x = split.batch(positions.flatten())["x"]
+        return x.view(*positions.shape, *x.shape[1:]).to(self.device)
+
+    def _split_batches(self, split: Split, limit: Any) -> Iterator[torch.Tensor]:
+        """An evaluation split's batches, in order, as many as `limit_*_batches` lets Lightning run."""
         size = self.data.batch_size
         for index in range(limited(math.ceil(len(split) / size), limit)):
-            positions = torch.arange(index * size, min((index + 1) * size, len(split)))
-            yield split.batch(positions)["x"].to(self.device)
+            yield self._fetch(split, torch.arange(index * size, min((index + 1) * size, len(split))))
 
     # ----- training
     def _lr_scale(self, epoch: int) -> list[float]:
@@ -291,7 +336,8 @@ class GroupTrainer:
     def _evaluate(self, flat: torch.Tensor, stage: str) -> list[dict[str, float]]:
         sums = EpochSums(self.ensemble.term_names, len(self.members), self.device)
         for x in self._split_batches(self.data.splits[stage], self.trainer_cfg[f"limit_{stage}_batches"]):
-            sums.add(self.ensemble.eval_terms(flat, x, self.progress.global_step), x.shape[0])
+            batch_size = x.shape[-len(self.data.input_shape) - 1]  # x: (B, ...), or (M, B, ...) a batch per member
+            sums.add(self.ensemble.eval_terms(flat, x, self.progress.global_step), batch_size)
         return sums.means(stage)
 
     def _steps_reached(self) -> bool:
@@ -317,9 +363,7 @@ class GroupTrainer:
             self.optimizer.lr_scale = self._lr_scale(epoch)
             positions = self._epoch_positions(epoch)
             while self.progress.batch < batches and not self._steps_reached():
-                chosen = positions[:, self.progress.batch * size:(self.progress.batch + 1) * size]
-                x = train.batch(chosen.flatten())["x"].to(self.device)
-                self._step(x.view(*chosen.shape, *x.shape[1:]))
+                self._step(self._fetch(train, positions[:, self.progress.batch * size:(self.progress.batch + 1) * size]))
                 self.progress.batch += 1
                 if self.every_n_steps and self.progress.global_step % self.every_n_steps == 0 \
                         and self.progress.batch < batches:  # the epoch's end is saved after its validation
@@ -351,7 +395,8 @@ class GroupTrainer:
                  "params": self.ensemble.flat.detach(),
                  "best_params": self.best_params, "best_val": self.best_val, "best_epoch": self.best_epoch,
                  "alive": self.alive, "optimizer": self.optimizer.state_dict(), "progress": self.progress.__dict__,
-                 "sums": {"sums": self.sums.sums, "count": self.sums.count}, "random": random_state()}
+                 "sums": {"sums": self.sums.sums, "count": self.sums.count}, "random": random_state(),
+                 "streams": self.ensemble.streams.states}
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.checkpoint_path, lambda file: torch.save(state, file))
 
@@ -371,6 +416,7 @@ class GroupTrainer:
         self.progress = Progress(**state["progress"])
         self.sums.sums, self.sums.count = state["sums"]["sums"], state["sums"]["count"]
         set_random_state(state["random"])
+        self.ensemble.streams.states = state["streams"]
         return True
 
     # ----- results
