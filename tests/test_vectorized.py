@@ -305,7 +305,10 @@ def test_a_killed_group_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatc
 # ----- the launcher end to end: folders, W&B, compare, reproduce, a re-run
 
 def test_vectorized_sweep_folders_wandb_compare_reproduce_and_rerun(tmp_path):
-    sweep = ["seed=0,1", "optim.lr=0.003", "trainer.max_epochs=2", "eval=minimal",
+    """A VAE sweep (stochastic steps: each member draws in its own stream) through the real command line:
+    the member folders, their logs and W&B runs; compare equals the basic launcher's sweep; reproduce
+    re-runs a member alone and finds its numbers; a re-run skips the completed members."""
+    sweep = ["model=vae", "seed=0,1", "optim.lr=0.003", "trainer.max_epochs=2", "eval=minimal",
              "trainer.enable_progress_bar=false"]
     vectorized, basic = tmp_path / "vectorized", tmp_path / "basic"
     done = run_cli(["-m", "hydra/launcher=vectorized", *sweep, f"hydra.sweep.dir={vectorized}"], tmp_path)
