@@ -157,11 +157,12 @@ class Ensemble:
         return self.base.objective(logits, x, Latent(**fields), inputs, weights, create_graph=train,
                                    jacobian_rows=lambda directions: vmap(pullback)(directions)[0])
 
-    def _vmapped_terms(self, flat: torch.Tensor, x: torch.Tensor, step: int, train: bool) -> dict[str, torch.Tensor]:
+    def _vmapped_terms(self, params: dict[str, torch.Tensor], x: torch.Tensor, step: int,
+                       train: bool) -> dict[str, torch.Tensor]:
         """Every member's terms: `x` is (M, B, ...), a batch per member, or (B, ...), one for all. The
         step's draws are recorded once per batch shape (running it for member 0), then made in each
         member's stream."""
-        params, weights = self.unflatten(flat), self.weights(step)
+        weights = self.weights(step)
         per_member_x = x.dim() == len(self.input_shape) + 2
         key = (train, tuple(x.shape))
         if key not in self._plans:
@@ -175,12 +176,23 @@ class Ensemble:
                      randomness="different")
         return terms(params, x, weights, self.strength, draws)
 
-    def train_terms(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        return self._vmapped_terms(self.flat, x, step, train=True)
+    def train_terms(self, x: torch.Tensor, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The training step's terms, and the parameters (views of `flat`) they were computed from."""
+        params = self.unflatten(self.flat)
+        return self._vmapped_terms(params, x, step, train=True), params
+
+    def gradient(self, loss: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """d loss / d flat, (M, P). Taken with respect to the parameter views, then copied into the rows:
+        autograd's own way back through the views (reshape, then concatenate) copies it twice."""
+        grads = torch.autograd.grad(loss, list(params.values()))
+        flat = torch.empty_like(self.flat)
+        for row_part, grad in zip(self.unflatten(flat).values(), grads):
+            row_part.copy_(grad)
+        return flat
 
     @torch.no_grad()
     def eval_terms(self, flat: torch.Tensor, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        return self._vmapped_terms(flat, x, step, train=False)
+        return self._vmapped_terms(self.unflatten(flat), x, step, train=False)
 
     def member_state(self, flat: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
         """Member `index`'s parameters as a state dict of the ordinary module."""
@@ -281,13 +293,13 @@ class GroupTrainer:
 
     def _step(self, x: torch.Tensor) -> None:
         step = self.progress.global_step
-        terms = self.ensemble.train_terms(x, step)
+        terms, params = self.ensemble.train_terms(x, step)
         loss = terms["loss"]
         finite = torch.isfinite(loss)
         if bool((self.alive & ~finite).any()):
             self._record_failures(terms, self.alive & ~finite)
             self.alive &= finite
-        [grad] = torch.autograd.grad(torch.where(self.alive, loss, torch.zeros_like(loss)).sum(), self.ensemble.flat)
+        grad = self.ensemble.gradient(torch.where(self.alive, loss, torch.zeros_like(loss)).sum(), params)
         if self.clip is not None:
             grad = clip_gradients(grad, self.clip, self.trainer_cfg["gradient_clip_algorithm"])
         self.optimizer.step(grad, self.alive.tolist())
