@@ -136,6 +136,7 @@ def _csv_epochs(run_dir: Path) -> list[dict[str, float]]:
     pytest.param([[]] * 3, id="plain"),
     pytest.param([["loss=contractive", f"loss.contractive_weight={weight}"] for weight in (0.01, 0.3, 1.0)],
                  id="contractive-exact"),
+    pytest.param([["model.arch=conv"]] * 3, id="conv"),
     pytest.param([["model=vae", "noise=gaussian", f"loss.beta={beta}", f"noise.std={std}"]
                   for beta, std in ((1, 0.1), (4, 0.3), (0.5, 0.2))], id="vae-gaussian-noise"),
     pytest.param([["loss=contractive", "loss.contractive_estimator=projection", "noise=salt_pepper",
@@ -214,6 +215,26 @@ def test_max_steps_stops_a_member_where_a_single_run_stops(tmp_path, max_steps):
     else:
         assert not any(path.exists() for path in best)
         assert read_json(member.run_dir / "run.json")["best_checkpoint"] is None
+
+
+def test_conv_members_in_chunks_equal_each_single_module():
+    """Conv nets on a CPU are vmapped in chunks of CPU_CONV_CHUNK members: with 3 members (two chunks),
+    each member's terms (a VAE's: its sampling drawn in its own stream) equal its own module's, run alone
+    from the same generator state."""
+    configs = [plain(["model=vae", "model.arch=conv", f"loss.beta={beta}", f"seed={seed}"])
+               for seed, beta in ((0, 1.0), (1, 2.0), (2, 4.0))]
+    ensemble = Ensemble(configs, (1, 8, 8), dataset_size=1000, device=torch.device("cpu"))
+    assert ensemble.chunk == group_module.CPU_CONV_CHUNK < len(configs)
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    before = list(ensemble.streams.states)
+    terms = ensemble.eval_terms(ensemble.flat, x, 0)
+    for member, module in enumerate(ensemble.modules):
+        with torch.random.fork_rng(), torch.no_grad():
+            torch.set_rng_state(before[member]["cpu"])
+            logits, latent = module(x)
+            alone = module.objective(logits, x, latent, x, module.objective.weights(0), create_graph=False)
+        for name, value in alone.items():
+            assert terms[name][member].item() == pytest.approx(value.item(), rel=1e-5), name
 
 
 def test_ensemble_projection_estimates_each_members_exact_penalty():

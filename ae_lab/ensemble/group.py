@@ -77,6 +77,9 @@ def limited(batches: int, limit: Any) -> int:
     return batches if float(limit) == 1.0 else int(batches * float(limit))
 
 
+CPU_CONV_CHUNK = 2  # members per vmapped chunk for conv nets on a CPU (measured best of 1, 2, 4, all)
+
+
 class Ensemble:
     """M `Autoencoder`s of one structure as stacked parameters, run by one `functional_call` under vmap."""
 
@@ -101,6 +104,10 @@ class Ensemble:
         self.flat.requires_grad_(True)
         self.device = device
         self.input_shape = tuple(input_shape)
+        # conv nets on a CPU: vmap turns M convolutions into one grouped convolution, which oneDNN runs
+        # slower than M separate ones (benchmarks/VECTORIZED.md); in chunks of CPU_CONV_CHUNK it is faster
+        on_cpu_conv = device.type == "cpu" and configs[0]["model"]["arch"] == "conv"
+        self.chunk = CPU_CONV_CHUNK if on_cpu_conv else None
         kind = configs[0]["noise"]["kind"]
         self.corrupt, strength_key = KINDS.get(kind, (None, None))
         self.strength = self.per_member([c["noise"][strength_key] if strength_key else 0.0 for c in configs])
@@ -173,7 +180,7 @@ class Ensemble:
         plan = self._plans[key]
         draws = self.streams.draw(plan, range(len(self.modules)))
         terms = vmap(partial(self._terms, plan=plan, train=train), in_dims=(0, 0 if per_member_x else None, 0, 0, 0),
-                     randomness="different")
+                     randomness="different", chunk_size=self.chunk)
         return terms(params, x, weights, self.strength, draws)
 
     def train_terms(self, x: torch.Tensor, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
