@@ -139,6 +139,7 @@ def _csv_epochs(run_dir: Path) -> list[dict[str, float]]:
     pytest.param([["model.arch=conv"]] * 3, id="conv"),
     pytest.param([["model=vae", "noise=gaussian", f"loss.beta={beta}", f"noise.std={std}"]
                   for beta, std in ((1, 0.1), (4, 0.3), (0.5, 0.2))], id="vae-gaussian-noise"),
+    pytest.param([["noise=occlusion", f"noise.size={size}"] for size in (0.3, 0.5, 0.7)], id="occlusion"),
     pytest.param([["loss=contractive", "loss.contractive_estimator=projection", "noise=salt_pepper",
                    f"loss.contractive_weight={weight}", f"noise.p={p}"] for weight, p in ((0.1, 0.1), (1, 0.2), (0.3, 0.3))],
                  id="contractive-projection-salt-pepper"),

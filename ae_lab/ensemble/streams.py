@@ -20,7 +20,10 @@ from torch.overrides import TorchFunctionMode
 
 from ae_lab.checkpoints import random_state, set_random_state
 
-# what ae_lab's steps draw with; `*_like` ones are replayed from a template of the same shape and dtype
+# What ae_lab's training and evaluation steps draw with (noise kinds, the Gaussian head, the projection
+# estimator); a `*_like` call is replayed from a template of the same shape and dtype. A step that drew
+# with another function would still train, that draw made by vmap from the global generator for the
+# whole group (in distribution, not its single run's number): add the function here.
 DRAWING = {torch.randn_like, torch.rand_like, torch.randn, torch.rand}
 
 
