@@ -37,6 +37,13 @@ if _WORKERS > 1:
     torch.set_num_threads(_THREADS)
 
 
+def ctrl_c_by_default() -> None:
+    """`preexec_fn` of a process a test will interrupt: Ctrl-C back to its default. A shell runs a
+    background command (`pytest ... &`, as CI systems and nohup do) with SIGINT ignored, and an ignored
+    signal stays ignored in every process started from it: the interrupt would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     """The config `python -m ae_lab OVERRIDES` would train, composed in-process with Hydra's API."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

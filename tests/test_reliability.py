@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_json, run_cli
+from conftest import ctrl_c_by_default, read_json, run_cli
 from wandb_records import read_records
 
 SHORT = ["trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.enable_progress_bar=false",
@@ -67,7 +67,7 @@ def test_reproduce_refuses_what_is_not_a_finished_run(tmp_path):
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
     env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
     return subprocess.Popen([sys.executable, "-m", "ae_lab", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=ctrl_c_by_default)
 
 
 def _interrupt_when_training(process: subprocess.Popen, cwd: Path, pattern: str) -> tuple[str, str]:

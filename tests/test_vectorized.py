@@ -26,7 +26,8 @@ from ae_lab.ensemble.group import Ensemble, Member, run_group
 from ae_lab.ensemble.grouping import group_jobs, sequential_reason
 from ae_lab.ensemble.optim import StackedOptimizer, clip_gradients
 from ae_lab.objectives import contractive_penalty
-from conftest import ROOT, SHARED, compose_config, needs_shared, read_json, run_cli, train_in_process
+from conftest import (ROOT, SHARED, compose_config, ctrl_c_by_default, needs_shared, read_json, run_cli,
+                      train_in_process)
 from wandb_records import run_contents
 
 SMALL = ["trainer.max_epochs=2", "eval=minimal", "trainer.enable_progress_bar=false",
@@ -459,7 +460,7 @@ def _sweep_stalled_after_step_5(tmp_path: Path, overrides: list[str], groups: in
     args = [sys.executable, "-m", "ae_lab", "-m", *ON_TWO_GPUS, *overrides, f"hydra.sweep.dir={sweep_dir}"]
     with open(tmp_path / "sweep.log", "w") as output:
         sweep = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+                                 start_new_session=True, preexec_fn=ctrl_c_by_default)
         try:
             deadline = time.time() + 240
             while not marker.exists() or len(list((sweep_dir / ".ensembles").glob("*.pt"))) < groups:
