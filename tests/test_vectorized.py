@@ -219,6 +219,19 @@ def test_max_steps_stops_a_member_where_a_single_run_stops(tmp_path, max_steps):
         assert read_json(member.run_dir / "run.json")["best_checkpoint"] is None
 
 
+def test_replay_hands_out_the_recorded_draws_and_refuses_any_other():
+    from ae_lab.ensemble.streams import MemberStreams, Replay
+
+    plan = MemberStreams.record(lambda: (torch.rand(3), torch.randn_like(torch.zeros(2, 5))))
+    assert [(draw.function, draw.shape) for draw in plan] == [(torch.rand, (3,)), (torch.randn_like, (2, 5))]
+    given = [torch.zeros(3), torch.ones(2, 5)]
+    with Replay(plan, given):
+        assert torch.rand(3) is given[0] and torch.randn_like(torch.empty(2, 5)) is given[1]
+    for other in (lambda: torch.rand(4), lambda: torch.randn(3)):  # another shape, another function
+        with pytest.raises(RuntimeError, match="recorded draws"), Replay(plan, given):
+            other()
+
+
 def test_conv_members_in_chunks_equal_each_single_module():
     """Conv nets on a CPU are vmapped in chunks of CPU_CONV_CHUNK members: with 3 members (two chunks),
     each member's terms (a VAE's: its sampling drawn in its own stream) equal its own module's, run alone

@@ -133,22 +133,24 @@ class Ensemble:
         return {key: self.per_member([float(w[key]) for w in each]) for key in each[0]}
 
     def _terms(self, params: dict[str, torch.Tensor], x: torch.Tensor, weights: dict[str, torch.Tensor],
-               strength: torch.Tensor, draws: list[torch.Tensor], plan: list[Draw] | None,
+               strength: torch.Tensor, draws: list[torch.Tensor], plan: list[Draw],
                train: bool) -> dict[str, torch.Tensor]:
-        """One member's loss terms on its batch: the single run's `Autoencoder._step`, per member, its
-        random calls answered by `draws` (made in its stream; `plan`: what they are; None: draw as usual).
-
-        With the contractive penalty, the network runs once under `torch.func.vjp` with respect to the
-        inputs: the code is its output, the logits and latent come back as auxiliary outputs, and the
-        code's pullback, vmapped over directions, gives the Jacobian rows (vmap cannot batch the single
-        run's `torch.autograd.grad`). The training step's gradient differentiates through the pullback."""
-        if plan is None:
+        """One member's loss terms on its batch (`_member_terms`), its random calls answered by `draws`
+        (made in its stream; `plan`: what they are). A step that draws nothing runs without `Replay`,
+        whose hook would otherwise see every operation of the step."""
+        if not plan:
             return self._member_terms(params, x, weights, strength, train)
         with Replay(plan, draws):
             return self._member_terms(params, x, weights, strength, train)
 
     def _member_terms(self, params: dict[str, torch.Tensor], x: torch.Tensor, weights: dict[str, torch.Tensor],
                       strength: torch.Tensor, train: bool) -> dict[str, torch.Tensor]:
+        """One member's loss terms on its batch: the single run's `Autoencoder._step`, per member.
+
+        With the contractive penalty, the network runs once under `torch.func.vjp` with respect to the
+        inputs: the code is its output, the logits and latent come back as auxiliary outputs, and the
+        code's pullback, vmapped over directions, gives the Jacobian rows (vmap cannot batch the single
+        run's `torch.autograd.grad`). The training step's gradient differentiates through the pullback."""
         inputs = self.corrupt(x, strength) if train and self.corrupt is not None else x
         if not self.base.objective.needs_input_grad:
             logits, latent = functional_call(self.base, params, (inputs,))
@@ -174,9 +176,8 @@ class Ensemble:
         key = (train, tuple(x.shape))
         if key not in self._plans:
             first = {name: value[0] for name, value in params.items()}
-            self._plans[key] = self.streams.record(lambda: self._terms(
-                first, x[0] if per_member_x else x, {k: v[0] for k, v in weights.items()}, self.strength[0],
-                [], None, train))
+            self._plans[key] = self.streams.record(lambda: self._member_terms(
+                first, x[0] if per_member_x else x, {k: v[0] for k, v in weights.items()}, self.strength[0], train))
         plan = self._plans[key]
         draws = self.streams.draw(plan, range(len(self.modules)))
         terms = vmap(partial(self._terms, plan=plan, train=train), in_dims=(0, 0 if per_member_x else None, 0, 0, 0),

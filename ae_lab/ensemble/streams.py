@@ -20,6 +20,15 @@ from torch.overrides import TorchFunctionMode
 
 from ae_lab.checkpoints import random_state, set_random_state
 
+def _requested_shape(function: Callable[..., torch.Tensor], args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> torch.Size:
+    """The shape of what a DRAWING call asks for: its template's (`*_like`), else its size."""
+    if function in (torch.randn_like, torch.rand_like):
+        return args[0].shape
+    size = kwargs.get("size", args[0] if len(args) == 1 and not isinstance(args[0], int) else args)
+    return torch.Size(size)
+
+
 # What ae_lab's training and evaluation steps draw with (noise kinds, the Gaussian head, the projection
 # estimator); a `*_like` call is replayed from a template of the same shape and dtype. A step that drew
 # with another function would still train, that draw made by vmap from the global generator for the
@@ -49,12 +58,12 @@ class _Record(TorchFunctionMode):
 
     def __torch_function__(self, function, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        result = function(*args, **kwargs)
         if function in DRAWING:
+            shape = _requested_shape(function, args, kwargs)
             # a `_like` call's tensor stands for its shape, dtype and device only
-            args = tuple(torch.empty_like(a) if isinstance(a, torch.Tensor) else a for a in args)
-            self.draws.append(Draw(function, args, kwargs, result.shape))
-        return result
+            template = tuple(torch.empty_like(a) if isinstance(a, torch.Tensor) else a for a in args)
+            self.draws.append(Draw(function, template, kwargs, shape))
+        return function(*args, **kwargs)
 
 
 class Replay(TorchFunctionMode):
@@ -68,13 +77,14 @@ class Replay(TorchFunctionMode):
     def __torch_function__(self, function, types, args=(), kwargs=None):
         if function not in DRAWING:
             return function(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
         expected = self.plan[self.next] if self.next < len(self.plan) else None
-        value = self.draws[self.next] if expected is not None else None
-        if expected is None or expected.function is not function or value.shape != expected.shape:
+        if expected is None or expected.function is not function or \
+                _requested_shape(function, args, kwargs) != expected.shape:
             raise RuntimeError(f"the ensemble's step drew {function.__name__} where its recorded draws have "
                                f"{expected.function.__name__ if expected else 'none'}")
         self.next += 1
-        return value
+        return self.draws[self.next - 1]
 
 
 class MemberStreams:
