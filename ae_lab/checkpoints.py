@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from ae_lab.storage import atomic_write
+from ae_lab.storage import atomic_torch_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -31,7 +31,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda file: torch.save(checkpoint, file))
+        atomic_torch_save(path, checkpoint)
 
 
 class StepCheckpoint(pl.callbacks.ModelCheckpoint):

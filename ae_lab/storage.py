@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import IO, Any, Callable
 
+import torch
+
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write `path` with `write(file)` atomically: into a temporary file in the same folder, flushed to
@@ -19,6 +21,22 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
+
+
+def atomic_torch_save(path: Path, payload: Any) -> None:
+    """`torch.save(payload)` to `path` through `atomic_write`, with a Ctrl-C that lands inside the save
+    raised as the KeyboardInterrupt it is. torch's zip writer, left mid-record by the interrupt, fails
+    when it closes ("unexpected pos"), and that RuntimeError takes the interrupt's place: the run would
+    be recorded as failed (a sweep would go on) instead of interrupted."""
+    def save(file: IO[bytes]) -> None:
+        try:
+            torch.save(payload, file)
+        except RuntimeError as error:
+            if isinstance(error.__context__, KeyboardInterrupt):
+                raise error.__context__ from None
+            raise
+
+    atomic_write(path, save)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

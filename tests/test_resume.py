@@ -5,6 +5,7 @@ continue its run is refused before anything is written."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
@@ -75,6 +76,32 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_as_an_uninterrupted_run(tmp_pat
     assert runs and len({(run.display_name, run.run_group, run.job_type) for run in runs}) == 1
     assert runs[0].display_name.startswith("mnist_") and "resume" not in runs[-1].display_name
     assert f"wandb sync {run_dir / 'wandb'}/offline-run-*" in done.stdout
+
+
+def test_a_ctrl_c_inside_a_checkpoint_write_stays_a_ctrl_c(tmp_path, monkeypatch):
+    """torch.save turns a KeyboardInterrupt raised mid-record into a RuntimeError when its zip writer
+    closes: the run would be recorded failed (and a sweep would go on) instead of interrupted."""
+    import ae_lab.storage
+    from ae_lab.storage import atomic_torch_save
+
+    class InterruptedFile(io.FileIO):
+        """A file that gets Ctrl-C on its second write, once torch has begun a record."""
+
+        def write(self, data: bytes) -> int:
+            if self.tell() > 0:
+                raise KeyboardInterrupt
+            return super().write(data)
+
+    with pytest.raises(RuntimeError, match="unexpected pos") as plain:  # what torch.save does alone
+        torch.save({"weights": torch.ones(1000)}, InterruptedFile(tmp_path / "plain", "wb"))
+    assert isinstance(plain.value.__context__, KeyboardInterrupt)
+
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save(path, {"global_step": 1})
+    monkeypatch.setattr(ae_lab.storage, "open", InterruptedFile, raising=False)  # atomic_write's open
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save(path, {"global_step": 2, "weights": torch.ones(1000)})
+    assert torch.load(path, weights_only=True) == {"global_step": 1}
 
 
 def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one(tmp_path):

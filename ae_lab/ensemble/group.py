@@ -47,7 +47,7 @@ from ae_lab.module import Autoencoder
 from ae_lab.nets import Latent
 from ae_lab.noise import KINDS
 from ae_lab.run import write_results
-from ae_lab.storage import atomic_write
+from ae_lab.storage import atomic_torch_save
 from ae_lab.tracking import RunRecord, build_logger, finish_logger, log_results, wandb_run_id, write_config_files
 
 log = logging.getLogger(__name__)
@@ -418,7 +418,7 @@ class GroupTrainer:
                  "sums": {"sums": self.sums.sums, "count": self.sums.count}, "random": random_state(),
                  "streams": self.ensemble.streams.states}
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.checkpoint_path, lambda file: torch.save(state, file))
+        atomic_torch_save(self.checkpoint_path, state)
 
     def load_checkpoint(self) -> bool:
         """Go on from the group checkpoint when there is one of these same members and configs."""
@@ -458,7 +458,7 @@ def _checkpoint(module: Autoencoder, state: dict[str, torch.Tensor], epoch: int,
 
 def _save(path: Path, checkpoint: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda file: torch.save(checkpoint, file))
+    atomic_torch_save(path, checkpoint)
 
 
 def run_group(members: list[Member], group: str, checkpoint_path: Path) -> list[Outcome]:
