@@ -138,6 +138,45 @@ def test_anomaly_auroc():
     assert anomaly_auroc(scores, positive) == pytest.approx(_auroc_by_pair_counting(scores, positive))
 
 
+def _softmax_regression_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                                 test_y: np.ndarray) -> float:
+    """The probe's model fitted independently: features standardised on the training set, then
+    sum of cross-entropies + ||W||^2 / 2 (C = 1, intercept not penalised) minimised by torch's L-BFGS
+    in float64 to a gradient near zero."""
+    mean, std = train_x.mean(0), train_x.std(0)
+    std[std == 0] = 1.0
+    x, t = (torch.from_numpy((a - mean) / std) for a in (train_x, test_x))
+    y = torch.from_numpy(train_y).long()
+    weights = torch.zeros(x.shape[1], int(y.max()) + 1, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(weights.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights, bias], max_iter=2000, tolerance_grad=1e-10,
+                                  tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(x @ weights + bias, y, reduction="sum") + 0.5 * (weights ** 2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    predictions = (t @ weights + bias).argmax(1).numpy()
+    return float((predictions == test_y).mean())
+
+
+def test_probe_accuracy_matches_an_independent_softmax_regression():
+    from sklearn.datasets import load_digits
+
+    from ae_lab.evaluation.downstream import probe_accuracy
+
+    x, y = load_digits(return_X_y=True)
+    train, test = slice(0, 1200), slice(1200, None)
+    accuracy = probe_accuracy(x[train], y[train], x[test], y[test])
+    reference = _softmax_regression_accuracy(x[train], y[train], x[test], y[test])
+    assert 0.9 < reference < 1.0
+    # the probe's lbfgs stops at sklearn's tolerance: at most one test image may fall the other way
+    assert abs(accuracy - reference) <= 1 / len(y[test])
+
+
 def test_sparse_code_statistics_by_hand():
     codes = torch.tensor([[0.0, 0.5, 0.005], [0.0, -1.0, 0.2]])
     stats = sparse_code_statistics(codes, near_zero=0.01)
