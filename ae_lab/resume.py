@@ -110,6 +110,11 @@ def check_resume(config: DictConfig, first_rank: bool = True) -> bool:
     record = json.loads((run_dir / "run.json").read_text())
     if first_rank and record.get("status") == "completed":
         return True
+    if record.get("ensemble"):  # a vectorised sweep's member: its checkpoint is its group's
+        raise _refuse(value, f"a run trained on its own; {run_dir} is member {record['ensemble']['member']} of "
+                             f"the vectorised group {record['ensemble']['group']}, whose members train "
+                             f"together: run its sweep again with hydra.sweep.dir={run_dir.parent} (the "
+                             "same command otherwise) to resume the group")
     if first_rank and _running_elsewhere(record):
         raise _refuse(value, f"a run that is not running; process {record['pid']} on this host is still "
                              f"running it (started {record.get('started')})")

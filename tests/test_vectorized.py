@@ -329,6 +329,9 @@ def test_a_killed_group_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatc
         run_group(members(tmp_path / "cut"), "g", checkpoint)
     assert checkpoint.exists()
     assert read_json(tmp_path / "cut" / "0_1.0" / "run.json")["status"] == "interrupted"
+    refused = run_cli([f"resume={tmp_path / 'cut' / '0_1.0'}"], cwd=tmp_path)  # a member resumes with its group
+    assert refused.returncode == 2 and "run its sweep again with hydra.sweep.dir=" in refused.stderr
+    assert "Traceback" not in refused.stderr
     monkeypatch.setattr(group_module.GroupTrainer, "_step", step)
     resumed = run_group(members(tmp_path / "cut"), "g", checkpoint)
     assert not checkpoint.exists()
