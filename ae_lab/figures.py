@@ -135,9 +135,10 @@ def scatter(points: torch.Tensor, colours: torch.Tensor, path: Path, title: str,
     cmap = "tab10" if len(values) <= 10 else "viridis"
     drawn = axis.scatter(points[:, 0].numpy(), points[:, 1].numpy(), c=colours.numpy(), cmap=cmap, s=6,
                          alpha=0.7, linewidths=0)
-    if len(values) <= 12:
-        axis.legend(*drawn.legend_elements(), title=colour_label, loc="best", fontsize="small",
-                    markerscale=1.2)
+    if len(values) <= 12:  # one entry per value; labelled as plain text (legend_elements' own labels are
+        handles, _ = drawn.legend_elements(num=None)  # mathtext, which took a third of the drawing)
+        axis.legend(handles, [str(value) for value in values.tolist()], title=colour_label, loc="best",
+                    fontsize="small", markerscale=1.2)
     else:
         figure.colorbar(drawn, ax=axis, label=colour_label)
     axis.set_xlabel(axis_labels[0])

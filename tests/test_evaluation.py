@@ -233,6 +233,26 @@ def test_image_rows_puts_each_image_in_its_row_and_column(tmp_path):
     assert all(row == lefts[0] for row in lefts) and lefts[0] == sorted(set(lefts[0]))
 
 
+def test_code_scatter_legend_has_one_entry_per_value_in_its_colour(tmp_path, monkeypatch):
+    """Values with gaps (0, 2, 7, 11: a held-out class, a factor's sparse values): each is in the legend,
+    labelled with itself, its marker in the colour its points have."""
+    import matplotlib.pyplot as plt
+
+    from ae_lab import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path, margins=None: drawn.append(figure))
+    colours = torch.tensor([0, 2, 7, 11] * 5)
+    figures.scatter(torch.randn(20, 2), colours, tmp_path / "codes.png", "codes", ("a", "b"), "label")
+    [axis] = drawn[0].axes
+    legend = axis.get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == ["0", "2", "7", "11"]
+    cmap = plt.get_cmap("tab10")
+    for value, handle in zip((0, 2, 7, 11), legend.legend_handles):
+        assert np.allclose(handle.get_markerfacecolor()[:3], cmap(value / 11)[:3])
+    plt.close(drawn[0])
+
+
 def test_autoencoder_run_evaluates_and_draws(tmp_path):
     metrics = train_in_process([*QUICK, "noise=masking", "eval.num_reconstructions=6"], tmp_path)
     for key in ("mse", "bce", "psnr", "psnr_corrupted", "psnr_denoised", "psnr_gain", "probe_accuracy",
