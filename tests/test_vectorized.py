@@ -303,6 +303,36 @@ def test_a_nan_member_is_recorded_failed_and_frozen_the_others_train_on(tmp_path
     assert outcomes[0].metrics["test/loss"] == pytest.approx(alone["test/loss"], rel=1e-4)
 
 
+def test_a_member_failing_after_training_leaves_the_others_written(tmp_path, monkeypatch):
+    """An error while one member's results are written fails that member only; a Ctrl-C there records it
+    and the members after it interrupted, with the group checkpoint kept for the re-run."""
+    members = [Member(compose_config([*SMALL, "logger=none", f"seed={seed}"]), tmp_path / str(seed))
+               for seed in range(3)]
+    write_results = group_module.write_results
+    raised = {"error": RuntimeError("disk full")}
+
+    def failing_for_member_1(module, data, cfg, run_dir, metrics):
+        if run_dir.name == "1":
+            raise raised["error"]
+        return write_results(module, data, cfg, run_dir, metrics)
+
+    monkeypatch.setattr(group_module, "write_results", failing_for_member_1)
+    outcomes = run_group(members, "g", tmp_path / "g.pt")
+    assert outcomes[1].metrics is None and "disk full" in outcomes[1].error
+    assert outcomes[0].metrics and outcomes[2].metrics
+    record = read_json(tmp_path / "1" / "run.json")
+    assert record["status"] == "failed" and "disk full" in record["error"]
+    assert [read_json(tmp_path / name / "run.json")["status"] for name in ("0", "2")] == ["completed"] * 2
+
+    raised["error"] = KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt):
+        run_group(members, "g", tmp_path / "g.pt")
+    assert [read_json(tmp_path / str(s) / "run.json")["status"] for s in range(3)] == \
+        ["completed", "interrupted", "interrupted"]
+    assert read_json(tmp_path / "2" / "run.json")["interrupted_checkpoint"] == str(tmp_path / "g.pt")
+    assert (tmp_path / "g.pt").exists()
+
+
 def test_a_killed_group_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatch):
     """A VAE with noise: the resumed group's numbers equal an uninterrupted group's exactly (the RNG
     state and the place in the epoch come back)."""

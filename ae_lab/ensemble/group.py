@@ -488,8 +488,7 @@ def run_group(members: list[Member], group: str, checkpoint_path: Path) -> list[
         try:
             trainer.fit()
         except KeyboardInterrupt:
-            for record in records:
-                record.interrupted(checkpoint_path if checkpoint_path.exists() else None)
+            _record_interrupted(records, checkpoint_path)
             raise
         except BaseException as error:
             for record in records:
@@ -497,11 +496,24 @@ def run_group(members: list[Member], group: str, checkpoint_path: Path) -> list[
             raise
         finals = trainer.final_metrics()
         outcomes = []
-        for index, (member, record) in enumerate(zip(members, records)):
-            with logs.only(index):
-                outcomes.append(_write_member(trainer, index, member, record, finals[index], data))
+        try:
+            for index, (member, record) in enumerate(zip(members, records)):
+                with logs.only(index):
+                    try:
+                        outcomes.append(_write_member(trainer, index, member, record, finals[index], data))
+                    except Exception as error:  # noqa: BLE001 - its run.json says so; the others are written
+                        log.exception("member %d (%s) failed after training: %s", index, member.run_dir.name, error)
+                        outcomes.append(Outcome(None, f"failed after training: {error}"))
+        except KeyboardInterrupt:  # the member being written and those after it: a re-run writes them
+            _record_interrupted(records[len(outcomes):], checkpoint_path)
+            raise
     checkpoint_path.unlink(missing_ok=True)  # every member has its own checkpoints now
     return outcomes
+
+
+def _record_interrupted(records: list[RunRecord], checkpoint_path: Path) -> None:
+    for record in records:
+        record.interrupted(checkpoint_path if checkpoint_path.exists() else None)
 
 
 def _write_member(trainer: GroupTrainer, index: int, member: Member, record: RunRecord,
@@ -544,7 +556,7 @@ def _write_member(trainer: GroupTrainer, index: int, member: Member, record: Run
                          timings={"fit_seconds": trainer.progress.fit_seconds, "writeout_seconds": seconds,
                                   "first_step_unix": None})
         return Outcome(metrics)
-    except BaseException as error:
+    except Exception as error:
         record.failed(error)
         raise
     finally:
