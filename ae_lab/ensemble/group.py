@@ -504,7 +504,7 @@ def run_group(members: list[Member], group: str, checkpoint_path: Path) -> list[
                     except Exception as error:  # noqa: BLE001 - its run.json says so; the others are written
                         log.exception("member %d (%s) failed after training: %s", index, member.run_dir.name, error)
                         outcomes.append(Outcome(None, f"failed after training: {error}"))
-        except KeyboardInterrupt:  # the member being written and those after it: a re-run writes them
+        except KeyboardInterrupt:  # the member being written and those after it (a re-run trains them again)
             _record_interrupted(records[len(outcomes):], checkpoint_path)
             raise
     checkpoint_path.unlink(missing_ok=True)  # every member has its own checkpoints now
