@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ae_lab.checks import validate
 from ae_lab.errors import ConfigError, fail
@@ -61,8 +61,10 @@ class CheckBeforeRun(Callback):
         if config.get("resume") is not None:
             fail(f"resume={config.resume!r} is not allowed with -m: resume one run at a time (a sweep "
                  "continues when run again with hydra.sweep.dir=<its folder>)")
-        # sweepers may keep state in the sweep folder before the first job makes it (Optuna's study)
-        Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        # a sweeper may keep its state in the sweep folder before the first job makes it (Optuna's study
+        # storage); the folder is made only then, so that a sweep its launcher refuses leaves nothing
+        if OmegaConf.select(config, "hydra.sweeper.storage"):
+            Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from ae_lab.sweep import summarize

@@ -198,6 +198,18 @@ def test_optuna_search_stores_its_study_and_continues(tmp_path):
     assert len(optuna.load_study(study_name="vae_elbo", storage=storage).trials) == 4
 
 
+@pytest.mark.parametrize("launcher, key, allowed", [
+    ("gpu_queue", "hydra.launcher.gpus=[0,0]", "GPU ids (integers >= 0, each once)"),
+    ("vectorized", "hydra.launcher.max_members=0", "an integer >= 1"),
+])
+def test_a_bad_launcher_key_is_refused_before_the_sweep_folder_is_made(tmp_path, launcher, key, allowed):
+    done = run_cli(["-m", f"hydra/launcher={launcher}", key, "seed=0,1", "logger=none"], cwd=tmp_path)
+    assert done.returncode == 2
+    [line] = done.stderr.splitlines()  # one line, no traceback
+    assert line.startswith(f"ae_lab: error: {key.split('=')[0]}=") and f"is not allowed: {allowed}" in line
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_gpu_queue_launcher_gives_each_job_its_own_gpus(tmp_path):
     """Three simulated GPUs, four jobs taking 2, 2, 1, 1 of them: every job sees exactly its own
     devices, and jobs that ran at the same time never shared one."""

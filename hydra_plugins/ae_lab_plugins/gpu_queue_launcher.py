@@ -93,11 +93,25 @@ class GpuQueueLauncher(Launcher):
         self.hydra_context: Optional[HydraContext] = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.check_keys()
         self.config = config
         self.hydra_context = hydra_context
         loader = hydra_context.config_loader
         if not isinstance(loader.load_sweep_config, _ComposedOnce):
             loader.load_sweep_config = _ComposedOnce(loader.load_sweep_config)
+
+    def check_keys(self) -> None:
+        """Refuse a launcher key that cannot work, in one line: here, before the sweeper makes the sweep
+        folder, so that a refused sweep leaves nothing behind."""
+        from ae_lab.errors import fail
+
+        gpus = None if self.gpus is None else list(self.gpus)
+        if gpus is not None and (not all(isinstance(gpu, int) and gpu >= 0 for gpu in gpus)
+                                 or len(set(gpus)) < len(gpus)):
+            fail(f"hydra.launcher.gpus={gpus!r} is not allowed: GPU ids (integers >= 0, each once), "
+                 "or null for every GPU torch sees")
+        if not (isinstance(self.poll_seconds, (int, float)) and self.poll_seconds > 0):
+            fail(f"hydra.launcher.poll_seconds={self.poll_seconds!r} is not allowed: a number of seconds > 0")
 
     def _gpu_ids(self) -> list[int]:
         if self.gpus is not None:

@@ -83,14 +83,19 @@ class VectorizedLauncher(GpuQueueLauncher):
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
         self.task_function = task_function
 
+    def check_keys(self) -> None:
+        from ae_lab.errors import fail
+
+        super().check_keys()
+        if not isinstance(self.max_members, int) or self.max_members < 1:
+            fail(f"hydra.launcher.max_members={self.max_members!r} is not allowed: an integer >= 1")
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from ae_lab.checks import validate
         from ae_lab.data import input_shape
         from ae_lab.ensemble.grouping import group_jobs, group_key, sequential_reason
         from ae_lab.errors import ConfigError, fail
 
-        if not isinstance(self.max_members, int) or self.max_members < 1:
-            fail(f"hydra.launcher.max_members={self.max_members!r} is not allowed: an integer >= 1")
         jobs = self._composed_jobs(job_overrides, initial_job_idx)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         returns: dict[int, JobReturn] = {}
