@@ -504,7 +504,9 @@ def run_group(members: list[Member], group: str, checkpoint_path: Path) -> list[
                     except Exception as error:  # noqa: BLE001 - its run.json says so; the others are written
                         log.exception("member %d (%s) failed after training: %s", index, member.run_dir.name, error)
                         outcomes.append(Outcome(None, f"failed after training: {error}"))
-        except KeyboardInterrupt:  # the member being written and those after it (a re-run trains them again)
+        except KeyboardInterrupt:  # the member being written and those after it: a re-run trains them again
+            if outcomes:  # as a group without the members written, which cannot resume from this checkpoint
+                checkpoint_path.unlink(missing_ok=True)
             _record_interrupted(records[len(outcomes):], checkpoint_path)
             raise
     checkpoint_path.unlink(missing_ok=True)  # every member has its own checkpoints now
