@@ -94,7 +94,7 @@ class VectorizedLauncher(GpuQueueLauncher):
         from ae_lab.checks import validate
         from ae_lab.data import input_shape
         from ae_lab.ensemble.grouping import group_jobs, group_key, sequential_reason
-        from ae_lab.errors import ConfigError, fail
+        from ae_lab.errors import ConfigError
 
         jobs = self._composed_jobs(job_overrides, initial_job_idx)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
