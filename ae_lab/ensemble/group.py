@@ -102,6 +102,9 @@ class Ensemble:
         # all of a member's parameters in one row: the optimiser then updates the ensemble in a few ops
         self.flat = torch.cat([value.detach().flatten(1) for value in stacked.values()], 1).to(device)
         self.flat.requires_grad_(True)
+        # the step's gradient (M, P), written in place through views of its rows (see `gradient`)
+        self._gradient = torch.empty_like(self.flat)
+        self._gradient_parts = list(self.unflatten(self._gradient).values())
         self.device = device
         self.input_shape = tuple(input_shape)
         # conv nets on a CPU: vmap turns M convolutions into one grouped convolution, which oneDNN runs
@@ -190,13 +193,13 @@ class Ensemble:
         return self._vmapped_terms(params, x, step, train=True), params
 
     def gradient(self, loss: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """d loss / d flat, (M, P). Taken with respect to the parameter views, then copied into the rows:
-        autograd's own way back through the views (reshape, then concatenate) copies it twice."""
+        """d loss / d flat, (M, P). Taken with respect to the parameter views, then copied into the rows
+        of one buffer kept for every step (the optimiser uses it within the step only): autograd's own way
+        back through the views (reshape, then concatenate) copies it twice."""
         grads = torch.autograd.grad(loss, list(params.values()))
-        flat = torch.empty_like(self.flat)
-        for row_part, grad in zip(self.unflatten(flat).values(), grads):
+        for row_part, grad in zip(self._gradient_parts, grads):
             row_part.copy_(grad)
-        return flat
+        return self._gradient
 
     @torch.no_grad()
     def eval_terms(self, flat: torch.Tensor, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:

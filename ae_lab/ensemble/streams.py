@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from ae_lab.checkpoints import random_state, set_random_state
 
+
 def _requested_shape(function: Callable[..., torch.Tensor], args: tuple[Any, ...],
                      kwargs: dict[str, Any]) -> torch.Size:
     """The shape of what a DRAWING call asks for: its template's (`*_like`), else its size."""
