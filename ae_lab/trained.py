@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ae_lab.config import register_resolvers
 from ae_lab.data import ArrayDataModule, Units, build_datamodule, input_shape as data_input_shape, is_own_data, units
 from ae_lab.data.image_folder import read_images as read_image_files, write_images as write_image_files
 from ae_lab.errors import ConfigError
@@ -60,9 +61,7 @@ def load(path: str | Path, which: str = "best", device: str | torch.device = "cp
     """
     run_dir, checkpoint = _locate(Path(path), which)
     record = _finished_record(run_dir)
-    from ae_lab.config import register_configs
-
-    register_configs()  # the resolvers a recorded config may use
+    register_resolvers()
     cfg = recorded_config(run_dir)
     module = _module(checkpoint, cfg, torch.device(device))
     try:

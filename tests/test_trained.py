@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ SMALL = ["logger=none", "trainer.enable_progress_bar=false", "trainer.enable_mod
          "model.hidden_dims=[32]", "model.latent_dim=4", "eval.jacobian_examples=0"]
 ANOMALY = ["dataset.held_out_class=0"]
 FIGURES = ["eval.num_reconstructions=3", "eval.traversal_dims=2", "eval.traversal_steps=3", "eval.interpolation_steps=3"]
+loaded = lru_cache(ae_lab.load)  # the tests that only read a model share one load of it
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +86,7 @@ def test_encode_gives_the_codes_evaluation_used_and_its_probe_accuracy(members):
     (and have the per-unit variances of evaluation.json); the probe refitted on codes from `encode`
     scores what metrics.json says."""
     (run_dir, _), codes = members
-    model = ae_lab.load(run_dir)
+    model = loaded(run_dir)
     assert model.record["ensemble"]["members"] == 2
     test = model.encode(model.split_inputs("test"))
     assert np.allclose(test, codes[0].numpy(), rtol=0, atol=1e-6)
@@ -105,7 +107,7 @@ def test_encode_gives_the_codes_evaluation_used_and_its_probe_accuracy(members):
 
 def test_score_ranks_the_test_split_as_the_anomaly_aurocs_of_metrics_json(members, vae):
     for run_dir in (members[0][1], vae):
-        model, metrics = ae_lab.load(run_dir), read_json(run_dir / "metrics.json")
+        model, metrics = loaded(run_dir), read_json(run_dir / "metrics.json")
         x, is_anomaly = model.split_inputs("test"), model.split_labels("test") == 0
         assert model.score_kinds == (("recon", "elbo") if run_dir == vae else ("recon",))
         for kind in model.score_kinds:
@@ -117,7 +119,7 @@ def test_scores_npz_holds_every_test_example_and_gives_the_aurocs_of_metrics_jso
     """Written for a single run and for each member of a vectorised group; the ROC figure with figures on."""
     for run_dir in (*members[0], vae):
         scores, metrics = np.load(run_dir / "scores.npz"), read_json(run_dir / "metrics.json")
-        model = ae_lab.load(run_dir)
+        model = loaded(run_dir)
         assert set(scores.files) == {*model.score_kinds, "labels", "is_anomaly"}
         assert np.array_equal(scores["labels"], model.split_labels("test"))
         assert np.array_equal(scores["is_anomaly"], scores["labels"] == 0) and scores["is_anomaly"].any()
@@ -132,7 +134,7 @@ def test_scores_npz_holds_every_test_example_and_gives_the_aurocs_of_metrics_jso
 def test_the_scores_are_the_bce_and_minus_elbo_written_out_by_hand(members, vae):
     """recon: the Bernoulli NLL of the reconstruction (digits / 16); elbo: the closed-form KL plus that
     NLL at z = mean + sd * eps for k = eval.iw_samples draws eps from eval.seed, shared by all examples."""
-    plain, model = ae_lab.load(members[0][0]), ae_lab.load(vae)
+    plain, model = loaded(members[0][0]), loaded(vae)
     x = torch.from_numpy(plain.split_inputs("test")[:50]) / 16
 
     def bce(p: torch.Tensor) -> torch.Tensor:
@@ -151,7 +153,7 @@ def test_a_model_on_standardised_rows_takes_and_gives_raw_values(rows):
     """Fed the test file's raw rows, it reconstructs them in raw units: the squared error mapped through
     scaling.json's scale is the test MSE of metrics.json (which evaluation measured in model units)."""
     run_dir, raw = rows
-    model = ae_lab.load(run_dir)
+    model = loaded(run_dir)
     assert np.array_equal(model.split_inputs("test"), raw)
     scaling = read_json(run_dir / "scaling.json")
     shift, scale = np.asarray(scaling["shift"]), np.asarray(scaling["scale"])
@@ -164,7 +166,7 @@ def test_a_model_on_standardised_rows_takes_and_gives_raw_values(rows):
 
 
 def test_to_model_gives_what_the_loader_gave(vae):
-    model = ae_lab.load(vae)
+    model = loaded(vae)
     raw = model.split_inputs("test")
     assert raw.max() == 16 and np.array_equal(raw, raw.round())  # digits' pixel counts
     test = build_datamodule(model.cfg.dataset).splits["test"]
@@ -189,7 +191,7 @@ def test_mnist_raw_pixels_become_what_each_binarisation_trained_on(tmp_path, bin
 # ----- the operations
 
 def test_interpolation_ends_and_a_traversal_to_the_codes_own_value_are_reconstructions(vae):
-    model = ae_lab.load(vae)
+    model = loaded(vae)
     a, b = model.split_inputs("test")[:2]
     path = model.interpolate(a, b, steps=5)
     assert path.shape == (5, 1, 8, 8)
@@ -205,7 +207,7 @@ def test_interpolation_ends_and_a_traversal_to_the_codes_own_value_are_reconstru
 
 
 def test_numpy_in_numpy_out_torch_in_torch_out_one_example_without_its_batch_axis(vae):
-    model = ae_lab.load(vae)
+    model = loaded(vae)
     x = model.split_inputs("test")[:6]
     codes = model.encode(x)
     assert isinstance(codes, np.ndarray) and codes.dtype == np.float32 and codes.shape == (6, 4)
@@ -223,8 +225,8 @@ def test_numpy_in_numpy_out_torch_in_torch_out_one_example_without_its_batch_axi
 
 
 def test_batches_give_what_one_batch_gives(vae):
-    model = ae_lab.load(vae)
-    x = model.split_inputs("test")
+    model = loaded(vae)
+    x = model.split_inputs("test")[:40]
     for operation in (model.encode, model.reconstruct, model.score):
         assert np.allclose(operation(x, batch_size=7), operation(x), rtol=1e-5, atol=1e-6)
 
@@ -239,7 +241,7 @@ def test_loading_and_scoring_change_no_global_random_state(vae):
 def test_image_files_round_trip_in_the_data_sets_units(vae, tmp_path):
     """Raw digits (0..16) to PNG and back, within half a PNG level; a larger colour file is turned grey
     (ITU-R 601 luma, as Pillow) and resized to 8 x 8, as dataset=image_folder does."""
-    model = ae_lab.load(vae)
+    model = loaded(vae)
     x = model.split_inputs("test")[:3]
     paths = [tmp_path / f"{k}.png" for k in range(3)]
     model.write_images(x, paths)
@@ -303,7 +305,7 @@ def test_load_refuses_a_checkpoint_of_another_config_and_a_data_set_it_cannot_re
 
 
 def test_a_call_the_model_cannot_serve_is_refused_in_one_line(members, vae, rows):
-    plain, model, table = ae_lab.load(members[0][0]), ae_lab.load(vae), ae_lab.load(rows[0])
+    plain, model, table = loaded(members[0][0]), loaded(vae), loaded(rows[0])
     refusals = {
         "x of shape (3, 5) is not allowed: this model takes a batch of shape (N, 1, 8, 8) or one example of shape (1, 8, 8)":
             lambda: model.encode(np.zeros((3, 5))),
