@@ -141,6 +141,11 @@ def _check_config(checkpoint: Path, hparams: dict[str, Any], cfg: DictConfig) ->
                         "put each run's checkpoints in its own folder")
 
 
+def _tensor(x: Array) -> torch.Tensor:
+    """`x` as a tensor: a tensor as it is, anything else (numpy, a memory map's rows) as a float32 copy."""
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x, dtype=np.float32))
+
+
 class TrainedModel:
     """A run's trained `module` (eval mode) with its config `cfg`, `run_dir`, `checkpoint`, its data
     set's `units` and its run.json `record`; see the module docstring for the conventions."""
@@ -180,8 +185,7 @@ class TrainedModel:
         """Raw inputs (N, *input_shape) or one example -> float32 model inputs on the model's device, as
         the run's loader made them (see `units`)."""
         self._check(x, self.input_shape, "x")
-        tensor = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x, dtype=np.float32))
-        return self.units.to_model(tensor.to(self.device))
+        return self.units.to_model(_tensor(x).to(self.device))
 
     def from_model(self, x: torch.Tensor) -> torch.Tensor:
         """Model units (inputs or reconstructions) -> raw units, on the tensor's device."""
@@ -255,7 +259,7 @@ class TrainedModel:
         if not 0 <= unit < self.latent_dim:
             raise InputError(f"unit={unit} is not allowed: a code unit of 0..{self.latent_dim - 1}")
         code = self.encode(self._example(x, "x"))
-        settings = torch.as_tensor(np.asarray(values, dtype=np.float32)).to(code.device).reshape(-1)
+        settings = _tensor(values).to(code.device, torch.float32).reshape(-1)
         codes = code.repeat(len(settings), 1)
         codes[:, unit] = settings
         return self._like(self.decode(codes), x)
@@ -295,7 +299,7 @@ class TrainedModel:
         """Raw-unit images (N, C, H, W), or one, as image files (PNG), clipped to the pixel range."""
         self._image_shape()
         single = self._check(x, self.input_shape, "x")
-        images = (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x, dtype=np.float32))).detach().cpu()
+        images = _tensor(x).detach().cpu()
         images = images[None] if single else images
         if len(images) != len(paths):
             raise InputError(f"paths has {len(paths)} entries for {len(images)} images: give one path per image")
@@ -337,10 +341,7 @@ class TrainedModel:
         parts = []
         with torch.no_grad():
             for start in range(0, max(len(rows), 1), batch_size):  # an empty batch gives empty results
-                chunk = rows[start:start + batch_size]
-                if not isinstance(chunk, torch.Tensor):
-                    chunk = torch.from_numpy(np.array(chunk, dtype=np.float32))
-                result = function(chunk.to(self.device))
+                result = function(_tensor(rows[start:start + batch_size]).to(self.device))
                 parts.append(result if isinstance(result, tuple) else (result,))
         joined = tuple(torch.cat(pieces) for pieces in zip(*parts))
         outputs = tuple(self._like(value[0] if single else value, x) for value in joined)
@@ -348,7 +349,7 @@ class TrainedModel:
 
     def _example(self, x: Array, name: str) -> torch.Tensor:
         """One example (or a batch of one) as a raw tensor on the device."""
-        tensor = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x, dtype=np.float32))
+        tensor = _tensor(x)
         if tuple(tensor.shape) == (1, *self.input_shape):
             tensor = tensor[0]
         if tuple(tensor.shape) != self.input_shape:
