@@ -28,7 +28,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ae_lab.config import register_resolvers
-from ae_lab.data import ArrayDataModule, Units, build_datamodule, input_shape as data_input_shape, is_own_data, units
+from ae_lab.data import (ArrayDataModule, Split, Units, build_datamodule, input_shape as data_input_shape, is_own_data,
+                         units)
 from ae_lab.data.image_folder import read_images as read_image_files, write_images as write_image_files
 from ae_lab.errors import ConfigError
 from ae_lab.evaluation.anomaly import anomaly_scores, score_kinds
@@ -120,7 +121,7 @@ def _read(checkpoint: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     try:
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
         hparams, state = saved["hyper_parameters"], saved["state_dict"]
-        hparams["config"], hparams["input_shape"]
+        hparams["config"], hparams["input_shape"]  # KeyError: not an Autoencoder's checkpoint
     except Exception as error:  # noqa: BLE001 - any unreadable or foreign file is refused the same way
         reason = str(error).splitlines()[0] if str(error) else ""
         raise LoadError(f"{checkpoint} is not an ae_lab checkpoint that can be read ({type(error).__name__}: "
@@ -275,7 +276,8 @@ class TrainedModel:
     # ----- the run's data
     def training_codes(self, batch_size: int = BATCH_SIZE) -> torch.Tensor:
         """The codes (means, for a VAE) of the run's training split, (N, latent_dim) on the CPU."""
-        return torch.cat([self.encode(raw, batch_size=batch_size).cpu() for raw in self._raw_batches("train", batch_size)])
+        batches = self._raw_batches("train", batch_size)
+        return torch.cat([self.encode(raw, batch_size=batch_size).cpu() for raw in batches])
 
     def split_inputs(self, name: str, batch_size: int = BATCH_SIZE) -> np.ndarray:
         """The run's `train`, `val` or `test` split in raw units (what a user would feed), float32
@@ -313,7 +315,7 @@ class TrainedModel:
     def _image_shape(self) -> tuple[int, int, int]:
         shape = self.input_shape
         if not self.units.pixels or len(shape) != 3 or shape[0] not in (1, 3):
-            what = "its raw values are your own array's, not pixels" if not self.units.pixels else f"its inputs are {shape}"
+            what = f"its inputs are {shape}" if self.units.pixels else "its raw values are your own array's, not pixels"
             raise InputError(f"image files are not allowed for {self.run_dir}: {what}; image files go with models of "
                              "grey or RGB images (C, H, W) of a pixel data set")
         return shape  # type: ignore[return-value]
@@ -369,11 +371,12 @@ class TrainedModel:
             recorded = self.record.get("data", {}).get("sha256")
             if recorded != data.checksum:
                 raise LoadError(f"{self.run_dir}'s data set {data.name} has changed since the run (its checksum "
-                                "differs from run.json's): its splits cannot be rebuilt; restore the data it trained on")
+                                "differs from run.json's): its splits cannot be rebuilt; restore the data it "
+                                "trained on")
             self._data = data
         return self._data
 
-    def _split(self, name: str):
+    def _split(self, name: str) -> Split:
         if name not in SPLITS:
             raise InputError(f"split {name!r} is not allowed: one of {', '.join(SPLITS)}")
         return self._datamodule().splits[name]

@@ -317,6 +317,9 @@ def test_load_refuses_what_is_not_a_finished_run_in_one_line_naming_the_path_and
     (run / "run.json").write_text(json.dumps({**record, "status": "interrupted"}))
     message = _refused(run)
     assert f"{run} is not a finished run (status interrupted)" in message and f"resume={run}" in message
+    (run / "run.json").write_text(json.dumps({**record, "data": {**record["data"], "sha256": "0" * 64}}))
+    with pytest.raises(LoadError, match=f"^{run}'s data set digits has changed since the run .*run.json's"):
+        ae_lab.load(run).split_inputs("test")
     (run / "run.json").write_text(json.dumps(record))
     shutil.copy(run / "checkpoints" / "best.ckpt", tmp_path / "loose.ckpt")
     assert "checkpoints/ folder" in _refused(tmp_path / "loose.ckpt")
