@@ -64,6 +64,7 @@ def load(path: str | Path, which: str = "best", device: str | torch.device = "cp
     record = _finished_record(run_dir)
     register_resolvers()
     cfg = recorded_config(run_dir)
+    OmegaConf.resolve(cfg)  # e.g. a denoising run's `${noise_level:0.2}`: the values it trained with
     hparams, state = _read(checkpoint)
     try:
         data_units = units(cfg.dataset, run_dir, tuple(hparams["input_shape"]))
