@@ -51,7 +51,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with its errors as ae_lab's one line and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        fail(f"{message} (see python -m ae_lab.apply --help)")
+        fail(f"{message} (see {self.prog} --help)")
 
 
 def parser() -> Parser:
