@@ -267,6 +267,7 @@ def run_operation(args: argparse.Namespace, model: Any, inputs: Inputs | None, o
     if args.operation == "sample":
         return _write_all(args, model, model.sample(args.n, sampler=args.sampler, seed=args.seed), target,
                           [f"{index:06d}" for index in range(args.n)])
+    _check_examples(args, inputs, model)
     if args.operation == "interpolate":
         first, second = args.between
         for index in (first, second):
@@ -282,10 +283,6 @@ def run_operation(args: argparse.Namespace, model: Any, inputs: Inputs | None, o
         import torch
 
         torch.manual_seed(args.seed)
-    if args.operation == "decode":
-        _check_codes(inputs, model)
-    else:
-        model.to_model(inputs.read(model, 0, 1))  # a wrong shape is refused here, before anything is written
     writer = (ImageWriter(model, target, inputs.names()) if _is_image_output(args.output)
               else ArrayWriter(target, len(inputs)))
     with progress(len(inputs), args.operation) as advance:
@@ -302,11 +299,21 @@ def run_operation(args: argparse.Namespace, model: Any, inputs: Inputs | None, o
     return report
 
 
-def _check_codes(inputs: Inputs, model: Any) -> None:
-    shape = (inputs.array.shape[1:] if inputs.array is not None else None)
-    if shape != (model.latent_dim,):
-        raise ConfigError(f"--input={'an image folder' if shape is None else 'codes of shape ' + str(shape)} is not "
-                          f"allowed: decode takes codes of shape (N, {model.latent_dim}) (model.latent_dim)")
+def _check_examples(args: argparse.Namespace, inputs: Inputs, model: Any) -> None:
+    """Refuse an input whose examples are not the model's (codes for decode) before anything is written."""
+    wanted = (model.latent_dim,) if args.operation == "decode" else tuple(model.input_shape)
+    if inputs.images is not None:
+        if args.operation == "decode":
+            raise ConfigError(f"--input={str(args.input)!r} is not allowed: decode takes codes (N, {model.latent_dim}) "
+                              "in a .npy, .npz or .pt file, not images")
+        model.read_images(inputs.images[:1])  # a run not trained on images is refused here
+        return
+    shape = tuple(inputs.array.shape[1:])
+    if shape != wanted:
+        what = f"codes of shape (N, {model.latent_dim}) (model.latent_dim)" if args.operation == "decode" \
+            else f"examples of shape {wanted}"
+        raise ConfigError(f"--input={str(args.input)!r} is not allowed: its array has shape {inputs.array.shape}; "
+                          f"{args.operation} takes {what}")
 
 
 def _write_all(args: argparse.Namespace, model: Any, examples: np.ndarray, target: Path,
