@@ -6,7 +6,8 @@ Operations (each a thin layer over `ae_lab.load(RUN)`'s TrainedModel, in the dat
     decode       --input Z --output x.npy|FOLDER/      codes (N, latent_dim) back to data
     reconstruct  --input X --output x.npy|FOLDER/      denoising, inpainting, watermark removal, colourisation
     score        --input X --output scores.npy         per-example anomaly score; --fpr F adds a threshold
-    sample       --n N --output x.npy|FOLDER/          from the prior (VAE) or a GMM on the codes (--sampler)
+    sample       --n N --output x.npy|FOLDER/          --sampler prior (VAE) or gmm (a Gaussian mixture on the
+                                                       training codes, saved in the run folder once fitted)
     interpolate  --input X --output x.npy|FOLDER/      --between I J, --steps S: the decoded path from I to J
 
 X is a `.npy`, `.npz` (its array `--array`, default x) or `.pt` file, memory-mapped and processed
@@ -72,6 +73,8 @@ def parser() -> Parser:
     parse.add_argument("--fpr", type=float, help="score: flag at this false-positive rate on the validation split")
     parse.add_argument("--n", type=int, default=64, help="sample: how many (default: 64)")
     parse.add_argument("--sampler", default="prior", help="sample: prior (VAE) or gmm (default: prior)")
+    parse.add_argument("--components", type=int,
+                       help="sample --sampler gmm: mixture components (default: the run's eval.gmm_components)")
     parse.add_argument("--seed", type=int, default=0, help="sample, encode --sample: random seed (default: 0)")
     parse.add_argument("--between", type=int, nargs=2, default=(0, 1), metavar=("I", "J"),
                        help="interpolate: the two examples of --input (default: 0 1)")
@@ -265,7 +268,8 @@ def run_operation(args: argparse.Namespace, model: Any, inputs: Inputs | None, o
     """Compute the operation into `output`'s temporary files; return what to report."""
     target = output[args.output]
     if args.operation == "sample":
-        return _write_all(args, model, model.sample(args.n, sampler=args.sampler, seed=args.seed), target,
+        options = {} if args.components is None else {"components": args.components}
+        return _write_all(args, model, model.sample(args.n, sampler=args.sampler, seed=args.seed, **options), target,
                           [f"{index:06d}" for index in range(args.n)])
     _check_examples(args, inputs, model)
     if args.operation == "interpolate":

@@ -104,6 +104,18 @@ def test_decode_and_interpolate_give_the_models_own(model, digits, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "path.npy"), model.interpolate(digits[1], digits[3], 5), atol=1e-6)
 
 
+def test_samples_from_a_gaussian_mixture_as_an_array_and_as_images(model, tmp_path):
+    apply(model.run_dir, "sample", "--n", 6, "--sampler", "gmm", "--components", 2, "--seed", 1,
+          "--output", tmp_path / "samples.npy")
+    samples = np.load(tmp_path / "samples.npy")
+    np.testing.assert_allclose(samples, model.sample(6, sampler="gmm", seed=1, components=2), atol=1e-6)
+    apply(model.run_dir, "sample", "--n", 6, "--sampler", "gmm", "--components", 2, "--seed", 1,
+          "--output", tmp_path / "samples")
+    assert sorted(path.name for path in (tmp_path / "samples").iterdir()) == [f"{i:06d}.png" for i in range(6)]
+    np.testing.assert_allclose(model.read_images(sorted((tmp_path / "samples").iterdir())), samples,
+                               atol=16 / 255 / 2 + 1e-6)  # the PNGs' 8-bit rounding of counts 0..16
+
+
 def test_existing_outputs_are_replaced_only_with_overwrite(model, digits, tmp_path):
     np.save(tmp_path / "x.npy", digits[:10])
     (tmp_path / "codes.npy").write_bytes(b"mine")
@@ -129,6 +141,7 @@ def refusals(run: Path, data: Path) -> dict[str, tuple[list, str]]:
         "fpr of encode": ([run, "encode", "--input", data / "x.npy", "--fpr", "0.1", "--output", "o.npy"], "score only"),
         "folder output of score": ([run, "score", "--input", data / "x.npy", "--output", "out"], "a .npy file"),
         "other output suffix": ([run, "encode", "--input", data / "x.npy", "--output", "o.csv"], "a .npy file"),
+        "prior of a plain autoencoder": ([run, "sample", "--output", "o.npy"], "sampler='prior' is not allowed"),
         "interpolation beyond the input": ([run, "interpolate", "--input", data / "x.npy", "--between", "0", "30",
                                             "--output", "o.npy"], "--between=0 30"),
     }
