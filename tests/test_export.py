@@ -58,6 +58,8 @@ def test_the_files_hold_the_preprocessing(model, test_split, tmp_path):
     with torch.no_grad():
         by_hand = module.head.code(module.encoder(torch.from_numpy(test_split) / 16)).numpy()
     np.testing.assert_allclose(run_onnx(path, test_split), by_hand, rtol=1e-5, atol=1e-5)
+    many = np.concatenate([test_split] * 4)  # more than TrainedModel's batch size (1024): not cut to one batch
+    np.testing.assert_allclose(run_onnx(path, many), np.concatenate([by_hand] * 4), rtol=1e-5, atol=1e-5)
     reconstruction = run_onnx(export(model, "autoencoder", "onnx", tmp_path / "ae.onnx"), test_split)
     assert reconstruction.max() > 1.5  # in counts (0..16), not in [0, 1]
 
