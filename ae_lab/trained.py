@@ -63,12 +63,16 @@ def load(path: str | Path, which: str = "best", device: str | torch.device = "cp
     record = _finished_record(run_dir)
     register_resolvers()
     cfg = recorded_config(run_dir)
-    module = _module(checkpoint, cfg, torch.device(device))
+    hparams, state = _read(checkpoint)
     try:
-        data_units = units(cfg.dataset, run_dir, tuple(module.hparams["input_shape"]))
+        data_units = units(cfg.dataset, run_dir, tuple(hparams["input_shape"]))
     except ConfigError as error:
         raise LoadError(f"{run_dir}: its data set's preprocessing cannot be rebuilt: {error}") from None
-    return TrainedModel(module, cfg, run_dir, checkpoint, data_units, record)
+    _check_config(checkpoint, hparams, cfg)
+    with torch.random.fork_rng(devices=[]):  # building the module draws its initial weights
+        module = Autoencoder(hparams["config"], tuple(hparams["input_shape"]), hparams.get("dataset_size"))
+    module.load_state_dict(state)
+    return TrainedModel(module.eval().to(torch.device(device)), cfg, run_dir, checkpoint, data_units, record)
 
 
 def _locate(path: Path, which: str) -> tuple[Path, Path]:
@@ -111,27 +115,30 @@ def _finished_record(run_dir: Path) -> dict[str, Any]:
     return record
 
 
-def _module(checkpoint: Path, cfg: DictConfig, device: torch.device) -> Autoencoder:
-    """The checkpoint's Autoencoder on `device`, in eval mode, refusing one of another config."""
+def _read(checkpoint: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The module's hyperparameters (its config sections, input shape, training-set size) and weights."""
     try:
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
         hparams, state = saved["hyper_parameters"], saved["state_dict"]
-        config, shape = hparams["config"], tuple(hparams["input_shape"])
+        hparams["config"], hparams["input_shape"]
     except Exception as error:  # noqa: BLE001 - any unreadable or foreign file is refused the same way
+        reason = str(error).splitlines()[0] if str(error) else ""
         raise LoadError(f"{checkpoint} is not an ae_lab checkpoint that can be read ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''}): load another checkpoint") from None
+                        f"{reason}): load another checkpoint") from None
+    return hparams, state
+
+
+def _check_config(checkpoint: Path, hparams: dict[str, Any], cfg: DictConfig) -> None:
+    """Refuse a checkpoint whose module config or input shape is not the run's."""
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    differing = config_differences(config, {section: plain[section] for section in MODULE_SECTIONS})
+    differing = config_differences(hparams["config"], {section: plain[section] for section in MODULE_SECTIONS})
+    shape = tuple(hparams["input_shape"])
     if not is_own_data(cfg.dataset) and shape != tuple(data_input_shape(cfg.dataset)):
         differing.append(f"input shape {shape} there, {tuple(data_input_shape(cfg.dataset))} in the run")
     if differing:
         shown = "; ".join(differing[:3]) + (f"; and {len(differing) - 3} more" if len(differing) > 3 else "")
         raise LoadError(f"{checkpoint} is a checkpoint of another config than its run's .hydra/config.yaml ({shown}): "
                         "put each run's checkpoints in its own folder")
-    with torch.random.fork_rng(devices=[]):  # building the module draws its initial weights
-        module = Autoencoder(config, shape, hparams.get("dataset_size"))
-    module.load_state_dict(state)
-    return module.eval().to(device)
 
 
 class TrainedModel:

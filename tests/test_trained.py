@@ -302,6 +302,11 @@ def test_load_refuses_a_checkpoint_of_another_config_and_a_data_set_it_cannot_re
     OmegaConf.save(recorded, config)
     message = _refused(run)
     assert f"{run}: its data set's preprocessing cannot be rebuilt" in message and "dataset=array" in message
+    recorded.dataset = {"name": "faces"}
+    OmegaConf.save(recorded, config)
+    assert "dataset.name='faces' is not allowed: one of digits" in _refused(run)
+    (run / "checkpoints" / "best.ckpt").write_bytes(b"not a checkpoint")
+    assert "is not an ae_lab checkpoint that can be read" in _refused(run / "checkpoints" / "best.ckpt")
 
 
 def test_a_call_the_model_cannot_serve_is_refused_in_one_line(members, vae, rows):
@@ -321,3 +326,15 @@ def test_a_call_the_model_cannot_serve_is_refused_in_one_line(members, vae, rows
         with pytest.raises(InputError) as error:
             call()
         assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_operations_give_what_they_give_on_the_cpu(vae):
+    cpu, gpu = loaded(vae), ae_lab.load(vae, device="cuda")
+    x = cpu.split_inputs("test")
+    assert np.allclose(gpu.encode(x), cpu.encode(x), atol=1e-5)
+    for kind in cpu.score_kinds:
+        assert np.allclose(gpu.score(x, kind=kind), cpu.score(x, kind=kind), rtol=1e-4)
+    reconstruction = gpu.reconstruct(torch.from_numpy(x).cuda())
+    assert reconstruction.device.type == "cuda" and np.allclose(reconstruction.cpu().numpy(), cpu.reconstruct(x), atol=1e-5)
+    assert gpu.training_codes().device.type == "cpu"
