@@ -11,18 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import ae_lab
 from ae_lab.apply import calibrate, main, read_inputs
-from conftest import train_in_process
+from conftest import train_and_load
 
 AE = ["model.hidden_dims=[32]", "model.latent_dim=4", "trainer=debug", "logger=none", "eval=minimal"]
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("apply") / "run"
-    train_in_process(AE, run_dir)
-    return ae_lab.load(run_dir)
+    return train_and_load(AE, tmp_path_factory.mktemp("apply") / "run")
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,12 @@ the torch model on the whole test split; refusals in one line."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-import ae_lab
 from ae_lab.export import PARTS, export, main, run_onnx
-from conftest import train_in_process
+from conftest import train_and_load
 
 # a digits VAE with a Bernoulli decoder: its score is -ELBO over fixed draws, the hardest part to export
 VAE = ["model=vae", "model.hidden_dims=[32]", "model.latent_dim=3", "trainer=debug", "logger=none",
@@ -20,9 +17,7 @@ VAE = ["model=vae", "model.hidden_dims=[32]", "model.latent_dim=3", "trainer=deb
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("export") / "run"
-    train_in_process(VAE, run_dir)
-    return ae_lab.load(run_dir)
+    return train_and_load(VAE, tmp_path_factory.mktemp("export") / "run")
 
 
 @pytest.fixture(scope="module")
