@@ -116,6 +116,11 @@ def read_inputs(path: Path | None, array_name: str) -> Inputs:
                        and not any(part.startswith(".") for part in file.relative_to(path).parts))
         if not files:
             raise ConfigError(f"--input={str(path)!r} is not allowed: the folder holds no PNG or JPEG images")
+        outputs = [file.relative_to(path).with_suffix(".png") for file in files]
+        if len(set(outputs)) < len(outputs):
+            clash = next(name for name in outputs if outputs.count(name) > 1)
+            raise ConfigError(f"--input={str(path)!r} is not allowed: two of its images would both be written "
+                              f"as {clash} (the same name with another suffix): rename one")
         return Inputs(images=files, folder=path)
     arrays = open_arrays(str(path), "--input")
     if array_name not in arrays:
@@ -141,13 +146,18 @@ class Output:
         return self.temporary[path]
 
     def commit(self) -> None:
+        """Rename the temporary files into place; a folder that exists (--overwrite) gets the new files,
+        replacing those of the same names and keeping the others."""
         for path, temporary in self.temporary.items():
             if not temporary.exists():
                 continue
             if path.is_dir() and temporary.is_dir():
+                for file in sorted(temporary.rglob("*.png")):
+                    (path / file.relative_to(temporary)).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(file, path / file.relative_to(temporary))
+                continue
+            if path.is_dir():
                 shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
             os.replace(temporary, path)
 
     def discard(self) -> None:

@@ -62,6 +62,13 @@ def test_an_image_folder_is_reconstructed_into_pngs_of_the_same_names(model, dig
     for index, name in enumerate(names):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "clean" / name)),
                                       np.asarray(Image.open(expected / f"{index}.png")))
+    # --overwrite replaces the images of the same names and keeps what else the folder holds
+    (tmp_path / "clean" / "notes.txt").write_text("mine")
+    (tmp_path / "clean" / "four.png").write_bytes(b"old")
+    apply(model.run_dir, "reconstruct", "--input", inputs, "--output", tmp_path / "clean", "--overwrite")
+    assert (tmp_path / "clean" / "notes.txt").read_text() == "mine"
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "clean" / "four.png")),
+                                  np.asarray(Image.open(expected / "3.png")))
     # an array output of a folder lists the files in its order
     apply(model.run_dir, "encode", "--input", inputs, "--output", tmp_path / "codes.npy")
     order = (tmp_path / "codes.files.txt").read_text().split()
