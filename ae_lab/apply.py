@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ae_lab.errors import ConfigError, fail
+from ae_lab.errors import ConfigError, OneLineParser, fail
 
 OPERATIONS = ("encode", "decode", "reconstruct", "score", "sample", "interpolate")
 NEEDS_INPUT = ("encode", "decode", "reconstruct", "score", "interpolate")
@@ -48,15 +48,8 @@ IMAGE_OUTPUTS = ("decode", "reconstruct", "sample", "interpolate")  # their outp
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with its errors as ae_lab's one line and exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        fail(f"{message} (see {self.prog} --help)")
-
-
-def parser() -> Parser:
-    parse = Parser(prog="python -m ae_lab.apply", description=__doc__.split("\n\n")[0],
+def parser() -> OneLineParser:
+    parse = OneLineParser(prog="python -m ae_lab.apply", description=__doc__.split("\n\n")[0],
                    formatter_class=argparse.RawDescriptionHelpFormatter,
                    epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parse.add_argument("run", type=Path, help="a run folder, a sweep member's folder, or a .ckpt file")

@@ -13,8 +13,9 @@ a user's arrays before `dataset.normalize`):
 The batch axis N is dynamic; inputs are float32. The input is named `x` (`z` for the decoder), the
 output `codes`, `x`, `reconstruction` or `score`. The ELBO score of a VAE averages a fixed set of
 `eval.iw_samples` draws (common random numbers from `eval.seed`, see ae_lab/evaluation/anomaly.py),
-which the file holds as constants. ONNX files are checked by onnxruntime against torch on a batch of
-the run's test split before they are kept (tests/test_export.py checks them on the whole split).
+which the file holds as constants. ONNX files come from torch's TorchScript-based exporter (opset 18;
+`torch.export` would fix the batch size at TrainedModel's batch loop); tests/test_export.py runs every
+part with onnxruntime and TorchScript against torch on the run's whole test split.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ae_lab.errors import ConfigError, fail
+from ae_lab.errors import ConfigError, OneLineParser, fail
 
 PARTS = ("encoder", "decoder", "autoencoder", "score")
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -110,10 +111,9 @@ def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ae_lab.apply import Parser
     from ae_lab.trained import load
 
-    parse = Parser(prog="python -m ae_lab.export", description=__doc__.split("\n\n")[0],
+    parse = OneLineParser(prog="python -m ae_lab.export", description=__doc__.split("\n\n")[0],
                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parse.add_argument("run", type=Path, help="a run folder, a sweep member's folder, or a .ckpt file")
     parse.add_argument("--format", choices=tuple(FORMATS), required=True)
