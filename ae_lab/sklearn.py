@@ -99,8 +99,10 @@ class AutoencoderTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, 
     `model__latent_dim=8` is `model.latent_dim=8`, `trainer__max_epochs=20`, `loss__recon="mse"`,
     `dataset__normalize="standard"` (fitted on the training part of X). No other defaults are added: the
     config is the command line's (`conf/config.yaml`) with `dataset=array`, so e.g. `logger="none"` turns
-    off the W&B record and `loss.recon=bce` needs X in [0, 1]. In a Pipeline or GridSearchCV the keys are
-    `step__model__latent_dim` as usual. `dataset` and `dataset__path` cannot be set: the data is X.
+    off the W&B record, `trainer__enable_progress_bar=False` the progress bar (Lightning's other console
+    messages are kept off during a fit), and `loss.recon=bce` needs X in [0, 1]. In a Pipeline or
+    GridSearchCV the keys are `step__model__latent_dim` as usual. `dataset` and `dataset__path` cannot be
+    set: the data is X. A bad override is refused by `fit` in one line (ConfigError, a ValueError).
 
     Args:
         output_dir: the folder each fit writes its run folder in (named by the time, as `outputs/runs/`
