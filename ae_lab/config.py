@@ -516,6 +516,17 @@ def register_configs() -> None:
     A group's schemas go under `schema/<group>/<name>`, apart from the group's options, so that they
     are never offered as options; each option's YAML names its schema (`- /schema/dataset/mnist@_here_`).
     """
+    register_resolvers()
+    store = ConfigStore.instance()
+    store.store(name="config_schema", node=Config)
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            store.store(group=f"schema/{group}", name=name, node=node)
+    register_sweeps(store)
+
+
+def register_resolvers() -> None:
+    """ae_lab's OmegaConf resolvers, which a run's recorded config may still hold (e.g. `${noise_level:0.2}`)."""
     from omegaconf import OmegaConf
 
     from ae_lab.sweep import config_hash, noise_level, slurm_gpus
@@ -524,12 +535,6 @@ def register_configs() -> None:
                            ("slurm_gpus", slurm_gpus)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
-    store = ConfigStore.instance()
-    store.store(name="config_schema", node=Config)
-    for group, schemas in SCHEMAS.items():
-        for name, node in schemas.items():
-            store.store(group=f"schema/{group}", name=name, node=node)
-    register_sweeps(store)
 
 
 SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"

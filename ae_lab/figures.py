@@ -155,3 +155,16 @@ def histogram(values: torch.Tensor, path: Path, title: str, xlabel: str, bins: i
     axis.set_ylabel("count (log scale)")
     axis.set_title(title)
     return _save(figure, path, _ONE_AXIS)
+
+
+def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> Path:
+    """ROC curves, one per entry of `curves` (its legend label -> false- and true-positive rates), with
+    the diagonal of a score that carries no signal."""
+    figure, axis = plt.subplots(figsize=(5.4, 5.0))
+    for label, (false_positive, true_positive) in curves.items():
+        axis.plot(false_positive, true_positive, label=label, linewidth=1.5)
+    axis.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1, label="chance")
+    axis.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false-positive rate (normal examples flagged)",
+             ylabel="true-positive rate (anomalies found)", title=title)
+    axis.legend(loc="lower right", fontsize="small")
+    return _save(figure, path, {"left": 0.14, "right": 0.96, "bottom": 0.11, "top": 0.92})

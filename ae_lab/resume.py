@@ -54,7 +54,7 @@ def recorded_config(run_dir: Path) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
 
 
-def _differences(saved: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
+def config_differences(saved: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
     """The keys whose values differ between a checkpoint's config and the run's. A key added to the
     schema since the checkpoint was written (absent there) counts as unchanged when the run has its
     default: new keys default to the behaviour runs had before them."""
@@ -143,7 +143,7 @@ def _check_checkpoint(value: Any, checkpoint: Path, recorded: DictConfig) -> Non
     if not state:
         raise _refuse(value, f"a run with a resumable checkpoint; {checkpoint} was not written by ae_lab "
                              "(or by a version from before resuming)")
-    differing = _differences(state["config"], OmegaConf.to_container(recorded, resolve=True, enum_to_str=True))
+    differing = config_differences(state["config"], OmegaConf.to_container(recorded, resolve=True, enum_to_str=True))
     if differing:
         shown = "; ".join(differing[:5]) + (f"; and {len(differing) - 5} more" if len(differing) > 5 else "")
         raise _refuse(value, f"a checkpoint of the run's own config; {checkpoint} is from another config: {shown}")

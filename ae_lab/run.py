@@ -1,7 +1,8 @@
 """One run: check config -> seed -> data -> module -> trainer -> fit -> test -> evaluate -> write results.
 
 Results go into the run folder: `run.json` (record), `metrics.json` (final train/val/test loss terms
-and the `eval/*` metrics, flat `split/name` keys), `evaluation.json` (per-unit vectors),
+and the `eval/*` metrics, flat `split/name` keys), `evaluation.json` (per-unit vectors), with a held-out
+class `scores.npz` (every test example's anomaly scores, label and `is_anomaly`),
 `checkpoints/` (`last.ckpt`, the resume point, and `best.ckpt` by val/loss), `figures/`, and for a
 user's data set `scaling.json` (`dataset.normalize`'s statistics, fitted on the training split). A resumed
 run (ae_lab/resume.py) goes on in the same folder.
@@ -16,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,7 +31,7 @@ from ae_lab.greedy import PhaseCheckpoints
 from ae_lab.module import Autoencoder
 from ae_lab.preemption import Requeued, RequeueOnSignal, cluster_plugins
 from ae_lab.resume import ResumePoint
-from ae_lab.storage import write_json
+from ae_lab.storage import atomic_write, write_json
 from ae_lab.tracking import (RunRecord, build_logger, completed_metrics, finish_logger, log_results,
                              wandb_run_id, write_config_files)
 
@@ -178,11 +180,13 @@ def write_results(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, r
                   metrics: dict[str, float], checkpoint: Path | None) -> dict[str, Path]:
     """Evaluate the trained `module` (its best weights, read from `checkpoint`; None when no validation
     made a best checkpoint), add the `eval/*` metrics to `metrics`, write `evaluation.json`,
-    `metrics.json` and the figures; return the figures. Every way a run is made (a single run, an
-    ensemble's member) ends with this."""
+    `scores.npz` (with a held-out class), `metrics.json` and the figures; return the figures. Every way
+    a run is made (a single run, an ensemble's member) ends with this."""
     evaluation = evaluate(module, data, cfg, run_dir, checkpoint)
     metrics.update(evaluation.metrics)
     write_json(run_dir / "evaluation.json", evaluation.details)
+    if evaluation.scores:  # a held-out class: every test example's anomaly scores
+        atomic_write(run_dir / "scores.npz", lambda file: np.savez(file, **evaluation.scores))
     write_json(run_dir / "metrics.json", dict(sorted(metrics.items())))
     return evaluation.figures
 

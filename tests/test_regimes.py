@@ -274,14 +274,14 @@ def test_every_kl_form_trains_and_reports_a_loss_that_is_the_weighted_sum_of_its
 def test_a_checkpoint_from_before_the_regime_keys_still_matches_its_run():
     """Checkpoints written before `loss.beta_schedule` & co. existed resume when the run keeps their defaults."""
     from ae_lab.config import flatten
-    from ae_lab.resume import _differences
+    from ae_lab.resume import config_differences
 
     run = OmegaConf.to_container(compose_config(["model=vae"]), resolve=True, enum_to_str=True)
     older = {section: dict(values) if isinstance(values, dict) else values for section, values in run.items()}
     for key in ("beta_schedule", "sparsity_schedule", "free_bits", "kl", "tc_alpha", "tc_gamma", "tc_estimator"):
         del older["loss"][key]
     assert "loss.free_bits" not in flatten(older)
-    assert _differences(older, run) == []
+    assert config_differences(older, run) == []
     changed = OmegaConf.to_container(compose_config(["model=vae", "loss.free_bits=0.5"]), resolve=True,
                                      enum_to_str=True)
-    assert _differences(older, changed) == ["loss.free_bits=None there, 0.5 in the run"]
+    assert config_differences(older, changed) == ["loss.free_bits=None there, 0.5 in the run"]

@@ -15,12 +15,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from ae_lab.data import arrays, digits, dsprites, image_folder, mnist, shapes
 from ae_lab.data.base import ArrayDataModule, Split
+from ae_lab.data.units import Units
 
 _DATASETS = {"digits": digits, "mnist": mnist, "fashion_mnist": mnist, "dsprites": dsprites,
              "shapes": shapes, "array": arrays, "image_folder": image_folder}
 _OWN = ("array", "image_folder")
 
-__all__ = ["ArrayDataModule", "Split", "build_datamodule", "input_shape", "is_own_data", "own_data"]
+__all__ = ["ArrayDataModule", "Split", "Units", "build_datamodule", "input_shape", "is_own_data", "own_data",
+           "units"]
 
 
 def is_own_data(cfg: DictConfig) -> bool:
@@ -87,6 +89,20 @@ def input_shape(cfg: DictConfig) -> tuple[int, ...]:
     if is_own_data(cfg):
         return own_data(cfg).input_shape
     return _module(cfg).INPUT_SHAPE
+
+
+def units(cfg: DictConfig, run_dir: Path, input_shape: tuple[int, ...]) -> Units:
+    """How the run in `run_dir` (trained on `cfg`'s data set, examples of `input_shape`) turned raw
+    examples into model inputs, rebuilt from its config and folder without reading the data. A
+    `_target_` loader's own code does that, so it is refused (ConfigError)."""
+    from ae_lab.errors import ConfigError
+
+    if _is_custom(cfg):
+        raise ConfigError(f"{run_dir} was trained on dataset._target_={cfg.get('_target_')!r}, whose preprocessing is "
+                          "the loader's own code: ae_lab cannot take raw inputs for it; load the weights with "
+                          "ae_lab.module.Autoencoder.load_from_checkpoint and feed the model what your loader's "
+                          "batches hold (or train on dataset=array, whose scaling ae_lab records)")
+    return _module(cfg).units(cfg, run_dir, input_shape)
 
 
 def build_datamodule(cfg: DictConfig) -> ArrayDataModule:

@@ -12,6 +12,7 @@ read with `weights_only=True`, which refuses any Python object but tensors and p
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import zipfile
@@ -25,7 +26,8 @@ from omegaconf import DictConfig
 
 from ae_lab.data.base import ArrayDataModule, Split, split_indices
 from ae_lab.data.files import DataError, combined_sha256, sha256_of_file
-from ae_lab.data.scaling import CHUNK_ROWS, fit
+from ae_lab.data.scaling import CHUNK_ROWS, Scaling, fit
+from ae_lab.data.units import Units
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +246,20 @@ def build(cfg: DictConfig, name: str, files: dict[str, ArrayFile]) -> ArrayDataM
         else files["train"].sha256
     return ArrayDataModule(name, {split: as_split(*part) for split, part in splits.items()}, cfg.batch_size,
                            cfg.num_workers, checksum, scaling=scaling)
+
+
+def recorded_scaling(run_dir: Path, input_shape: tuple[int, ...]) -> Scaling:
+    """The `dataset.normalize` a run on a user's data applied, from its folder's `scaling.json`."""
+    path = run_dir / "scaling.json"
+    if not path.is_file():
+        raise DataError(f"{path} is missing: a run on your own data records there the dataset.normalize it applied "
+                        "(fitted on its training split), without which raw inputs cannot be scaled as in training")
+    return Scaling.from_record(json.loads(path.read_text()), input_shape)
+
+
+def units(cfg: DictConfig, run_dir: Path, input_shape: tuple[int, ...]) -> Units:
+    """Raw examples are the file's values; the model sees them scaled by the run's `dataset.normalize`."""
+    return Units(scaling=recorded_scaling(run_dir, input_shape))
 
 
 def load(cfg: DictConfig) -> ArrayDataModule:

@@ -5,13 +5,22 @@ Shipped inside scikit-learn, so it needs no network. Pixel counts 0..16 are scal
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from ae_lab.data.base import ArrayDataModule, Split, sha256_of_arrays, split_indices
+from ae_lab.data.units import Units
 
 INPUT_SHAPE = (1, 8, 8)
+MAX_COUNT = 16.0  # a pixel's count of set bits (of 4x4 in the 32x32 bitmap): 0..16
+
+
+def units(cfg: DictConfig, run_dir: Path, input_shape: tuple[int, ...]) -> Units:
+    """Raw digits are pixel counts 0..16 (scikit-learn's `images`); the model sees them divided by 16."""
+    return Units(scale=MAX_COUNT, pixels=True)
 
 
 def load(cfg: DictConfig) -> ArrayDataModule:
@@ -22,7 +31,7 @@ def load(cfg: DictConfig) -> ArrayDataModule:
     labels = digits.target.astype(np.int64)
     images, targets = torch.from_numpy(raw).unsqueeze(1), torch.from_numpy(labels)
     parts = split_indices(len(raw), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
-    splits = {name: Split(images, targets, index=torch.from_numpy(index), pixel_scale=16.0)
+    splits = {name: Split(images, targets, index=torch.from_numpy(index), pixel_scale=MAX_COUNT)
               for name, index in parts.items()}
     return ArrayDataModule("digits", splits, cfg.batch_size, cfg.num_workers,
                            checksum=sha256_of_arrays(raw, labels))

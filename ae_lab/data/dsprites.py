@@ -22,10 +22,16 @@ from omegaconf import DictConfig
 from ae_lab.data.base import ArrayDataModule, Split, split_indices
 from ae_lab.data.files import DataError, RemoteFile, cached_arrays, ensure_file
 from ae_lab.data.shapes import FACTOR_NAMES
+from ae_lab.data.units import Units
 
 INPUT_SHAPE = (1, 64, 64)
 FILE_NAME = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
 KEYS = ("imgs", "latents_values", "latents_classes")
+
+
+def units(cfg: DictConfig, run_dir: Path, input_shape: tuple[int, ...]) -> Units:
+    """Raw images are the file's pixels, 0 or 1, as the model sees them."""
+    return Units(pixels=True)
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:

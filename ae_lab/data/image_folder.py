@@ -15,14 +15,22 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from ae_lab.data.arrays import ArrayFile, build, plain
+from ae_lab.data.arrays import ArrayFile, build, plain, recorded_scaling
 from ae_lab.data.base import ArrayDataModule
 from ae_lab.data.files import DataError, cached_arrays, combined_sha256, sha256_of_file
+from ae_lab.data.units import Units
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+WHITE = 255.0  # the decoded pixels are 0..255
+
+
+def units(cfg: DictConfig, run_dir: Path, input_shape: tuple[int, ...]) -> Units:
+    """Raw images are 8-bit pixels (C, H, W), 0..255, grey or RGB and of the size trained on (as
+    `read_images` gives them); the model sees them divided by 255, then scaled by `dataset.normalize`."""
+    return Units(scale=WHITE, scaling=recorded_scaling(run_dir, input_shape), pixels=True)
 
 
 def _images(folder: Path, key: str) -> tuple[list[Path], list[int], list[str]]:
@@ -70,17 +78,33 @@ def _size(value: object) -> tuple[int, int]:
     return size[0], size[1]
 
 
-def _decode(paths: list[Path], mode: str, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
+def read_images(paths: list[Path], channels: int, size: tuple[int, int]) -> np.ndarray:
+    """Image files as uint8 pixels (N, C, H, W): converted to grey (`channels` 1) or RGB (3) and resized
+    to `size` (height, width) with bilinear filtering, as `dataset=image_folder` decodes its folder.
+    A file Pillow cannot read is refused in one line (DataError)."""
+    from PIL import Image, UnidentifiedImageError
 
     height, width = size
     images = []
     for path in paths:
-        with Image.open(path) as image:
-            resized = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+        try:
+            with Image.open(path) as image:
+                resized = image.convert("L" if channels == 1 else "RGB").resize((width, height),
+                                                                              Image.Resampling.BILINEAR)
+        except (UnidentifiedImageError, OSError) as error:
+            raise DataError(f"{path} is not a readable image ({error.__class__.__name__}): give PNG or JPEG "
+                            "files") from None
         pixels = np.asarray(resized, dtype=np.uint8)
         images.append(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
     return np.stack(images)
+
+
+def write_images(pixels: np.ndarray, paths: list[Path]) -> None:
+    """uint8 pixels (N, C, H, W), C 1 (grey) or 3 (RGB), as image files (PNG, or by each path's suffix)."""
+    from PIL import Image
+
+    for image, path in zip(pixels, paths):
+        Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(path)
 
 
 def load(cfg: DictConfig) -> ArrayDataModule:
@@ -108,9 +132,9 @@ def load(cfg: DictConfig) -> ArrayDataModule:
     checksum = combined_sha256({**checksums, "decoding": f"{colour} {size[0]}x{size[1]}"})
     cache_folder = Path(cfg.root) / "image_folder_cache"
     arrays = cached_arrays(cache_folder, checksum,
-                           lambda: {"x": _decode(paths, "L" if colour == "grey" else "RGB", size)},
+                           lambda: {"x": read_images(paths, 1 if colour == "grey" else 3, size)},
                            enabled=cfg.cache)
     label_array = np.asarray(labels, dtype=np.int64) if classes else None
-    data = build(cfg, "image_folder", {"train": ArrayFile(arrays["x"], label_array, None, checksum, 255.0)})
+    data = build(cfg, "image_folder", {"train": ArrayFile(arrays["x"], label_array, None, checksum, WHITE)})
     log.info("dataset.path=%s: %d images, %s, classes %s", folder, len(paths), colour, classes or "none")
     return data

@@ -15,8 +15,11 @@ from omegaconf import DictConfig
 
 from ae_lab.data.base import ArrayDataModule, Split
 from ae_lab.data.files import RemoteFile, cached_arrays, combined_sha256, ensure_file, read_idx
+from ae_lab.data.units import Units
 
 INPUT_SHAPE = (1, 28, 28)
+WHITE = 255.0  # the files' pixels are 0 (background) .. 255
+THRESHOLD = 128  # binarize=threshold: a pixel is on from this value (0.5 of white, rounded up)
 FILES = {
     "mnist": {
         "train_images": RemoteFile("train-images-idx3-ubyte.gz",
@@ -54,12 +57,21 @@ def read_arrays(cfg: DictConfig) -> tuple[dict[str, np.ndarray], str]:
     return arrays, checksum
 
 
+def units(cfg: DictConfig, run_dir: Path, input_shape: tuple[int, ...]) -> Units:
+    """Raw images are the files' pixels 0..255. The model sees them divided by 255, or with
+    `binarize=threshold` thresholded at 128. With `static` and `dynamic` binarisation it was trained on
+    Bernoulli draws of those intensities and evaluated on one fixed draw; new inputs are taken as
+    intensities (no draw is made: the draws' expectation), so binary images (0 or 255) are what it
+    was evaluated on, and grey ones give deterministic results."""
+    return Units(scale=WHITE, threshold=THRESHOLD if cfg.binarize == "threshold" else None, pixels=True)
+
+
 def binarized(images: torch.Tensor, mode: str, seed: int) -> torch.Tensor:
     """uint8 {0, 1} images: `threshold` at 0.5, or one fixed Bernoulli draw from `seed`."""
     if mode == "threshold":
-        return (images >= 128).to(torch.uint8)
+        return (images >= THRESHOLD).to(torch.uint8)
     generator = torch.Generator().manual_seed(seed)
-    return torch.bernoulli(images.to(torch.float32) / 255, generator=generator).to(torch.uint8)
+    return torch.bernoulli(images.to(torch.float32) / WHITE, generator=generator).to(torch.uint8)
 
 
 def load(cfg: DictConfig) -> ArrayDataModule:
@@ -75,7 +87,7 @@ def load(cfg: DictConfig) -> ArrayDataModule:
     # threshold/static: every split fixed once; dynamic: training batches redrawn, evaluation fixed
     dynamic = cfg.binarize == "dynamic"
     if cfg.binarize == "none":
-        scale, eval_train = 255.0, train_images
+        scale, eval_train = WHITE, train_images
     else:
         fixed = "threshold" if cfg.binarize == "threshold" else "static"
         scale = 1.0
@@ -84,7 +96,7 @@ def load(cfg: DictConfig) -> ArrayDataModule:
     train_source = train_images if dynamic else eval_train
     splits = {
         "train": Split(train_source, train_labels, index=train_index,
-                       pixel_scale=255.0 if dynamic else scale, resample_binary=dynamic),
+                       pixel_scale=WHITE if dynamic else scale, resample_binary=dynamic),
         "val": Split(eval_train, train_labels, index=val_index, pixel_scale=scale),
         "test": Split(test_images, test_labels, pixel_scale=scale),
     }

@@ -52,6 +52,14 @@ class Scaling:
             return x
         return x * self.scale.to(x.device) + self.shift.to(x.device)
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any], example_shape: tuple[int, ...]) -> "Scaling":
+        """The scaling a run folder's `scaling.json` (`record`) holds, for examples of `example_shape`."""
+        shape = example_shape if len(example_shape) == 1 else (example_shape[0], *[1] * (len(example_shape) - 1))
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.float32).reshape(shape)  # noqa: E731
+        return cls(record["normalize"], as_tensor(record["shift"]), as_tensor(record["scale"]),
+                   record["train_examples"], *record["train_range"], *record["train_range_scaled"])
+
     def record(self) -> dict[str, Any]:
         """What goes into the run folder's `scaling.json`."""
         return {"normalize": self.kind, "fitted_on": "train", "train_examples": self.examples,

@@ -31,6 +31,7 @@ import torch
 from omegaconf import DictConfig
 
 from ae_lab.data.base import ArrayDataModule, Split, sha256_of_arrays, split_indices
+from ae_lab.data.units import Units
 
 FACTOR_NAMES: tuple[str, ...] = ("color", "shape", "scale", "orientation", "pos_x", "pos_y")
 FACTOR_SIZES: tuple[int, ...] = (1, 3, 6, 40, 32, 32)
@@ -168,6 +169,11 @@ def _inside_heart(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 INPUT_SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def units(cfg: DictConfig, run_dir: Path, input_shape: tuple[int, ...]) -> Units:
+    """Raw images are the rendered pixels, 0 or 1, as the model sees them."""
+    return Units(pixels=True)
 
 
 class RenderedImages:

@@ -6,7 +6,7 @@ import hashlib
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
@@ -45,3 +45,9 @@ def anomaly_auroc(scores: np.ndarray, is_anomaly: np.ndarray) -> float:
     """Area under the ROC curve of `scores` (higher = more anomalous) at finding the anomalies:
     1 when every anomaly scores above every normal example, 0.5 for scores that carry no signal."""
     return float(roc_auc_score(is_anomaly.astype(int), scores))
+
+
+def roc_points(scores: np.ndarray, is_anomaly: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ROC curve of `scores` at finding the anomalies: false- and true-positive rates at every threshold."""
+    false_positive, true_positive, _ = roc_curve(is_anomaly.astype(int), scores)
+    return false_positive, true_positive

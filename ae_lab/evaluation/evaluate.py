@@ -15,7 +15,9 @@ Metrics (`eval/*` in metrics.json and the W&B summary; `test/*` are the training
 - Gaussian head: `kl`, `active_units`; with a Bernoulli decoder also `elbo`, `elbo_recon_nll`, and
   `iw_nll`, minus the importance-weighted bound with k = `eval.iw_samples` (an upper bound on -log p(x));
 - labelled data: `probe_accuracy` of a logistic regression on the codes and `probe_accuracy_pixels`
-  on raw pixels; with `dataset.held_out_class`, `anomaly_auroc_recon` (and `anomaly_auroc_elbo`);
+  on raw pixels; with `dataset.held_out_class`, `anomaly_auroc_recon` (and `anomaly_auroc_elbo`), the
+  AUROC of the scores of `anomaly.py` (the very scores `TrainedModel.score` gives), which go per test
+  example into `scores` (the run folder's `scores.npz`) and, with `eval.figures`, into `figures/roc.png`;
 - labelled data (`eval.fd_samples` > 0): sample quality as Fréchet distances to test examples in a
   trained classifier's features (`sample_quality.py`): `fd_gmm` (samples from a Gaussian mixture on
   the training codes), `fd_prior` (Gaussian head: from N(0, I)), `fd_real` (training examples: the
@@ -42,14 +44,16 @@ import torch
 from omegaconf import DictConfig
 
 from ae_lab.data import ArrayDataModule, Split
+from ae_lab.evaluation.anomaly import anomaly_scores, score_kinds
 from ae_lab.evaluation.codes import encoder_jacobian_norm, sparse_code_statistics
 from ae_lab.evaluation.disentanglement import disentanglement_metrics, minimum_train_size, sample_sizes
 from ae_lab.evaluation.encoded import Encoded
-from ae_lab.evaluation.downstream import anomaly_auroc, probe_accuracy
+from ae_lab.evaluation.downstream import anomaly_auroc, probe_accuracy, roc_points
 from ae_lab.evaluation.likelihood import active_units, bernoulli_log_likelihood, importance_weighted_bound
 from ae_lab.evaluation.reconstruction import psnr
 from ae_lab.evaluation.sample_quality import sample_quality
 from ae_lab.evaluation.visual import draw_figures
+from ae_lab.figures import roc_curves
 from ae_lab.module import Autoencoder
 from ae_lab.objectives import gaussian_kl_per_unit, reconstruction_error
 
@@ -61,6 +65,8 @@ class Evaluation:
     metrics: dict[str, float]
     details: dict[str, Any]
     figures: dict[str, Path] = field(default_factory=dict)
+    # with a held-out class, per test example: each anomaly score, `labels` and `is_anomaly` (scores.npz)
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def evaluate(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, run_dir: Path,
@@ -83,6 +89,9 @@ def evaluate(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, run_di
             metrics["psnr_gain"] = metrics["psnr_denoised"] - metrics["psnr_corrupted"]
         metrics.update(_latent_metrics(test, cfg, details))
         metrics.update(_downstream_metrics(module, data, test_split, test, cfg, details))
+        scores = _anomaly_scores(module, data, test_split, test, cfg)
+        kinds = score_kinds(module) if scores else ()
+        metrics.update({f"anomaly_auroc_{kind}": anomaly_auroc(scores[kind], scores["is_anomaly"]) for kind in kinds})
         metrics.update(_sample_quality(module, data, test_split, test, cfg, run_dir, checkpoint, details))
         if test.factor_classes is None:
             _skip(details, "disentanglement (MIG, FactorVAE, SAP, DCI)", "the data have no ground-truth factor classes")
@@ -93,7 +102,26 @@ def evaluate(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, run_di
         if cfg.eval.jacobian_examples > 0:
             metrics["jacobian_frobenius_sq"] = _jacobian_norm(module, test_split, cfg.eval)
         figures = draw_figures(module, data, test, cfg, run_dir / "figures") if cfg.eval.figures else {}
-    return Evaluation({f"eval/{name}": value for name, value in sorted(metrics.items())}, details, figures)
+        if cfg.eval.figures and scores:
+            curves = {f"{kind} (AUROC {metrics[f'anomaly_auroc_{kind}']:.3f})":
+                      roc_points(scores[kind], scores["is_anomaly"]) for kind in kinds}
+            figures["roc"] = roc_curves(curves, run_dir / "figures" / "roc.png",
+                                        title=f"Finding held-out class {data.held_out_class} in the test split")
+    return Evaluation({f"eval/{name}": value for name, value in sorted(metrics.items())}, details, figures, scores)
+
+
+def _anomaly_scores(module: Autoencoder, data: ArrayDataModule, test_split: Split, test: Encoded,
+                    cfg: DictConfig) -> dict[str, np.ndarray]:
+    """With a held-out class (and labels), every test example's anomaly scores (`anomaly.py`, with the
+    ELBO's k = `eval.iw_samples` draws, at least 1, from `eval.seed`), its label and whether it is of
+    the held-out class; else nothing."""
+    if data.held_out_class is None or test.labels is None:
+        return {}
+    ev = cfg.eval
+    parts = [anomaly_scores(module, batch["x"], max(ev.iw_samples, 1), ev.seed, ev.max_decode_batch)
+             for batch in _batches(test_split, len(test_split), ev.batch_size, module.device)]
+    scores = {kind: torch.cat([part[kind] for part in parts]).cpu().numpy() for kind in parts[0]}
+    return {**scores, "labels": test.labels.numpy(), "is_anomaly": (test.labels == data.held_out_class).numpy()}
 
 
 def _disentanglement_pool(module: Autoencoder, data: ArrayDataModule, test: Encoded,
@@ -212,17 +240,12 @@ def _skip(details: dict[str, Any], metrics: str, reason: str) -> None:
 
 def _downstream_metrics(module: Autoencoder, data: ArrayDataModule, test_split: Split, test: Encoded,
                         cfg: DictConfig, details: dict[str, Any]) -> dict[str, float]:
-    """The linear probe (labelled data) and anomaly AUROC (with a held-out class)."""
+    """The linear probe (labelled data), on the classes trained on."""
     if test.labels is None:
         _skip(details, "probe_accuracy, anomaly_auroc", "the data have no labels")
         return {}
-    metrics = {}
+    metrics: dict[str, float] = {}
     held_out = data.held_out_class
-    if held_out is not None:
-        is_anomaly = (test.labels == held_out).numpy()
-        metrics["anomaly_auroc_recon"] = anomaly_auroc(test.values[cfg.loss.recon].numpy(), is_anomaly)
-        if "elbo" in test.values:
-            metrics["anomaly_auroc_elbo"] = anomaly_auroc(-test.values["elbo"].numpy(), is_anomaly)
     train = data.splits["train"]
     count = min(cfg.eval.probe_train_size, len(train))
     if count == 0:
