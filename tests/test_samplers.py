@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 from conftest import compose_config, read_json, train_in_process
 from sklearn.mixture import GaussianMixture
 
+import ae_lab
 from ae_lab.checks import validate
 from ae_lab.data import build_datamodule
 from ae_lab.errors import ConfigError
@@ -20,7 +20,7 @@ from ae_lab.evaluation.classifier import feature_classifier, whole
 from ae_lab.evaluation.frechet import feature_frechet_distance, frechet_distance
 from ae_lab.evaluation.sample_quality import decode_samples
 from ae_lab.module import Autoencoder
-from ae_lab.samplers import GaussianMixtureSampler, PriorSampler, sampler_for
+from ae_lab.samplers import GaussianMixtureSampler, PriorSampler, file_sha256, sampler_for
 
 
 def _random_covariance(rng: np.random.Generator, size: int, rank: int | None = None) -> np.ndarray:
@@ -136,24 +136,31 @@ def trained(tmp_path_factory):
     overrides = [*TRAINED, f"eval.fd_classifier_cache={root / 'cache'}"]
     metrics = train_in_process(overrides, root / "run")
     cfg = compose_config(overrides)
-    data = build_datamodule(cfg.dataset)
-    module = Autoencoder.load_from_checkpoint(root / "run" / "checkpoints" / "best.ckpt", map_location="cpu").eval()
-    return SimpleNamespace(root=root, run_dir=root / "run", cfg=cfg, data=data, module=module, metrics=metrics)
+    model = ae_lab.load(root / "run")
+    return SimpleNamespace(root=root, run_dir=root / "run", cfg=cfg, data=build_datamodule(cfg.dataset),
+                           module=model.module, metrics=metrics)
 
 
-def _stand_in(trained, run_dir: Path, checkpoint: Path, head: str = "gaussian") -> SimpleNamespace:
-    """What `sampler_for` reads of `ae_lab.load`'s object, with a count of the calls for training codes."""
-    calls = []
+@pytest.fixture(scope="module")
+def plain(trained):
+    """A plain autoencoder on digits, two batches of training, its mixture fitted by its evaluation."""
+    run_dir = trained.root / "plain"
+    train_in_process(["trainer=debug", "logger=none", "eval=minimal", "eval.fd_samples=10000", "eval.gmm_components=3",
+                      f"eval.fd_classifier_cache={trained.root / 'cache'}"], run_dir)
+    return run_dir
 
-    def training_codes():
-        calls.append(1)
-        train = trained.data.splits["train"]
-        with torch.no_grad():
-            return trained.module.head.code(trained.module.encoder(whole(train)[0]))
 
-    module = SimpleNamespace(objective=SimpleNamespace(gaussian_head=head == "gaussian"))
-    return SimpleNamespace(run_dir=run_dir, cfg=trained.cfg, latent_dim=8, module=module, checkpoint=checkpoint,
-                           training_codes=training_codes, calls=calls)
+def _counting(model):
+    """`model` (ae_lab.load's) with its calls for training codes counted in `model.calls`."""
+    model.calls = []
+    training_codes = model.training_codes
+
+    def counted():
+        model.calls.append(1)
+        return training_codes()
+
+    model.training_codes = counted
+    return model
 
 
 def test_evaluation_records_the_distances_the_classifier_and_its_cache(trained):
@@ -188,45 +195,71 @@ def test_fd_separates_a_trained_models_samples_from_an_untrained_ones_and_from_n
 
 def test_the_saved_mixture_is_reused_and_fitted_again_for_another_checkpoint(trained, tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(trained.run_dir / "checkpoints", run_dir / "checkpoints")
-    shutil.copytree(trained.run_dir / "samplers", run_dir / "samplers")
+    shutil.copytree(trained.run_dir, run_dir)
     saved = run_dir / "samplers" / "gmm-4.npz"
     written = saved.read_bytes()
-    best = run_dir / "checkpoints" / "best.ckpt"
-    model = _stand_in(trained, run_dir, best)
+    model = _counting(ae_lab.load(run_dir))
     first = sampler_for(model, "gmm").sample(100, torch.Generator().manual_seed(0))
     assert model.calls == [] and saved.read_bytes() == written  # the evaluation's own fit, read back
     again = sampler_for(model, "gmm").sample(100, torch.Generator().manual_seed(0))
     assert torch.equal(first, again) and model.calls == []
-    # what the evaluation fitted is what the loader fits: a fresh fit on the same codes
-    evaluated = sampler_for(_stand_in(trained, run_dir, best), "gmm", components=4)
-    saved.unlink()
-    fresh_model = _stand_in(trained, run_dir, best)
-    fresh = sampler_for(fresh_model, "gmm")
-    assert fresh_model.calls == [1]
+    evaluated = GaussianMixtureSampler.load(saved)[0]
+    saved.unlink()  # fitted by the loader from its own codes: the evaluation's mixture
+    fresh = sampler_for(model, "gmm")
+    assert model.calls == [1]
     np.testing.assert_allclose(fresh.means, evaluated.means, rtol=1e-4, atol=1e-5)
-    other = run_dir / "checkpoints" / "last.ckpt"
-    assert other.read_bytes() != best.read_bytes()
-    moved = _stand_in(trained, run_dir, other)
-    sampler_for(moved, "gmm")
-    assert moved.calls == [1]
-    assert GaussianMixtureSampler.load(saved)[1]["checkpoint_sha256"] != GaussianMixtureSampler.load(
-        trained.run_dir / "samplers" / "gmm-4.npz")[1]["checkpoint_sha256"]
+    last = _counting(ae_lab.load(run_dir, which="last"))
+    assert last.checkpoint.read_bytes() != model.checkpoint.read_bytes()
+    sampler_for(last, "gmm")
+    assert last.calls == [1]
+    assert GaussianMixtureSampler.load(saved)[1]["checkpoint_sha256"] == file_sha256(last.checkpoint)
+    sampler_for(last, "gmm")
+    assert last.calls == [1]
 
 
-def test_sampler_for_refuses_in_one_line(trained, tmp_path):
-    deterministic = _stand_in(trained, tmp_path, tmp_path / "none.ckpt", head="deterministic")
-    cases = [(lambda: sampler_for(deterministic, "vamp"), "sampler='vamp' is not allowed: one of prior, gmm"),
-             (lambda: sampler_for(deterministic, "prior"), "latent head is deterministic.*use sampler='gmm'"),
-             (lambda: sampler_for(deterministic, "gmm", components=0), "components=0 is not allowed"),
-             (lambda: sampler_for(deterministic, "gmm", components=5000), "at most 1258, the number of training codes"),
-             (lambda: sampler_for(deterministic, "prior", components=3), "is not an option of sampler='prior'")]
-    (tmp_path / "none.ckpt").write_bytes(b"weights")
+def test_a_vaes_samples_from_the_prior_are_its_decoded_standard_normal_codes_in_pixel_units(trained):
+    model = ae_lab.load(trained.run_dir)
+    samples = model.sample(50, sampler="prior", seed=3)
+    z = torch.randn(50, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        by_hand = torch.sigmoid(model.module.decoder(z)) * 16  # digits' raw units: counts 0..16
+    assert samples.shape == (50, 1, 8, 8)
+    np.testing.assert_allclose(samples, by_hand.numpy(), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(samples, model.sample(50, sampler="prior", seed=4))
+
+
+def test_a_plain_autoencoder_samples_from_the_mixture_its_evaluation_fitted(plain):
+    model = _counting(ae_lab.load(plain))
+    samples = model.sample(40, sampler="gmm", seed=0)
+    assert model.calls == []  # the evaluation's mixture, for this checkpoint
+    mixture, fitted_from = GaussianMixtureSampler.load(plain / "samplers" / "gmm-3.npz")
+    assert fitted_from["checkpoint_sha256"] == file_sha256(plain / "checkpoints" / "best.ckpt")
+    reference = GaussianMixture(3, covariance_type="full", random_state=0).fit(
+        model.training_codes().double().numpy())  # every training code: digits has fewer than gmm_train_size
+    order = np.argsort(reference.means_[:, 0])
+    np.testing.assert_allclose(mixture.means[np.argsort(mixture.means[:, 0])], reference.means_[order], rtol=1e-3, atol=1e-4)
+    codes = mixture.sample(40, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        by_hand = torch.sigmoid(model.module.decoder(codes)) * 16
+    assert samples.shape == (40, 1, 8, 8)
+    np.testing.assert_allclose(samples, by_hand.numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="latent head is deterministic"):
+        model.sample(4, sampler="prior")
+
+
+def test_sampler_for_refuses_in_one_line(plain):
+    model = ae_lab.load(plain)
+    cases = [(lambda: sampler_for(model, "vamp"), "sampler='vamp' is not allowed: one of prior, gmm"),
+             (lambda: sampler_for(model, "prior"), "latent head is deterministic.*use sampler='gmm'"),
+             (lambda: sampler_for(model, "gmm", components=0), "components=0 is not allowed"),
+             (lambda: sampler_for(model, "gmm", components=5000), "at most 1258, the number of training codes"),
+             (lambda: sampler_for(model, "prior", components=3), "is not an option of sampler='prior'")]
+    before = sorted(path.name for path in (plain / "samplers").iterdir())
     for call, message in cases:
         with pytest.raises(ConfigError, match=message) as raised:
             call()
         assert "\n" not in str(raised.value)
-    assert not (tmp_path / "samplers").exists()
+    assert sorted(path.name for path in (plain / "samplers").iterdir()) == before
 
 
 @pytest.mark.parametrize("override,key", [
