@@ -262,6 +262,22 @@ def test_sampler_for_refuses_in_one_line(plain):
     assert sorted(path.name for path in (plain / "samplers").iterdir()) == before
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sample_quality_and_samples_on_cuda_equal_the_cpus(trained, tmp_path):
+    import copy
+
+    from ae_lab.evaluation.sample_quality import sample_quality
+
+    test = trained.data.splits["test"]
+    cpu = sample_quality(trained.module, trained.data, test, trained.cfg, tmp_path, None, True, {})
+    cuda = sample_quality(copy.deepcopy(trained.module).cuda(), trained.data, test, trained.cfg, tmp_path, None, True, {})
+    assert cuda.keys() == cpu.keys()
+    for key, value in cpu.items():
+        assert cuda[key] == pytest.approx(value, rel=1e-3), key
+    on_gpu = ae_lab.load(trained.run_dir, device="cuda").sample(20, sampler="prior", seed=1)
+    np.testing.assert_allclose(on_gpu, ae_lab.load(trained.run_dir).sample(20, sampler="prior", seed=1), atol=1e-4)
+
+
 @pytest.mark.parametrize("override,key", [
     ("eval.gmm_components=0", "eval.gmm_components"), ("eval.gmm_train_size=0", "eval.gmm_train_size"),
     ("eval.gmm_components=20", "eval.gmm_components"),  # with eval.gmm_train_size=10 below
