@@ -10,7 +10,8 @@ a user's arrays before `dataset.normalize`):
     autoencoder  x (N, *input_shape) raw      -> reconstruction, raw          TrainedModel.reconstruct
     score        x (N, *input_shape) raw      -> anomaly score (N,)           TrainedModel.score
 
-The batch axis N is dynamic; inputs are float32. The input is named `x` (`z` for the decoder), the
+The batch axis N is dynamic; inputs are float32. A TorchScript file's outputs carry autograd unless it
+is called under `torch.no_grad()` (or `torch.inference_mode()`), as a deployer would. The input is named `x` (`z` for the decoder), the
 output `codes`, `x`, `reconstruction` or `score`. The ELBO score of a VAE averages a fixed set of
 `eval.iw_samples` draws (common random numbers from `eval.seed`, see ae_lab/evaluation/anomaly.py),
 which the file holds as constants. ONNX files come from torch's TorchScript-based exporter (opset 18;
