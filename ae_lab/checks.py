@@ -296,11 +296,18 @@ def _validate_own_data(cfg: DictConfig) -> None:
 
 def _validate_eval(ev: DictConfig) -> None:
     for key in ("batch_size", "max_decode_batch", "num_reconstructions", "num_samples",
-                "traversal_steps", "interpolation_steps"):
+                "traversal_steps", "interpolation_steps", "gmm_components", "gmm_train_size",
+                "fd_classifier_epochs"):
         _require(ev[key] >= 1, f"eval.{key}", ev[key], "an integer >= 1")
     for key in ("iw_samples", "probe_train_size", "disentanglement_pool", "disentanglement_train_size",
                 "disentanglement_test_size", "jacobian_examples", "traversal_dims"):
         _require(ev[key] >= 0, f"eval.{key}", ev[key], "an integer >= 0 (0 switches it off)")
+    _require(ev.fd_samples == 0 or ev.fd_samples >= 2, "eval.fd_samples", ev.fd_samples,
+             "0 (no Fréchet distances) or an integer >= 2 (a covariance needs two samples)")
+    _require(ev.gmm_components <= ev.gmm_train_size, "eval.gmm_components", ev.gmm_components,
+             f"at most eval.gmm_train_size={ev.gmm_train_size}, the codes the mixture is fitted on")
+    _require(len(ev.fd_classifier_hidden) >= 1 and all(d >= 1 for d in ev.fd_classifier_hidden),
+             "eval.fd_classifier_hidden", list(ev.fd_classifier_hidden), "a non-empty list of integers >= 1")
     _require(ev.test_examples is None or (isinstance(ev.test_examples, int) and ev.test_examples >= 2),
              "eval.test_examples", ev.test_examples, "null (the whole test split) or an integer >= 2")
     for key in ("active_unit_threshold", "near_zero", "traversal_range"):

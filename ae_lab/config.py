@@ -450,6 +450,17 @@ class EvalConfig:
     traversal_steps: int = 9
     traversal_range: float = 3.0  # each dim swept over +-range standard deviations
     interpolation_steps: int = 10
+    # sample quality (ae_lab/evaluation/sample_quality.py), labelled data only: Fréchet distances between
+    # this many decoded samples (at most the test split's size) and test examples in the features of a
+    # classifier trained on the labels (0 switches them off)
+    fd_samples: int = 10000
+    gmm_components: int = 10  # the Gaussian mixture fitted on the training codes (fd_gmm; the gmm sampler)
+    gmm_train_size: int = 10000  # the mixture is fitted on the codes of at most this many training examples
+    fd_classifier_hidden: list[int] = field(default_factory=lambda: [256, 64])  # its MLP; the last: features
+    fd_classifier_epochs: int = 20
+    # where the classifier is cached, one file per data set and settings (null: ~/.cache/ae_lab/fd_classifiers,
+    # or $XDG_CACHE_HOME/ae_lab/fd_classifiers): shared by every run, so that their FDs are comparable
+    fd_classifier_cache: Optional[str] = None
 
 
 @dataclass

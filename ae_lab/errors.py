@@ -5,6 +5,7 @@ Imports nothing from ae_lab, so every part can raise `ConfigError` without an im
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 
@@ -16,3 +17,11 @@ def fail(message: str, exit_code: int = 2) -> None:
     """End the process with one line on stderr and `exit_code` (no traceback)."""
     print(f"ae_lab: error: {message}", file=sys.stderr)
     raise SystemExit(exit_code)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose refusals (an unknown choice, a missing option) are `fail`'s one line and exit code 2,
+    not a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        fail(f"{message} (see {self.prog} --help)")

@@ -169,18 +169,20 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger:
     for results in (trainer.validate(module, **best), trainer.test(module, **best)):
         metrics.update({key: float(value) for key, value in results[0].items()})
     metrics["epochs"] = trainer.current_epoch
-    figures = write_results(module, data, cfg, run_dir, metrics) if trainer.is_global_zero else {}
+    best_checkpoint = Path(checkpoints.best_model_path) if checkpoints.best_model_path else None
+    figures = write_results(module, data, cfg, run_dir, metrics, best_checkpoint) if trainer.is_global_zero else {}
     if isinstance(trainer.strategy, HydraJobDDPStrategy):
         trainer.strategy.wait_for_children()
     return metrics, checkpoints.best_model_path or None, figures, timer.timings()
 
 
 def write_results(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, run_dir: Path,
-                  metrics: dict[str, float]) -> dict[str, Path]:
-    """Evaluate the trained `module` (its best weights), add the `eval/*` metrics to `metrics`, write
-    `evaluation.json`, `scores.npz` (with a held-out class), `metrics.json` and the figures; return the figures. Every way a run is made
-    (a single run, an ensemble's member) ends with this."""
-    evaluation = evaluate(module, data, cfg, run_dir)
+                  metrics: dict[str, float], checkpoint: Path | None) -> dict[str, Path]:
+    """Evaluate the trained `module` (its best weights, read from `checkpoint`; None when no validation
+    made a best checkpoint), add the `eval/*` metrics to `metrics`, write `evaluation.json`,
+    `scores.npz` (with a held-out class), `metrics.json` and the figures; return the figures. Every way
+    a run is made (a single run, an ensemble's member) ends with this."""
+    evaluation = evaluate(module, data, cfg, run_dir, checkpoint)
     metrics.update(evaluation.metrics)
     write_json(run_dir / "evaluation.json", evaluation.details)
     if evaluation.scores:  # a held-out class: every test example's anomaly scores

@@ -32,7 +32,7 @@ from ae_lab.data import (ArrayDataModule, Split, Units, build_datamodule, input_
                          units)
 from ae_lab.data.image_folder import read_images as read_image_files, write_images as write_image_files
 from ae_lab.errors import ConfigError
-from ae_lab.evaluation.anomaly import anomaly_scores, score_kinds
+from ae_lab.evaluation.anomaly import anomaly_scores, elbo_noise, score_kinds
 from ae_lab.module import MODULE_SECTIONS, Autoencoder
 from ae_lab.resume import config_differences, recorded_config
 
@@ -233,17 +233,24 @@ class TrainedModel:
         ranks (ae_lab/evaluation/anomaly.py, with this run's `eval.iw_samples` and `eval.seed`): `recon`,
         the reconstruction error of loss.recon in model units, or `elbo`, -ELBO in nats (a VAE with
         loss.recon=bce). By default `elbo` where the model has it, else `recon`."""
+        return self._map(self.scorer(kind), x, self.input_shape, "x", batch_size)
+
+    def scorer(self, kind: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`score` as a function of a raw batch (B, *input_shape) on the model's device -> (B,), with the
+        ELBO's draws made once, here (ae_lab.export traces it: the draws become constants of the file)."""
         kinds = self.score_kinds
         kind = kinds[-1] if kind is None else kind
         if kind not in kinds:
             raise InputError(f"kind={kind!r} is not allowed: this model scores {' or '.join(map(repr, kinds))}")
         ev = self.cfg.eval
+        samples = max(ev.iw_samples, 1)
+        noise = elbo_noise(samples, self.latent_dim, ev.seed) if kind == "elbo" else None
 
         def scored(raw: torch.Tensor) -> torch.Tensor:
-            return anomaly_scores(self.module, self.units.to_model(raw), max(ev.iw_samples, 1), ev.seed,
-                                  ev.max_decode_batch, kinds=(kind,))[kind]
+            return anomaly_scores(self.module, self.units.to_model(raw), samples, ev.seed, ev.max_decode_batch,
+                                  kinds=(kind,), noise=noise)[kind]
 
-        return self._map(scored, x, self.input_shape, "x", batch_size)
+        return scored
 
     def interpolate(self, a: Array, b: Array, steps: int = 10) -> Array:
         """(steps, *input_shape) in raw units: the decodings of codes on the straight line from a's code to

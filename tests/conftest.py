@@ -56,6 +56,14 @@ def train_in_process(overrides: list[str], run_dir: Path) -> dict[str, float]:
     return train(compose_config(overrides), run_dir)
 
 
+def train_and_load(overrides: list[str], run_dir: Path):
+    """`train_in_process`, then the run's trained model (`ae_lab.load`)."""
+    import ae_lab
+
+    train_in_process(overrides, run_dir)
+    return ae_lab.load(run_dir)
+
+
 def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m ae_lab ARGS` as a user runs it, in `cwd` (so outputs/ lands there)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}

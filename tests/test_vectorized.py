@@ -311,10 +311,10 @@ def test_a_member_failing_after_training_leaves_the_others_written(tmp_path, mon
     write_results = group_module.write_results
     raised = {"error": RuntimeError("disk full")}
 
-    def failing_for_member_1(module, data, cfg, run_dir, metrics):
+    def failing_for_member_1(module, data, cfg, run_dir, metrics, checkpoint):
         if run_dir.name == "1":
             raise raised["error"]
-        return write_results(module, data, cfg, run_dir, metrics)
+        return write_results(module, data, cfg, run_dir, metrics, checkpoint)
 
     monkeypatch.setattr(group_module, "write_results", failing_for_member_1)
     outcomes = run_group(members, "g", tmp_path / "g.pt")

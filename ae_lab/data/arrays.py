@@ -75,16 +75,11 @@ def _load_npy(path: Path, key: str) -> np.ndarray:
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
-def _load_npz(path: Path, key: str) -> dict[str, np.ndarray]:
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
     """The arrays of a .npz: members stored uncompressed (np.savez) memory-mapped, compressed ones
     (np.savez_compressed) decompressed into memory."""
     with zipfile.ZipFile(path) as archive:
         members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
-    unknown = [name for name in members if name not in KEYS]
-    if unknown or "x" not in members:
-        problem = f"unknown array {unknown[0]!r}" if unknown else "no array 'x'"
-        raise _refuse(key, path, f"{problem}: it holds {list(members)}; ae_lab reads 'x' (the inputs, "
-                                 "required), 'labels' and 'factors' (optional)")
     arrays = {}
     with np.load(path, allow_pickle=False) as archive:
         for name, info in members.items():
@@ -124,16 +119,14 @@ def _load_pt(path: Path, key: str) -> dict[str, np.ndarray]:
     if not isinstance(content, dict) or not all(isinstance(v, torch.Tensor) for v in content.values()):
         raise _refuse(key, path, "a .pt file must hold a tensor (the inputs) or a dict of tensors "
                                  "'x', 'labels', 'factors'")
-    unknown = [name for name in content if name not in KEYS]
-    if unknown or "x" not in content:
-        raise _refuse(key, path, f"{'unknown tensor ' + repr(unknown[0]) if unknown else 'no tensor x'}: it "
-                                 f"holds {list(content)}; ae_lab reads 'x' (required), 'labels', 'factors'")
     # numpy has no bfloat16: those become float32
     return {name: (value.float() if value.dtype == torch.bfloat16 else value).numpy() for name, value in content.items()}
 
 
-def read_file(path_value: str, key: str) -> ArrayFile:
-    """Read and check the arrays of the file `path_value` (given as config key `key`)."""
+def open_arrays(path_value: str, key: str) -> dict[str, np.ndarray]:
+    """Every array of the file `path_value` (given as config key or option `key`) by name: a .npy's as
+    'x', a .npz's members, a .pt's tensor ('x') or dict of tensors; memory-mapped where the format
+    allows, nothing unpickled. Every file that cannot be read so is refused in one line (DataError)."""
     path = Path(path_value).expanduser()
     if not path.is_file():
         raise _refuse(key, path_value, "no such file" if not path.exists() else "not a file")
@@ -141,11 +134,8 @@ def read_file(path_value: str, key: str) -> ArrayFile:
         raise _refuse(key, path_value, f"the file must end in {', '.join(SUFFIXES)}")
     try:
         if path.suffix == ".npy":
-            arrays = {"x": _load_npy(path, key)}
-        elif path.suffix == ".npz":
-            arrays = _load_npz(path, key)
-        else:
-            arrays = _load_pt(path, key)
+            return {"x": _load_npy(path, key)}
+        return _load_npz(path) if path.suffix == ".npz" else _load_pt(path, key)
     except DataError:
         raise
     except (ValueError, pickle.UnpicklingError, RuntimeError) as error:
@@ -156,6 +146,17 @@ def read_file(path_value: str, key: str) -> ArrayFile:
         raise _refuse(key, path_value, f"it cannot be read as {path.suffix}: {error}") from None
     except (OSError, EOFError, TypeError, zipfile.BadZipFile) as error:
         raise _refuse(key, path_value, f"it cannot be read as {path.suffix}: {error}") from None
+
+
+def read_file(path_value: str, key: str) -> ArrayFile:
+    """Read and check the arrays of the file `path_value` (given as config key `key`)."""
+    arrays = open_arrays(path_value, key)
+    unknown = [name for name in arrays if name not in KEYS]
+    if unknown or "x" not in arrays:
+        what = "tensor" if Path(path_value).suffix == ".pt" else "array"
+        problem = f"unknown {what} {unknown[0]!r}" if unknown else f"no {what} x"
+        raise _refuse(key, path_value, f"{problem}: it holds {list(arrays)}; ae_lab reads 'x' (the inputs, "
+                                       "required), 'labels' and 'factors' (optional)")
     x = arrays["x"]
     if x.dtype.kind not in "biuf":
         raise _refuse(key, path_value, f"x has dtype {x.dtype}; it must be numeric (bool, integer or float)")
@@ -179,7 +180,7 @@ def read_file(path_value: str, key: str) -> ArrayFile:
                                            f"{len(x)}, the examples in x")
         _check_finite(factors, key, path_value, "factors")
     _check_finite(x, key, path_value, "x")
-    return ArrayFile(x, labels, factors, sha256_of_file(path))
+    return ArrayFile(x, labels, factors, sha256_of_file(Path(path_value).expanduser()))
 
 
 def _check_finite(array: np.ndarray, key: str, path: Any, name: str) -> None:

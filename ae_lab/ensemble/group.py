@@ -549,15 +549,15 @@ def _write_member(trainer: GroupTrainer, index: int, member: Member, record: Run
         best = trainer.ensemble.member_state(trainer.best_params, index)
         best_checkpoint = None  # none when no validation made a best epoch, as in a single run
         if trainer.best_epoch[index] >= 0:
-            best_checkpoint = str(folder / "best.ckpt")
-            _save(folder / "best.ckpt", _checkpoint(module, best, trainer.best_epoch[index], step))
+            best_checkpoint = folder / "best.ckpt"
+            _save(best_checkpoint, _checkpoint(module, best, trainer.best_epoch[index], step))
         module.load_state_dict(best)
-        figures = write_results(module, data, cfg, run_dir, metrics)
+        figures = write_results(module, data, cfg, run_dir, metrics, best_checkpoint)
         wandb_run = log_results(logger, metrics, figures)
         seconds = time.time() - started
         log.info("member %d (%s) written in %.2f s: test/loss %.4g", index, run_dir.name, seconds,
                  metrics.get("test/loss", math.nan))
-        record.completed(best_checkpoint=best_checkpoint, wandb_run_id=wandb_run,
+        record.completed(best_checkpoint=str(best_checkpoint) if best_checkpoint else None, wandb_run_id=wandb_run,
                          timings={"fit_seconds": trainer.progress.fit_seconds, "writeout_seconds": seconds,
                                   "first_step_unix": None})
         return Outcome(metrics)

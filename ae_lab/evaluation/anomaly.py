@@ -25,12 +25,18 @@ def score_kinds(module: Autoencoder) -> tuple[str, ...]:
     return ("recon", "elbo") if with_elbo else ("recon",)
 
 
+def elbo_noise(samples: int, latent_dim: int, seed: int) -> torch.Tensor:
+    """The ELBO score's standard normal draws eps_s (samples, latent_dim), on the CPU, from `seed` alone."""
+    return torch.randn(samples, latent_dim, generator=torch.Generator().manual_seed(seed))
+
+
 @torch.no_grad()
 def anomaly_scores(module: Autoencoder, x: torch.Tensor, samples: int, seed: int, max_decode_batch: int,
-                   kinds: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+                   kinds: tuple[str, ...] | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The scores `kinds` (all of `score_kinds(module)` by default) of the batch `x` (B, *input_shape) in
     model units, on the module's device: (B,) each. The ELBO's draws are decoded at most
-    `max_decode_batch` at a time."""
+    `max_decode_batch` at a time; `noise`, when given, is `elbo_noise(samples, latent_dim, seed)` made
+    beforehand (so that an exported graph holds it as a constant instead of a random generator)."""
     features = module.encoder(x)
     kinds = score_kinds(module) if kinds is None else kinds
     scores = {}
@@ -39,7 +45,7 @@ def anomaly_scores(module: Autoencoder, x: torch.Tensor, samples: int, seed: int
         scores["recon"] = reconstruction_error(module.decoder(code), x, module.recon_kind, module.output)
     if "elbo" in kinds:
         mean, logvar = module.head.posterior(features)
-        noise = torch.randn(samples, mean.shape[1], generator=torch.Generator().manual_seed(seed)).to(x.device)
+        noise = (elbo_noise(samples, mean.shape[1], seed) if noise is None else noise).to(x.device)
         log_likelihood = bernoulli_log_likelihood(module.decoder, x)
         chunk = max(1, max_decode_batch // x.shape[0])
         total = torch.zeros(x.shape[0], device=x.device)

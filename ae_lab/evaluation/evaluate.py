@@ -18,6 +18,10 @@ Metrics (`eval/*` in metrics.json and the W&B summary; `test/*` are the training
   on raw pixels; with `dataset.held_out_class`, `anomaly_auroc_recon` (and `anomaly_auroc_elbo`), the
   AUROC of the scores of `anomaly.py` (the very scores `TrainedModel.score` gives), which go per test
   example into `scores` (the run folder's `scores.npz`) and, with `eval.figures`, into `figures/roc.png`;
+- labelled data (`eval.fd_samples` > 0): sample quality as Fréchet distances to test examples in a
+  trained classifier's features (`sample_quality.py`): `fd_gmm` (samples from a Gaussian mixture on
+  the training codes), `fd_prior` (Gaussian head: from N(0, I)), `fd_real` (training examples: the
+  floor at this sample size), with `fd_n` and the classifier's `fd_classifier_accuracy`;
 - data with ground-truth factors: MIG, FactorVAE score, SAP, and DCI with `eval.dci` (slow: gradient-
   boosted trees) (`disentanglement.py`), each with the sample sizes it used beside it
   (`mig_n_train`, `factor_vae_n_pool`, `factor_vae_n_train`, `factor_vae_n_eval`, `sap_n_train`,
@@ -47,6 +51,7 @@ from ae_lab.evaluation.encoded import Encoded
 from ae_lab.evaluation.downstream import anomaly_auroc, probe_accuracy, roc_points
 from ae_lab.evaluation.likelihood import active_units, bernoulli_log_likelihood, importance_weighted_bound
 from ae_lab.evaluation.reconstruction import psnr
+from ae_lab.evaluation.sample_quality import sample_quality
 from ae_lab.evaluation.visual import draw_figures
 from ae_lab.figures import roc_curves
 from ae_lab.module import Autoencoder
@@ -64,9 +69,12 @@ class Evaluation:
     scores: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def evaluate(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, run_dir: Path) -> Evaluation:
+def evaluate(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, run_dir: Path,
+             checkpoint: Path | None = None) -> Evaluation:
     """Measure the trained `module` on `data`'s test split as `cfg.eval` says; draw its figures into
-    `run_dir/figures` when `eval.figures` is set."""
+    `run_dir/figures` when `eval.figures` is set. `checkpoint`, the file the module's weights were
+    loaded from (None: weights no file holds), is what the Gaussian-mixture sampler saved in `run_dir`
+    records it was fitted from."""
     module.eval()
     devices = [module.device] if module.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -84,6 +92,7 @@ def evaluate(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, run_di
         scores = _anomaly_scores(module, data, test_split, test, cfg)
         kinds = score_kinds(module) if scores else ()
         metrics.update({f"anomaly_auroc_{kind}": anomaly_auroc(scores[kind], scores["is_anomaly"]) for kind in kinds})
+        metrics.update(_sample_quality(module, data, test_split, test, cfg, run_dir, checkpoint, details))
         if test.factor_classes is None:
             _skip(details, "disentanglement (MIG, FactorVAE, SAP, DCI)", "the data have no ground-truth factor classes")
         elif cfg.eval.disentanglement_pool > 0:
@@ -263,6 +272,23 @@ def _downstream_metrics(module: Autoencoder, data: ArrayDataModule, test_split: 
     metrics["probe_accuracy_pixels"] = probe_accuracy(torch.cat(pixels).numpy(), train_labels,
                                                       test_pixels[known].numpy(), test_labels)
     return metrics
+
+
+def _sample_quality(module: Autoencoder, data: ArrayDataModule, test_split: Split, test: Encoded,
+                    cfg: DictConfig, run_dir: Path, checkpoint: Path | None,
+                    details: dict[str, Any]) -> dict[str, float]:
+    """The Fréchet distances of the module's samples (labelled data, `eval.fd_samples` > 0)."""
+    if cfg.eval.fd_samples == 0:
+        return {}
+    if test.labels is None:
+        _skip(details, "fd_prior, fd_gmm", "the data have no labels to train the feature classifier on")
+        return {}
+    codes = min(len(data.splits["train"]), cfg.eval.gmm_train_size)
+    with_gmm = cfg.eval.gmm_components <= codes
+    if not with_gmm:
+        _skip(details, "fd_gmm", f"eval.gmm_components={cfg.eval.gmm_components} is more than the {codes} "
+                                 "training codes the mixture would be fitted on")
+    return sample_quality(module, data, test_split, cfg, run_dir, checkpoint, with_gmm, details)
 
 
 def _jacobian_norm(module: Autoencoder, split: Split, ev: DictConfig) -> float:

@@ -28,10 +28,12 @@ def bernoulli_log_likelihood(decoder: nn.Module, x: torch.Tensor) -> LogLikeliho
     """log p(x|z) of a decoder that returns Bernoulli logits, for the batch `x` (B, C, H, W)."""
 
     def log_likelihood(z: torch.Tensor) -> torch.Tensor:
-        samples, batch = z.shape[:2]
-        logits = decoder(z.reshape(samples * batch, -1))
-        targets = x.expand(samples, *x.shape).reshape(logits.shape)
-        return -reconstruction_error(logits, targets, "bce").reshape(samples, batch)
+        # z (samples, B, latent_dim): decoded as one batch, sample-major; written with shape-free ops
+        # (flatten, repeat, reshape(samples, -1)) so that a traced graph (ae_lab.export) takes any B
+        samples = z.shape[0]
+        logits = decoder(z.flatten(0, 1))
+        targets = x.repeat(samples, *([1] * (x.dim() - 1)))
+        return -reconstruction_error(logits, targets, "bce").reshape(samples, -1)
 
     return log_likelihood
 
