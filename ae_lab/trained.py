@@ -28,7 +28,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ae_lab.config import register_resolvers
-from ae_lab.data import ArrayDataModule, Units, build_datamodule, input_shape as data_input_shape, is_own_data, units
+from ae_lab.data import (ArrayDataModule, Split, Units, build_datamodule, input_shape as data_input_shape, is_own_data,
+                         units)
 from ae_lab.data.image_folder import read_images as read_image_files, write_images as write_image_files
 from ae_lab.errors import ConfigError
 from ae_lab.evaluation.anomaly import anomaly_scores, score_kinds
@@ -63,6 +64,7 @@ def load(path: str | Path, which: str = "best", device: str | torch.device = "cp
     record = _finished_record(run_dir)
     register_resolvers()
     cfg = recorded_config(run_dir)
+    OmegaConf.resolve(cfg)  # e.g. a denoising run's `${noise_level:0.2}`: the values it trained with
     hparams, state = _read(checkpoint)
     try:
         data_units = units(cfg.dataset, run_dir, tuple(hparams["input_shape"]))
@@ -120,7 +122,7 @@ def _read(checkpoint: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     try:
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
         hparams, state = saved["hyper_parameters"], saved["state_dict"]
-        hparams["config"], hparams["input_shape"]
+        hparams["config"], hparams["input_shape"]  # KeyError: not an Autoencoder's checkpoint
     except Exception as error:  # noqa: BLE001 - any unreadable or foreign file is refused the same way
         reason = str(error).splitlines()[0] if str(error) else ""
         raise LoadError(f"{checkpoint} is not an ae_lab checkpoint that can be read ({type(error).__name__}: "
@@ -139,6 +141,11 @@ def _check_config(checkpoint: Path, hparams: dict[str, Any], cfg: DictConfig) ->
         shown = "; ".join(differing[:3]) + (f"; and {len(differing) - 3} more" if len(differing) > 3 else "")
         raise LoadError(f"{checkpoint} is a checkpoint of another config than its run's .hydra/config.yaml ({shown}): "
                         "put each run's checkpoints in its own folder")
+
+
+def _tensor(x: Array) -> torch.Tensor:
+    """`x` as a tensor: a tensor as it is, anything else (numpy, a memory map's rows) as a float32 copy."""
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x, dtype=np.float32))
 
 
 class TrainedModel:
@@ -180,8 +187,7 @@ class TrainedModel:
         """Raw inputs (N, *input_shape) or one example -> float32 model inputs on the model's device, as
         the run's loader made them (see `units`)."""
         self._check(x, self.input_shape, "x")
-        tensor = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x, dtype=np.float32))
-        return self.units.to_model(tensor.to(self.device))
+        return self.units.to_model(_tensor(x).to(self.device))
 
     def from_model(self, x: torch.Tensor) -> torch.Tensor:
         """Model units (inputs or reconstructions) -> raw units, on the tensor's device."""
@@ -255,7 +261,7 @@ class TrainedModel:
         if not 0 <= unit < self.latent_dim:
             raise InputError(f"unit={unit} is not allowed: a code unit of 0..{self.latent_dim - 1}")
         code = self.encode(self._example(x, "x"))
-        settings = torch.as_tensor(np.asarray(values, dtype=np.float32)).to(code.device).reshape(-1)
+        settings = _tensor(values).to(code.device, torch.float32).reshape(-1)
         codes = code.repeat(len(settings), 1)
         codes[:, unit] = settings
         return self._like(self.decode(codes), x)
@@ -271,7 +277,8 @@ class TrainedModel:
     # ----- the run's data
     def training_codes(self, batch_size: int = BATCH_SIZE) -> torch.Tensor:
         """The codes (means, for a VAE) of the run's training split, (N, latent_dim) on the CPU."""
-        return torch.cat([self.encode(raw, batch_size=batch_size).cpu() for raw in self._raw_batches("train", batch_size)])
+        batches = self._raw_batches("train", batch_size)
+        return torch.cat([self.encode(raw, batch_size=batch_size).cpu() for raw in batches])
 
     def split_inputs(self, name: str, batch_size: int = BATCH_SIZE) -> np.ndarray:
         """The run's `train`, `val` or `test` split in raw units (what a user would feed), float32
@@ -295,7 +302,7 @@ class TrainedModel:
         """Raw-unit images (N, C, H, W), or one, as image files (PNG), clipped to the pixel range."""
         self._image_shape()
         single = self._check(x, self.input_shape, "x")
-        images = (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x, dtype=np.float32))).detach().cpu()
+        images = _tensor(x).detach().cpu()
         images = images[None] if single else images
         if len(images) != len(paths):
             raise InputError(f"paths has {len(paths)} entries for {len(images)} images: give one path per image")
@@ -309,7 +316,7 @@ class TrainedModel:
     def _image_shape(self) -> tuple[int, int, int]:
         shape = self.input_shape
         if not self.units.pixels or len(shape) != 3 or shape[0] not in (1, 3):
-            what = "its raw values are your own array's, not pixels" if not self.units.pixels else f"its inputs are {shape}"
+            what = f"its inputs are {shape}" if self.units.pixels else "its raw values are your own array's, not pixels"
             raise InputError(f"image files are not allowed for {self.run_dir}: {what}; image files go with models of "
                              "grey or RGB images (C, H, W) of a pixel data set")
         return shape  # type: ignore[return-value]
@@ -337,10 +344,7 @@ class TrainedModel:
         parts = []
         with torch.no_grad():
             for start in range(0, max(len(rows), 1), batch_size):  # an empty batch gives empty results
-                chunk = rows[start:start + batch_size]
-                if not isinstance(chunk, torch.Tensor):
-                    chunk = torch.from_numpy(np.array(chunk, dtype=np.float32))
-                result = function(chunk.to(self.device))
+                result = function(_tensor(rows[start:start + batch_size]).to(self.device))
                 parts.append(result if isinstance(result, tuple) else (result,))
         joined = tuple(torch.cat(pieces) for pieces in zip(*parts))
         outputs = tuple(self._like(value[0] if single else value, x) for value in joined)
@@ -348,7 +352,7 @@ class TrainedModel:
 
     def _example(self, x: Array, name: str) -> torch.Tensor:
         """One example (or a batch of one) as a raw tensor on the device."""
-        tensor = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x, dtype=np.float32))
+        tensor = _tensor(x)
         if tuple(tensor.shape) == (1, *self.input_shape):
             tensor = tensor[0]
         if tuple(tensor.shape) != self.input_shape:
@@ -368,11 +372,12 @@ class TrainedModel:
             recorded = self.record.get("data", {}).get("sha256")
             if recorded != data.checksum:
                 raise LoadError(f"{self.run_dir}'s data set {data.name} has changed since the run (its checksum "
-                                "differs from run.json's): its splits cannot be rebuilt; restore the data it trained on")
+                                "differs from run.json's): its splits cannot be rebuilt; restore the data it "
+                                "trained on")
             self._data = data
         return self._data
 
-    def _split(self, name: str):
+    def _split(self, name: str) -> Split:
         if name not in SPLITS:
             raise InputError(f"split {name!r} is not allowed: one of {', '.join(SPLITS)}")
         return self._datamodule().splits[name]

@@ -22,7 +22,7 @@ from ae_lab.data.base import Split
 from ae_lab.ensemble.group import Member, run_group
 from ae_lab.evaluation import downstream, evaluate as evaluate_module
 from ae_lab.trained import InputError, LoadError
-from conftest import compose_config, read_json, train_in_process
+from conftest import SHARED, compose_config, needs_shared, read_json, train_in_process
 
 SMALL = ["logger=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
          "model.hidden_dims=[32]", "model.latent_dim=4", "eval.jacobian_examples=0"]
@@ -188,6 +188,42 @@ def test_mnist_raw_pixels_become_what_each_binarisation_trained_on(tmp_path, bin
     assert mnist.raw(intensities, torch.arange(1)).tolist() == [[0.0, 200.0]]
 
 
+def _folder_of_images(folder: Path) -> None:
+    """Two classes of six random 12 x 10 RGB images."""
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for k in range(6):
+            Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(folder / label / f"{k}.png")
+
+
+@pytest.mark.parametrize("overrides", [
+    ["dataset=digits"],
+    ["dataset=image_folder", "dataset.path={tmp}/images", "dataset.root={tmp}", "dataset.size=[6,5]",
+     "dataset.normalize=standard"],
+    ["dataset=array", "dataset.path={tmp}/rows.npy", "dataset.normalize=minmax"],
+    *[pytest.param(["dataset=mnist", f"dataset.root={SHARED}", f"dataset.binarize={mode}"], marks=needs_shared, id=mode)
+      for mode in ("dynamic",)],  # its evaluation splits a fixed draw, its training split drawn per batch
+], ids=lambda overrides: overrides[0] if isinstance(overrides, list) else None)
+def test_each_data_sets_raw_examples_become_what_its_loader_serves(tmp_path, overrides):
+    """Every split as raw examples (`Units.raw`), mapped by `to_model`, equals the loader's own batches:
+    the preprocessing rebuilt from the config and the run folder (scaling.json) is the loader's."""
+    np.save(tmp_path / "rows.npy", np.random.default_rng(1).normal(50, 20, (40, 3)).astype(np.float32))
+    _folder_of_images(tmp_path / "images")
+    cfg = compose_config([override.format(tmp=tmp_path) for override in overrides]).dataset
+    data = build_datamodule(cfg)
+    if data.scaling is not None:  # what the run writes into its folder
+        (tmp_path / "scaling.json").write_text(json.dumps(data.scaling.record()))
+    data_units = units(cfg, tmp_path, data.input_shape)
+    for name, split in data.splits.items():
+        if split.resample_binary:  # drawn afresh per batch: raw gives the draws' expectation
+            continue
+        positions = torch.arange(min(len(split), 300))
+        served = split.batch(positions)["x"]
+        assert torch.allclose(data_units.to_model(data_units.raw(split, positions)), served, atol=1e-6), name
+        assert torch.allclose(data_units.from_model(served), data_units.raw(split, positions), rtol=1e-5, atol=1e-4)
+
+
 # ----- the operations
 
 def test_interpolation_ends_and_a_traversal_to_the_codes_own_value_are_reconstructions(vae):
@@ -281,6 +317,9 @@ def test_load_refuses_what_is_not_a_finished_run_in_one_line_naming_the_path_and
     (run / "run.json").write_text(json.dumps({**record, "status": "interrupted"}))
     message = _refused(run)
     assert f"{run} is not a finished run (status interrupted)" in message and f"resume={run}" in message
+    (run / "run.json").write_text(json.dumps({**record, "data": {**record["data"], "sha256": "0" * 64}}))
+    with pytest.raises(LoadError, match=f"^{run}'s data set digits has changed since the run .*run.json's"):
+        ae_lab.load(run).split_inputs("test")
     (run / "run.json").write_text(json.dumps(record))
     shutil.copy(run / "checkpoints" / "best.ckpt", tmp_path / "loose.ckpt")
     assert "checkpoints/ folder" in _refused(tmp_path / "loose.ckpt")

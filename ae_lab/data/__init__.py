@@ -4,6 +4,9 @@ Built-in sets know their input shape without loading. A user's data (`dataset=ar
 or a `_target_` loader) is read and checked once, when its shape is first asked for (before training:
 a bad file is refused there, in one line), and that checked module is what `build_datamodule` returns
 later in the same process.
+
+`units` rebuilds, from a run's config and folder, how its loader turned raw examples into model inputs
+(`ae_lab/data/units.py`; each data module's `units` says it for its own set), for `ae_lab.load`.
 """
 
 from __future__ import annotations
