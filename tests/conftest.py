@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +26,10 @@ needs_shared = pytest.mark.skipif(
     reason=f"the MNIST and Fashion-MNIST files are not in {SHARED} (see shared/data/README.md)")
 
 register_configs()
+
+# user caches (the Fréchet distance's feature classifier, W&B's artifact cache) go to a folder of this test
+# session, not the user's ~/.cache: a test never reads a cache an earlier session or another version left
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ae_lab-test-cache-")
 
 # pytest-xdist's workers (pyproject.toml) share the cores: each trains, and the runs it starts train, with
 # its share of them rather than all of them each
