@@ -45,6 +45,9 @@ ERRORS = [
     (["model.latnt_dim=8"], "model.latnt_dim is not a key of model (did you mean model.latent_dim?)"),
     (["noise.prob=0.2"], "noise.prob is not a key of noise (did you mean noise.p? it is a key of noise=masking"),
     (["noise=masking", "noise.pp=0.2"], "noise.pp is not a key of noise (did you mean noise.p?)"),
+    (["noise=gaussian", "noise.p=0.2"], "noise.p is not a key of noise=gaussian (did you mean noise.std? noise.p is "
+                                        "a key of noise=masking and noise=salt_pepper)"),
+    (["loss.beta=1,4"], "loss.beta=1,4 lists 2 values, which is a sweep: a sweep needs -m"),
     (["seeed=1"], "seeed is not a key at the top level (did you mean seed?)"),
     (["seed=abc"], "seed=abc is not allowed: seed takes an integer"),
     (["eval.figures=maybe"], "eval.figures=maybe is not allowed: eval.figures takes true or false"),
