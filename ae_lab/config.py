@@ -521,7 +521,8 @@ def register_configs() -> None:
     register_sweeps(store)
 
 
-SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
+CONF = Path(__file__).resolve().parent.parent / "conf"  # the config folder Hydra composes from
+SWEEPS = CONF.parent / "sweeps"
 
 
 def register_sweeps(store: ConfigStore) -> None:
