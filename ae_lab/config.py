@@ -472,6 +472,25 @@ class Config:
     verbose: bool = False
 
 
+# Config keys (flat, `fnmatch` patterns) that cannot change a run's numbers: where data files live and
+# are fetched from, what is logged and shown, how often a checkpoint is written, which figures are drawn.
+# `ae_lab.compare` never takes them for swept keys; a resume refused for a changed config names the
+# other keys first. Not here: anything that changes the data, the model, the training or the metrics
+# (also `dataset.num_workers`, under which dynamic binarisation draws in worker processes).
+NON_RESULT_KEYS = ("dataset.root", "dataset.mirrors", "dataset.mirrors.*", "dataset.download",
+                   "dataset.download_timeout", "dataset.cache", "dataset.on_device", "logger.*",
+                   "checkpoint_every_n_steps", "resume", "verbose", "objective", "trainer.enable_progress_bar",
+                   "trainer.enable_model_summary", "trainer.detect_anomaly", "eval.figures",
+                   "eval.num_reconstructions", "eval.num_samples", "eval.traversal_*", "eval.interpolation_steps")
+
+
+def changes_results(key: str) -> bool:
+    """Whether the flat config key `key` can change a run's numbers (it is not one of NON_RESULT_KEYS)."""
+    from fnmatch import fnmatchcase
+
+    return not any(fnmatchcase(key, pattern) for pattern in NON_RESULT_KEYS)
+
+
 SCHEMAS: dict[str, dict[str, type]] = {
     "noise": {
         "none": NoNoise,
