@@ -219,25 +219,39 @@ def _csv_number(value: float) -> str:
 
 def print_table(rows: list[Row], keys: list[str], metrics: list[str], aggregated: bool,
                 console: Any = None) -> None:
-    """The table on the terminal: the metric columns keep their full width (names and numbers are never
-    cut short); on a narrow terminal the run and key columns fold their text onto more lines."""
+    """The table on the terminal, never cutting a metric's name or number short: when the metrics do not
+    fit beside the run, key and status columns, they are spread over several tables that each repeat
+    those columns (as pandas prints a wide frame); the run and key columns fold their text onto more
+    lines where the terminal is narrow. In pipes and files, whole rows (400 characters)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{sum(len(row.folders) for row in rows)} runs" + (", mean ± std over seeds" if aggregated else ""))
-    table.add_column("run", overflow="fold")
-    for key in keys:
-        table.add_column(key, overflow="fold")
-    table.add_column("status", no_wrap=True)
+    console = console or Console(width=None if sys.stdout.isatty() else 400)
+    labels = [[row.run, *(str(row.values.get(key)) for key in keys), row.status] for row in rows]
+    cells = {metric: [_cell(row, metric, aggregated) for row in rows] for metric in metrics}
+    widths = {metric: max([len(metric), *map(len, cells[metric])]) for metric in metrics}
+    natural = sum(max([len(header), *(len(line[i]) for line in labels)]) + 3
+                  for i, header in enumerate(["run", *keys, "status"]))
+    room = console.width - 1 - min(natural, console.width // 2)  # the rest folds into its half
+    chunks: list[list[str]] = []
     for metric in metrics:
-        width = max([len(metric), *(len(_cell(row, metric, aggregated)) for row in rows)])
-        table.add_column(metric, justify="right", no_wrap=True, min_width=width)
-    for row in rows:
-        style = None if all(status == "completed" for status in row.statuses) else "red"
-        table.add_row(row.run, *(str(row.values.get(key)) for key in keys), row.status,
-                      *(_cell(row, metric, aggregated) for metric in metrics), style=style)
-    # whole rows in pipes and files
-    (console or Console(width=None if sys.stdout.isatty() else 400)).print(table)
+        if chunks and sum(widths[m] + 3 for m in chunks[-1]) + widths[metric] + 3 <= room:
+            chunks[-1].append(metric)
+        else:
+            chunks.append([metric])
+    title = f"{sum(len(row.folders) for row in rows)} runs" + (", mean ± std over seeds" if aggregated else "")
+    for number, chunk in enumerate(chunks or [[]], 1):
+        table = Table(title=title + (f" ({number} of {len(chunks)})" if len(chunks) > 1 else ""))
+        table.add_column("run", overflow="fold")
+        for key in keys:
+            table.add_column(key, overflow="fold")
+        table.add_column("status", overflow="fold")
+        for metric in chunk:
+            table.add_column(metric, justify="right", no_wrap=True, min_width=widths[metric])
+        for index, row in enumerate(rows):
+            style = None if all(status == "completed" for status in row.statuses) else "red"
+            table.add_row(*labels[index], *(cells[metric][index] for metric in chunk), style=style)
+        console.print(table)
 
 
 def plot(rows: list[Row], keys: list[str], metric: str, folder: Path, x_key: str | None,

@@ -181,17 +181,20 @@ def test_rows_name_their_runs_and_keys_that_cannot_change_a_result_are_not_swept
     assert swept_keys(runs) == ["loss.beta", "optim.lr", "seed"]
 
 
-def test_metric_columns_keep_their_names_on_a_narrow_terminal(sweep):
+def test_metric_columns_keep_their_names_and_numbers_on_a_narrow_terminal(sweep):
     from rich.console import Console
 
     from ae_lab.compare import build_rows, find_runs, print_table, swept_keys
 
     runs = find_runs([sweep["dir"]])
-    metrics = ["test/loss", "test/recon", "test/kl", "test/elbo"]
-    console = Console(width=80, record=True, file=io.StringIO())
-    print_table(build_rows(runs, swept_keys(runs), metrics, by_seed=True), swept_keys(runs), metrics, False, console)
+    metrics = ["test/loss", "test/recon", "test/kl", "test/elbo", "val/loss", "val/recon"]
+    rows = build_rows(runs, swept_keys(runs), metrics, by_seed=True)
+    console = Console(width=60, record=True, file=io.StringIO())
+    print_table(rows, swept_keys(runs), metrics, False, console)
     text = console.export_text()
-    assert all(metric in text for metric in metrics) and "…" not in text, text
+    assert "…" not in text and all(len(line) <= 60 for line in text.splitlines()), text
+    assert all(metric in text for metric in metrics)
+    assert all(f"{row.mean(metric):.4f}" in text for row in rows for metric in metrics)
 
 
 def test_an_unknown_metric_is_refused_naming_the_closest(sweep):
