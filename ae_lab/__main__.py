@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> float:
     from ae_lab.distributed import launched_rank, log_to_console_only
     from ae_lab.preemption import Requeued
     from ae_lab.report import print_config_summary, print_summary
-    from ae_lab.resume import unfinished_run
+    from ae_lab.resume import recorded_job, unfinished_run
     from ae_lab.run import RunInterrupted, train
     from ae_lab.tracking import record_refused
 
@@ -36,7 +36,11 @@ def main(cfg: DictConfig) -> float:
     logging.captureWarnings(True)  # libraries' warnings into ae_lab.log; on the console with verbose=true
     first_rank = launched_rank() == 0
     if first_rank:  # DDP's other ranks join rank 0's run
-        print_config_summary(dict(hydra_config.runtime.choices), list(hydra_config.overrides.task), run_dir)
+        choices, overrides = dict(hydra_config.runtime.choices), list(hydra_config.overrides.task)
+        recorded = recorded_job(Path(cfg.resume)) if cfg.resume is not None else None
+        if recorded is not None:  # a resumed run trains its recorded config: show that one
+            choices, overrides = recorded[0], [*recorded[1], *overrides]
+        print_config_summary(choices, overrides, run_dir)
     else:
         log_to_console_only()
     try:
