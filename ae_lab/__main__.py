@@ -79,7 +79,8 @@ def main(cfg: DictConfig) -> float:
             raise
         log.exception("job failed: %s", error)
         return math.nan
-    print_summary(run_dir, metrics)
+    if first_rank:  # rank 0 owns the run's files, its W&B run and its report
+        print_summary(run_dir, metrics)
     return metrics.get(cfg.objective, math.nan)
 
 

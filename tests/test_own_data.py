@@ -115,6 +115,21 @@ def test_scaling_is_fitted_on_the_training_split_only(tmp_path):
     assert recorded["fitted_on"] == "train" and recorded["train_examples"] == len(train_rows)
 
 
+def test_scaling_is_fitted_without_the_held_out_class(tmp_path):
+    """The anomalies are not trained on, so they do not shape the scaling either."""
+    rng = np.random.default_rng(3)
+    labels = np.arange(200) % 4 == 0  # class 1: a quarter of the records, far from the others
+    x = np.where(labels[:, None], rng.normal(100.0, 1.0, (200, 3)), rng.normal(0.0, 1.0, (200, 3)))
+    np.savez(tmp_path / "d.npz", x=x, labels=labels.astype(int))
+    data = build_datamodule(array_config(tmp_path / "d.npz", "dataset.normalize=standard", "dataset.held_out_class=1",
+                                         "loss.recon=mse", "model.output=linear").dataset)
+    trained = data.splits["train"].index.numpy()  # the class held out, as training sees it
+    assert len(trained) > 0 and not labels[trained].any()
+    np.testing.assert_allclose(data.scaling.shift.numpy(), x[trained].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(data.scaling.scale.numpy(), x[trained].std(0), rtol=1e-6)
+    assert data.scaling.record()["train_examples"] == len(trained)
+
+
 def test_breast_cancer_anomaly_detection_as_in_the_readme(tmp_path):
     """README example: train on benign records only, score malignant ones by reconstruction error."""
     from sklearn.datasets import load_breast_cancer

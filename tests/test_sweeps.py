@@ -103,6 +103,8 @@ def test_single_run_with_ddp_makes_one_run_folder(tmp_path):
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["runs"]
     [run] = (tmp_path / "outputs" / "runs").iterdir()
     assert files_of(run) == JOB_FILES | {"csv/metrics.csv"}
+    # rank 0 alone reports the run: one final table, one closing "run folder" line
+    assert done.stdout.splitlines().count(f"run folder: {run}") == 1, done.stdout[-3000:]
 
 
 def test_joblib_launcher_with_ddp_jobs(tmp_path):
