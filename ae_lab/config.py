@@ -526,10 +526,11 @@ def register_configs() -> None:
     """
     from omegaconf import OmegaConf
 
+    from ae_lab.help import page
     from ae_lab.sweep import config_hash, noise_level, slurm_gpus
 
     for name, resolver in (("config_hash", config_hash), ("noise_level", noise_level), ("run_folder", run_folder),
-                           ("slurm_gpus", slurm_gpus)):
+                           ("slurm_gpus", slurm_gpus), ("ae_lab_help", page)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
     store = ConfigStore.instance()

@@ -108,3 +108,26 @@ def test_schemas_are_not_offered_as_options():
         loader = GlobalHydra.instance().config_loader()
         for group in SCHEMAS:  # what Hydra offers in each group is its YAML options, nothing else
             assert loader.get_group_options(group) == sorted(path.stem for path in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+def test_help_is_ae_labs_own_page_generated_from_the_config_folder(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ae_lab.help import MOST_USED
+    from conftest import compose_config
+
+    done = run_cli(["--help"], cwd=tmp_path)
+    assert done.returncode == 0 and "schema" not in done.stdout and "Powered by Hydra" not in done.stdout
+    lines = done.stdout.splitlines()
+    for folder in (path for path in (ROOT / "conf").iterdir() if path.is_dir() and path.name != "hydra"):
+        [line] = [line for line in lines if line.strip().startswith(f"{folder.name}:")]
+        assert sorted(line.split(":", 1)[1].strip().split(", ")) == sorted(p.stem for p in folder.glob("*.yaml"))
+    assert "model:          ae, vae" in lines[lines.index("Config groups (group=option; the first is the default):") + 7]
+    launchers = next(line for line in lines if line.strip().startswith("hydra/launcher:"))
+    assert all(name in launchers for name in ("basic", "gpu_queue", "vectorized", "slurm"))
+    assert "python -m ae_lab.compare: runs and sweeps side by side" in done.stdout
+    assert "python -m ae_lab.reproduce: run a finished run again" in done.stdout
+    sections = [line[3:] for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("## ")]
+    assert all(section in " ".join(done.stdout.split()) for section in sections)
+    config = compose_config([])
+    assert all(OmegaConf.select(config, key, default="absent") != "absent" for key in MOST_USED)
