@@ -56,6 +56,8 @@ def main(cfg: DictConfig) -> float:
             metrics = train(cfg, run_dir)
     except ConfigError as error:
         if not in_sweep:
+            if cfg.resume is None and first_rank:
+                _remove_unstarted(run_dir)
             fail(str(error))
         record_refused(run_dir, cfg, error)
         log.error("job refused: %s", error)
@@ -82,6 +84,22 @@ def main(cfg: DictConfig) -> float:
     if first_rank:  # rank 0 owns the run's files, its W&B run and its report
         print_summary(run_dir, metrics)
     return metrics.get(cfg.objective, math.nan)
+
+
+def _remove_unstarted(run_dir: Path) -> None:
+    """Take back the folder of a run refused before it started (e.g. a missing or corrupt data file, found
+    when the data are read): it holds only the log Hydra opened. Anything else in it is left alone."""
+    if (run_dir / "run.json").exists():
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.resolve():
+            root.removeHandler(handler)
+            handler.close()
+    log_file = run_dir / "ae_lab.log"
+    if log_file.exists() and [path.name for path in run_dir.iterdir()] == [log_file.name]:
+        log_file.unlink()
+        run_dir.rmdir()
 
 
 def cli() -> None:
