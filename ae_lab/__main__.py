@@ -28,6 +28,7 @@ def main(cfg: DictConfig) -> float:
     from ae_lab.report import print_config_summary, print_summary
     from ae_lab.resume import recorded_job, unfinished_run
     from ae_lab.run import RunInterrupted, train
+    from ae_lab.sweep import queued_sweep_job
     from ae_lab.tracking import record_refused
 
     hydra_config = HydraConfig.get()
@@ -49,8 +50,9 @@ def main(cfg: DictConfig) -> float:
 
             cfg, resume = resume_point(cfg, list(hydra_config.overrides.task))
             metrics = train(cfg, run_dir, resume)
-        elif in_sweep or not first_rank:  # a requeued job, or a sweep run again, goes on from an unfinished
-            # job's checkpoint; every rank of a DDP job decides alike (local DDP ranks > 0 run as single runs)
+        elif in_sweep or not first_rank or queued_sweep_job():  # a requeued job, or a sweep run again, goes
+            # on from an unfinished job's checkpoint; every rank of a DDP job decides alike (local DDP ranks > 0
+            # run as single runs, and so do gpu_queue's jobs)
             metrics = train(cfg, run_dir, unfinished_run(cfg, run_dir, first_rank))
         else:
             metrics = train(cfg, run_dir)

@@ -25,7 +25,9 @@ class CheckBeforeRun(Callback):
         if config.resume is not None:
             self._check_resume(config, first_rank)  # checks the run's recorded config
         else:
-            if first_rank and (run_dir / "run.json").exists():
+            from ae_lab.sweep import queued_sweep_job
+
+            if first_rank and (run_dir / "run.json").exists() and not queued_sweep_job():
                 fail(f"hydra.run.dir={str(run_dir)!r} already holds a run: choose a new folder, "
                      f"or continue it with resume={run_dir}")
             from ae_lab.data import input_shape
