@@ -220,3 +220,10 @@ def test_an_axis_over_a_decade_or_more_is_logarithmic():
 
     assert log_scale([1, 10]) and log_scale([0.001, 0.003, 0.01]) and log_scale([2, 8, 32])
     assert not log_scale([1, 4, 9]) and not log_scale([0, 1, 100]) and not log_scale([-1, 10])
+
+
+def test_a_sweeps_own_messages_are_tagged_by_who_said_them(sweep):
+    """The sweep process's logging (conf/hydra/hydra_logging/ae_lab.yaml) names the logger, not [HYDRA]."""
+    assert "[HYDRA]" not in sweep["stdout"]
+    assert any("][hydra." in line and "][INFO] - Launching 4 jobs locally" in line
+               for line in sweep["stdout"].splitlines()), sweep["stdout"][:2000]

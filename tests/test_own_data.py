@@ -278,6 +278,24 @@ def test_rgb_image_folder_trains_a_colourisation_conv_net_with_colour_figures(tm
     assert (tmp_path / "run" / "figures" / "reconstructions.png").is_file()
 
 
+def test_what_reading_the_data_says_is_said_in_each_run_not_at_the_checks(tmp_path, caplog):
+    """The checks read a user's data before the run's logging exists (its console format, its ae_lab.log):
+    the mixed-colour warning is said when a run builds its data, in every run of the process."""
+    from ae_lab.data import own_data
+
+    folder = tmp_path / "mixed"
+    for index in range(4):
+        write_png(folder / f"{index}.png", (index * 20, 100, 50))
+    write_png(folder / "grey.png", 128, mode="L")
+    cfg = folder_config(folder, tmp_path)
+    with caplog.at_level(logging.INFO):
+        own_data(cfg.dataset)  # as ae_lab.hydra_callbacks.CheckBeforeRun does
+        assert "mixes grey images" not in caplog.text
+        for run in (1, 2):
+            build_datamodule(cfg.dataset)
+            assert caplog.text.count("mixes grey images (1, e.g. grey.png) and colour ones (4") == run
+
+
 def test_bad_image_folders_are_refused_naming_the_key(tmp_path):
     (tmp_path / "empty").mkdir()
     write_png(tmp_path / "notes" / "a.png", (1, 2, 3))
