@@ -33,6 +33,7 @@ def check_trainer(trainer: DictConfig) -> list[str]:
     built = _build(arguments)
     if isinstance(built, Exception):
         raise ConfigError(_refusal(arguments, built))
+    # Lightning's own reading of a precision ("16" -> "16-mixed"): private, checked against lightning_fabric 2.6.6
     from lightning_fabric.connector import _convert_precision_to_unified_args
 
     with _silent():  # its note that `16` stands for `16-mixed`
