@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from ae_lab.paths import SWEEPS
 
 
 class Arch(str, Enum):
@@ -541,8 +542,6 @@ def register_configs() -> None:
     register_sweeps(store)
 
 
-CONF = Path(__file__).resolve().parent.parent / "conf"  # the config folder Hydra composes from
-SWEEPS = CONF.parent / "sweeps"
 
 
 def register_sweeps(store: ConfigStore) -> None:

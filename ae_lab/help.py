@@ -13,6 +13,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ae_lab.paths import CONF, SWEEPS
+
 PACKAGE = Path(__file__).resolve().parent
 # the keys most runs set; each is checked to exist in the default config (tests/test_console.py)
 MOST_USED = ("model.latent_dim", "model.arch", "model.hidden_dims", "loss.beta", "loss.sparsity_weight",
@@ -60,8 +62,6 @@ def readme_sections(readme: Path) -> list[str]:
 
 def page() -> str:
     """The help page (Hydra substitutes `$` names in it, so a literal dollar is written twice)."""
-    from ae_lab.config import CONF, SWEEPS
-
     width = max(map(len, config_groups(CONF))) + 2
     groups = [f"  {group + ':':<{width}}{', '.join(options)}" for group, options in config_groups(CONF).items()]
     groups.append(f"  {'+sweeps:':<{width}}{', '.join(sorted(path.stem for path in SWEEPS.glob('*.yaml')))}")

@@ -85,7 +85,7 @@ def log_like_a_run(run_dir: Path, verbose: bool) -> None:
     on the console only ae_lab's messages unless `verbose`."""
     import logging.config
 
-    from ae_lab.config import CONF
+    from ae_lab.paths import CONF
 
     root = OmegaConf.create({"verbose": verbose, "hydra": {"runtime": {"output_dir": str(run_dir)},
                                                            "job": {"name": "ae_lab"}}})

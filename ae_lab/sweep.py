@@ -106,14 +106,3 @@ def summarize(sweep_dir: Path) -> list[Job]:
     if any(sweep_dir.glob("*/wandb/offline-run-*")):
         print(f"W&B runs saved offline; upload them all with: wandb sync {sweep_dir}/*/wandb/offline-run-*")
     return jobs
-
-
-def queued_sweep_job() -> bool:
-    """Whether this process is a sweep's job that a launcher started as a single run of its own
-    (`gpu_queue`; it names the sweep in `ae_lab.tracking.SWEEP_VARIABLE`): like an in-process sweep job,
-    its folder may hold the unfinished run that it goes on with when the sweep runs again."""
-    import os
-
-    from ae_lab.tracking import SWEEP_VARIABLE
-
-    return bool(os.environ.get(SWEEP_VARIABLE))
