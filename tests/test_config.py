@@ -120,14 +120,6 @@ def test_a_precision_lightning_substitutes_is_said():
     assert validate(compose_config(["trainer.precision=bf16-mixed", "trainer.accelerator=cpu"]), (1, 8, 8)) == []
 
 
-def test_a_trainer_value_lightning_refuses_leaves_nothing_and_prints_one_line(tmp_path):
-    done = run_cli(["trainer.precision=7"], cwd=tmp_path)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
-    assert done.stderr.startswith("ae_lab: error: trainer.precision=7 is not allowed by Lightning")
-    assert list(tmp_path.iterdir()) == [], "nothing may be written: no run folder, no W&B run"
-
-
 def test_conv_deeper_than_the_image_allows_is_refused():
     cfg = compose_config(["model.arch=conv", "model.channels=[8,8,8,8]"])
     with pytest.raises(ConfigError, match="at most 3 stride-2 conv layers with kernel_size=3 for 8x8"):
@@ -160,7 +152,8 @@ CLI_BAD_INPUTS = [
     (["model=nonexistent"], "model=nonexistent"),
     (["model.latent_dim=eight"], "model.latent_dim"),
     (["model.arch=conv", "model.channels=[8,8,8,8]"], "model.channels"),
-    # more GPUs than there are: the devices are at fault, or the accelerator on a machine without a GPU
+    # more GPUs than there are (Lightning's refusal, asked before anything is written): the devices are at
+    # fault, or the accelerator on a machine without a GPU
     (["trainer.accelerator=gpu", f"trainer.devices={torch.cuda.device_count() + 1}"],
      "trainer.devices=" if torch.cuda.is_available() else "trainer.accelerator='gpu'"),
     (["hydra.run.dir=a_file/run"], "hydra.run.dir"),
@@ -171,7 +164,7 @@ CLI_BAD_INPUTS = [
 def test_cli_refuses_bad_input_before_training(overrides, key, tmp_path):
     (tmp_path / "a_file").write_text("a file where a run folder's parent should be\n")
     done = run_cli(overrides, cwd=tmp_path)
-    assert done.returncode != 0
+    assert done.returncode == 2
     assert key in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
     assert len(done.stderr.strip().splitlines()) <= 12  # a message, not a wall

@@ -131,3 +131,15 @@ def test_help_is_ae_labs_own_page_generated_from_the_config_folder(tmp_path):
     assert all(section in " ".join(done.stdout.split()) for section in sections)
     config = compose_config([])
     assert all(OmegaConf.select(config, key, default="absent") != "absent" for key in MOST_USED)
+
+
+def test_the_resolution_of_an_accuracy_is_one_test_example(cli_run):
+    _, run_dir = cli_run
+    resolution = read_json(run_dir / "evaluation.json")["resolution"]
+    accuracy = read_json(run_dir / "metrics.json")["eval/probe_accuracy"]
+    from ae_lab.data import build_datamodule
+    from conftest import compose_config
+
+    tested = len(build_datamodule(compose_config([]).dataset).splits["test"])  # digits: no class held out
+    assert resolution["eval/probe_accuracy"] == resolution["eval/probe_accuracy_pixels"] == 1 / tested
+    assert accuracy * tested == pytest.approx(round(accuracy * tested), abs=1e-9)  # a whole number right
