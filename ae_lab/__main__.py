@@ -23,10 +23,10 @@ log = logging.getLogger("ae_lab")
 def main(cfg: DictConfig) -> float:
     """Train one run. In a sweep a failing job is recorded (run.json, the sweep's summary) and the
     sweep goes on; alone, a bad config ends the process with one line and exit code 2."""
-    from ae_lab.distributed import launched_rank, log_to_console_only
+    from ae_lab.distributed import launched_rank, log_to_console_only, queued_sweep_job
     from ae_lab.preemption import Requeued
     from ae_lab.report import print_config_summary, print_summary
-    from ae_lab.resume import unfinished_run
+    from ae_lab.resume import recorded_job, unfinished_run
     from ae_lab.run import RunInterrupted, train
     from ae_lab.tracking import record_refused
 
@@ -36,7 +36,11 @@ def main(cfg: DictConfig) -> float:
     logging.captureWarnings(True)  # libraries' warnings into ae_lab.log; on the console with verbose=true
     first_rank = launched_rank() == 0
     if first_rank:  # DDP's other ranks join rank 0's run
-        print_config_summary(dict(hydra_config.runtime.choices), list(hydra_config.overrides.task), run_dir)
+        choices, overrides = dict(hydra_config.runtime.choices), list(hydra_config.overrides.task)
+        recorded = recorded_job(Path(cfg.resume)) if cfg.resume is not None else None
+        if recorded is not None:  # a resumed run trains its recorded config: show that one
+            choices, overrides = recorded[0], [*recorded[1], *overrides]
+        print_config_summary(choices, overrides, run_dir)
     else:
         log_to_console_only()
     try:
@@ -45,13 +49,16 @@ def main(cfg: DictConfig) -> float:
 
             cfg, resume = resume_point(cfg, list(hydra_config.overrides.task))
             metrics = train(cfg, run_dir, resume)
-        elif in_sweep or not first_rank:  # a requeued job, or a sweep run again, goes on from an unfinished
-            # job's checkpoint; every rank of a DDP job decides alike (local DDP ranks > 0 run as single runs)
+        elif in_sweep or not first_rank or queued_sweep_job():  # a requeued job, or a sweep run again, goes
+            # on from an unfinished job's checkpoint; every rank of a DDP job decides alike (local DDP ranks > 0
+            # run as single runs, and so do gpu_queue's jobs)
             metrics = train(cfg, run_dir, unfinished_run(cfg, run_dir, first_rank))
         else:
             metrics = train(cfg, run_dir)
     except ConfigError as error:
         if not in_sweep:
+            if cfg.resume is None and first_rank:
+                _remove_unstarted(run_dir)
             fail(str(error))
         record_refused(run_dir, cfg, error)
         log.error("job refused: %s", error)
@@ -75,8 +82,25 @@ def main(cfg: DictConfig) -> float:
             raise
         log.exception("job failed: %s", error)
         return math.nan
-    print_summary(run_dir, metrics)
+    if first_rank:  # rank 0 owns the run's files, its W&B run and its report
+        print_summary(run_dir, metrics)
     return metrics.get(cfg.objective, math.nan)
+
+
+def _remove_unstarted(run_dir: Path) -> None:
+    """Take back the folder of a run refused before it started (e.g. a missing or corrupt data file, found
+    when the data are read): it holds only the log Hydra opened. Anything else in it is left alone."""
+    if (run_dir / "run.json").exists():
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.resolve():
+            root.removeHandler(handler)
+            handler.close()
+    log_file = run_dir / "ae_lab.log"
+    if log_file.exists() and [path.name for path in run_dir.iterdir()] == [log_file.name]:
+        log_file.unlink()
+        run_dir.rmdir()
 
 
 def cli() -> None:

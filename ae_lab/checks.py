@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ae_lab.errors import ConfigError
+from ae_lab.trainer_check import check_trainer
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -136,12 +137,8 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
     _require(trainer.max_epochs >= 1 or trainer.max_epochs == -1, "trainer.max_epochs",
              trainer.max_epochs, "an integer >= 1, or -1 for no limit")
     _require(trainer.max_steps >= -1, "trainer.max_steps", trainer.max_steps, "an integer >= 0, or -1 for no limit")
-    if trainer.accelerator in ("gpu", "cuda") and isinstance(trainer.devices, int):
-        import torch
-
-        available = torch.cuda.device_count()
-        _require(trainer.devices <= available, "trainer.devices", trainer.devices,
-                 f"at most the {available} GPU(s) this machine has")
+    _require(trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches",
+             trainer.accumulate_grad_batches, "an integer >= 1")
     clip = trainer.gradient_clip_val
     _require(clip is None or (isinstance(clip, (int, float)) and clip >= 0), "trainer.gradient_clip_val",
              clip, "null or a number >= 0")
@@ -157,7 +154,7 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
                      "no W&B API key found: run `wandb login` or set WANDB_API_KEY, "
                      "or keep logger.mode=offline and `wandb sync` the run later")
 
-    warnings = []
+    warnings = check_trainer(trainer)  # every value Lightning's Trainer refuses, asked of Lightning
     if loss.beta > 0 and model.latent == "deterministic":
         warnings.append(f"loss.beta={loss.beta} has no effect: there is no KL term without "
                         "model.latent=gaussian (e.g. model=vae)")

@@ -1,10 +1,14 @@
 """`python -m ae_lab.compare PATH...`: runs and sweeps side by side, read from their run folders only.
 
-The table has one column per swept key (a config key whose value differs between the runs), the
-status, and the chosen metrics. Seeds are repeats, not a hyperparameter: when the runs differ in
-`seed`, rows that differ only in the seed are merged into mean ± std with the number of seeds
-(`--by-seed` keeps one row per run). `--plot DIR` draws a metric against one swept key with a line per
-value of a second, a heat map over two swept keys, and for VAEs the rate-distortion plane.
+The table has the run (its folder, relative to the folder that holds all the runs shown), one column
+per swept key (a config key whose value differs between the runs and that can change a result: not
+ae_lab.config.NON_RESULT_KEYS), the status, and the chosen metrics. Seeds are repeats, not a
+hyperparameter: when the runs differ in `seed`, rows that differ only in the seed are merged into mean ±
+std with the number of seeds, within each folder of runs (a sweep), so that two sweeps stay apart
+(`--by-seed` keeps one row per run). `--plot DIR` draws a metric against one
+swept key with a line per value of a second (a log axis for values spanning a decade or more), a heat
+map over two swept keys, and for VAEs the rate-distortion plane; when there is nothing to draw it says
+why on stderr and writes nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
-from ae_lab.config import flatten
+from ae_lab.composition_errors import closest
+from ae_lab.config import changes_results, flatten
 from ae_lab.report import SAMPLE_SIZE
 from ae_lab.sweep import job_order
 
@@ -84,11 +89,21 @@ def size_mismatches(runs: list[Run]) -> dict[str, dict[float, int]]:
 
 
 def swept_keys(runs: list[Run]) -> list[str]:
-    """Config keys whose values differ between the runs, in config order."""
+    """Config keys that can change a result and whose values differ between the runs, in config order."""
     keys: dict[str, None] = {}
     for run in runs:
-        keys.update(dict.fromkeys(run.config))
+        keys.update(dict.fromkeys(key for key in run.config if changes_results(key)))
     return [key for key in keys if len({json.dumps(run.config.get(key), sort_keys=True) for run in runs}) > 1]
+
+
+def run_names(runs: list[Run]) -> dict[Path, str]:
+    """Each run's folder relative to the folder that holds them all (a lone run: its folder's name), so
+    that rows of two sweeps with the same keys are told apart."""
+    import os
+
+    folders = [run.folder.resolve() for run in runs]
+    common = Path(os.path.commonpath([folder.parent for folder in folders]))
+    return {run.folder: str(folder.relative_to(common)) for run, folder in zip(runs, folders)}
 
 
 @dataclass
@@ -99,6 +114,11 @@ class Row:
     statuses: list[str]
     metrics: dict[str, list[float]]  # metric -> values over the completed runs that have it
     folders: list[Path]
+    names: list[str]  # the runs' names (run_names), one per folder
+
+    @property
+    def run(self) -> str:
+        return ", ".join(self.names)
 
     @property
     def status(self) -> str:
@@ -121,13 +141,17 @@ class Row:
 
 def build_rows(runs: list[Run], keys: list[str], metrics: list[str], by_seed: bool) -> list[Row]:
     group_keys = keys if by_seed else [key for key in keys if key != "seed"]
+    names = run_names(runs)
     rows: dict[str, Row] = {}
     for run in runs:
         values = {key: run.config.get(key) for key in group_keys}
-        identity = json.dumps(values, sort_keys=True) + (str(run.folder) if by_seed or "seed" not in keys else "")
-        row = rows.setdefault(identity, Row(values, [], {metric: [] for metric in metrics}, []))
+        # seeds are aggregated within a sweep (a folder of runs): two sweeps of the same keys stay two rows
+        identity = json.dumps(values, sort_keys=True) + str(
+            run.folder if by_seed or "seed" not in keys else run.folder.parent)
+        row = rows.setdefault(identity, Row(values, [], {metric: [] for metric in metrics}, [], []))
         row.statuses.append(run.status)
         row.folders.append(run.folder)
+        row.names.append(names[run.folder])
         if run.status == "completed":  # every metric is kept: the plots may need more than the table
             for metric, value in run.metrics.items():
                 row.metrics.setdefault(metric, []).append(value)
@@ -159,9 +183,9 @@ def _cell(row: Row, metric: str, aggregated: bool) -> str:
 
 
 def render(rows: list[Row], keys: list[str], metrics: list[str], aggregated: bool, fmt: str) -> str:
-    header = [*keys, "status", *metrics]
+    header = ["run", *keys, "status", *metrics]
     if fmt == "json":
-        return json.dumps([{**row.values, "status": row.status,
+        return json.dumps([{"run": row.run, **row.values, "status": row.status,
                             **{metric: {"mean": _nan_to_none(row.mean(metric)), "std": _nan_to_none(row.std(metric)),
                                         "n": row.count(metric)} if aggregated else _nan_to_none(row.mean(metric))
                                for metric in metrics},
@@ -172,14 +196,15 @@ def render(rows: list[Row], keys: list[str], metrics: list[str], aggregated: boo
         extra = [f"{metric}_{part}" for metric in metrics for part in ("std", "n")] if aggregated else []
         writer.writerow([*header, *extra])
         for row in rows:
-            writer.writerow([*(row.values.get(key) for key in keys), row.status,
+            writer.writerow([row.run, *(row.values.get(key) for key in keys), row.status,
                              *(_csv_number(row.mean(metric)) for metric in metrics),
                              *([value for metric in metrics for value in (_csv_number(row.std(metric)), row.count(metric))]
                                if aggregated else [])])
         return buffer.getvalue()
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [str(row.values.get(key)) for key in keys] + [row.status] + [_cell(row, m, aggregated) for m in metrics]
+        cells = [row.run, *(str(row.values.get(key)) for key in keys), row.status,
+                 *(_cell(row, m, aggregated) for m in metrics)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -192,21 +217,41 @@ def _csv_number(value: float) -> str:
     return "" if math.isnan(value) else repr(value)
 
 
-def print_table(rows: list[Row], keys: list[str], metrics: list[str], aggregated: bool) -> None:
+def print_table(rows: list[Row], keys: list[str], metrics: list[str], aggregated: bool,
+                console: Any = None) -> None:
+    """The table on the terminal, never cutting a metric's name or number short: when the metrics do not
+    fit beside the run, key and status columns, they are spread over several tables that each repeat
+    those columns (as pandas prints a wide frame); the run and key columns fold their text onto more
+    lines where the terminal is narrow. In pipes and files, whole rows (400 characters)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{sum(len(row.folders) for row in rows)} runs" + (", mean ± std over seeds" if aggregated else ""))
-    for key in keys:
-        table.add_column(key, no_wrap=True)
-    table.add_column("status", no_wrap=True)
+    console = console or Console(width=None if sys.stdout.isatty() else 400)
+    labels = [[row.run, *(str(row.values.get(key)) for key in keys), row.status] for row in rows]
+    cells = {metric: [_cell(row, metric, aggregated) for row in rows] for metric in metrics}
+    widths = {metric: max([len(metric), *map(len, cells[metric])]) for metric in metrics}
+    natural = sum(max([len(header), *(len(line[i]) for line in labels)]) + 3
+                  for i, header in enumerate(["run", *keys, "status"]))
+    room = console.width - 1 - min(natural, console.width // 2)  # the rest folds into its half
+    chunks: list[list[str]] = []
     for metric in metrics:
-        table.add_column(metric, justify="right", no_wrap=True)
-    for row in rows:
-        style = None if all(status == "completed" for status in row.statuses) else "red"
-        table.add_row(*(str(row.values.get(key)) for key in keys), row.status,
-                      *(_cell(row, metric, aggregated) for metric in metrics), style=style)
-    Console(width=None if sys.stdout.isatty() else 400).print(table)  # whole rows in pipes and files
+        if chunks and sum(widths[m] + 3 for m in chunks[-1]) + widths[metric] + 3 <= room:
+            chunks[-1].append(metric)
+        else:
+            chunks.append([metric])
+    title = f"{sum(len(row.folders) for row in rows)} runs" + (", mean ± std over seeds" if aggregated else "")
+    for number, chunk in enumerate(chunks or [[]], 1):
+        table = Table(title=title + (f" ({number} of {len(chunks)})" if len(chunks) > 1 else ""))
+        table.add_column("run", overflow="fold")
+        for key in keys:
+            table.add_column(key, overflow="fold")
+        table.add_column("status", overflow="fold")
+        for metric in chunk:
+            table.add_column(metric, justify="right", no_wrap=True, min_width=widths[metric])
+        for index, row in enumerate(rows):
+            style = None if all(status == "completed" for status in row.statuses) else "red"
+            table.add_row(*labels[index], *(cells[metric][index] for metric in chunk), style=style)
+        console.print(table)
 
 
 def plot(rows: list[Row], keys: list[str], metric: str, folder: Path, x_key: str | None,
@@ -217,7 +262,6 @@ def plot(rows: list[Row], keys: list[str], metric: str, folder: Path, x_key: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
     candidates = [key for key in keys if key != "seed"]
     x_key = x_key or (candidates[0] if candidates else None)
     hue_key = hue_key or next((key for key in candidates if key != x_key), None)
@@ -240,7 +284,7 @@ def plot(rows: list[Row], keys: list[str], metric: str, folder: Path, x_key: str
                           label=f"{hue_key} = {hue}" if hue_key else None)
         if not numeric:
             axis.set_xticks(range(len(x_values)), [str(value) for value in x_values])
-        elif len(x_values) > 2 and min(x_values) > 0 and max(x_values) / min(x_values) >= 20:
+        elif log_scale(x_values):
             axis.set_xscale("log")
         axis.set_xlabel(x_key)
         axis.set_ylabel(metric)
@@ -287,6 +331,11 @@ def plot(rows: list[Row], keys: list[str], metric: str, folder: Path, x_key: str
     return written
 
 
+def log_scale(values: Sequence[float]) -> bool:
+    """Whether an axis over these (numeric) values is logarithmic: positive values spanning a decade or more."""
+    return min(values) > 0 and max(values) / min(values) >= 10
+
+
 def _order(value: Any) -> tuple:
     return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
 
@@ -295,6 +344,7 @@ def _save(figure: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
@@ -327,6 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"those metrics are not comparable between them ({differing})", file=sys.stderr)
     present = {metric for run in runs for metric in run.metrics}
     metrics = args.metrics.split(",") if args.metrics else [m for m in KEY_METRICS if m in present]
+    for metric in metrics:
+        if metric not in present:
+            near = closest(metric, present)
+            parser.error(f"--metrics {metric!r} is not a metric of these runs"
+                         + (f" (did you mean {near}?)" if near else f": they have {', '.join(sorted(present)) or 'none'}"))
     keys = swept_keys(runs)
     for key in (args.x, args.hue):
         if key is not None and key not in keys:
@@ -343,8 +398,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         sys.stdout.write(render(rows, shown_keys, metrics, aggregated, args.format).rstrip("\n") + "\n")
     if args.plot and metrics:
-        for path in plot(rows, shown_keys, metrics[0], args.plot, args.x, args.hue):
+        written = plot(rows, shown_keys, metrics[0], args.plot, args.x, args.hue)
+        for path in written:
             print(f"plot: {path}", file=sys.stderr)
+        if not written:
+            why = ("no key that changes a result differs between these runs"
+                   if not any(key != "seed" for key in shown_keys) else
+                   f"no completed run has {metrics[0]}")
+            print(f"--plot {args.plot}: nothing to plot: {why} (and no {metrics[0].split('/')[0]}/kl for a "
+                  "rate-distortion plane); nothing written", file=sys.stderr)
     return 0
 
 

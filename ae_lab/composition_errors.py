@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from typing import Any, Iterable
 
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf import BooleanNode, EnumNode, FloatNode, IntegerNode, ListConfig, StringNode
+from omegaconf import BooleanNode, EnumNode, FloatNode, IntegerNode, ListConfig, OmegaConf, StringNode
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ae_lab.config import SCHEMAS
@@ -41,6 +42,11 @@ def explain(error: BaseException) -> str | None:
         group, _, option = error.missing_cfg_file.rpartition("/")
         return (f"{group}={option} is not an option of {group}: choose one of {', '.join(error.options)}"
                 f"{_did_you_mean(closest(option, error.options))}")
+    sweep = re.match(r"Ambiguous value for argument '([^=']+)=([^']*)'", str(error))
+    if sweep:  # a comma list on the command line of a single run
+        key, values = sweep.groups()
+        return (f"{key}={values} lists {len(values.split(','))} values, which is a sweep: a sweep needs -m "
+                f"(python -m ae_lab -m {key}={values} ...)")
     cause = error.__cause__ if isinstance(error, ConfigCompositionException) else error
     if not isinstance(cause, OmegaConfBaseException) or not getattr(cause, "full_key", None):
         return None
@@ -61,10 +67,19 @@ def _unknown_key(full_key: str, parent: Any) -> str:
     if near:
         return f"{full_key} is not a key {where} (did you mean {section + '.' if section else ''}{near}?)"
     owners: dict[str, list[str]] = {}
-    for option, schema in SCHEMAS.get(section, {}).items():
+    options = SCHEMAS.get(section, {})
+    for option, schema in options.items():
         for field in dataclasses.fields(schema):
             owners.setdefault(field.name, []).append(f"{section}={option}")
     near = closest(key, [name for name in owners if name not in keys])
+    if near == key:  # a key of another option: the chosen option's own keys are the likelier fix
+        chosen = next((option for option, schema in options.items() if schema is OmegaConf.get_type(parent)), None)
+        shared = set.intersection(*({field.name for field in dataclasses.fields(schema)} for schema in options.values()))
+        own = [name for name in keys if name not in shared]
+        fix = (f"did you mean {section}.{own[0]}? " if len(own) == 1
+               else f"its keys are {', '.join(own)}; " if own else "")
+        return (f"{full_key} is not a key of {section}={chosen} ({fix}{full_key} is a key of "
+                f"{' and '.join(owners[near])})")
     if near:
         return (f"{full_key} is not a key {where} (did you mean {section}.{near}? it is a key of "
                 f"{' and '.join(owners[near])})")

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from ae_lab.paths import SWEEPS
 
 
 class Arch(str, Enum):
@@ -483,6 +484,25 @@ class Config:
     verbose: bool = False
 
 
+# Config keys (flat, `fnmatch` patterns) that cannot change a run's numbers: where data files live and
+# are fetched from, what is logged and shown, how often a checkpoint is written, which figures are drawn.
+# `ae_lab.compare` never takes them for swept keys; a resume refused for a changed config names the
+# other keys first. Not here: anything that changes the data, the model, the training or the metrics
+# (also `dataset.num_workers`, under which dynamic binarisation draws in worker processes).
+NON_RESULT_KEYS = ("dataset.root", "dataset.mirrors", "dataset.mirrors.*", "dataset.download",
+                   "dataset.download_timeout", "dataset.cache", "dataset.on_device", "logger.*",
+                   "checkpoint_every_n_steps", "resume", "verbose", "objective", "trainer.enable_progress_bar",
+                   "trainer.enable_model_summary", "trainer.detect_anomaly", "eval.figures",
+                   "eval.num_reconstructions", "eval.num_samples", "eval.traversal_*", "eval.interpolation_steps")
+
+
+def changes_results(key: str) -> bool:
+    """Whether the flat config key `key` can change a run's numbers (it is not one of NON_RESULT_KEYS)."""
+    from fnmatch import fnmatchcase
+
+    return not any(fnmatchcase(key, pattern) for pattern in NON_RESULT_KEYS)
+
+
 SCHEMAS: dict[str, dict[str, type]] = {
     "noise": {
         "none": NoNoise,
@@ -529,15 +549,15 @@ def register_resolvers() -> None:
     """ae_lab's OmegaConf resolvers, which a run's recorded config may still hold (e.g. `${noise_level:0.2}`)."""
     from omegaconf import OmegaConf
 
+    from ae_lab.help import page
     from ae_lab.sweep import config_hash, noise_level, slurm_gpus
 
     for name, resolver in (("config_hash", config_hash), ("noise_level", noise_level), ("run_folder", run_folder),
-                           ("slurm_gpus", slurm_gpus)):
+                           ("slurm_gpus", slurm_gpus), ("ae_lab_help", page)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 
 
-SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
 
 
 def register_sweeps(store: ConfigStore) -> None:

@@ -35,6 +35,15 @@ def launched_rank() -> int:
     return max(int(os.environ.get(name, 0) or 0) for name in _RANK_VARIABLES)
 
 
+def queued_sweep_job() -> bool:
+    """Whether this process is a sweep's job that a launcher started as a single run of its own
+    (`gpu_queue`; it names the sweep in `ae_lab.tracking.SWEEP_VARIABLE`): like an in-process sweep job,
+    its folder may hold the unfinished run that it goes on with when the sweep runs again."""
+    from ae_lab.tracking import SWEEP_VARIABLE
+
+    return bool(os.environ.get(SWEEP_VARIABLE))
+
+
 def log_to_console_only() -> None:
     """For ranks > 0: no log file. Ranks a cluster starts (srun) set up Hydra's job logging as rank 0
     does, into the job's `ae_lab.log`; rank 0 owns that file, the others log to their task's output."""

@@ -18,14 +18,14 @@ class CheckBeforeRun(Callback):
     resume that cannot continue its run, before anything is written; summarise a sweep when it ends."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from ae_lab.distributed import launched_rank
+        from ae_lab.distributed import launched_rank, queued_sweep_job
 
         run_dir = Path(str(config.hydra.run.dir))
         first_rank = launched_rank() == 0  # DDP ranks > 0 join rank 0's run and write nothing
         if config.resume is not None:
             self._check_resume(config, first_rank)  # checks the run's recorded config
         else:
-            if first_rank and (run_dir / "run.json").exists():
+            if first_rank and (run_dir / "run.json").exists() and not queued_sweep_job():
                 fail(f"hydra.run.dir={str(run_dir)!r} already holds a run: choose a new folder, "
                      f"or continue it with resume={run_dir}")
             from ae_lab.data import input_shape

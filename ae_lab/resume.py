@@ -47,6 +47,16 @@ def _overridden(task_overrides: list[str]) -> list[tuple[str, str]]:
             if not override.is_hydra_override()]
 
 
+def recorded_job(run_dir: Path) -> tuple[dict[str, Any], list[str]] | None:
+    """The run's config-group choices and command-line overrides as recorded when it started
+    (`.hydra/hydra.yaml`), or None for a run that was not started by Hydra."""
+    path = run_dir / ".hydra" / "hydra.yaml"
+    if not path.exists():
+        return None
+    hydra = OmegaConf.load(path).hydra
+    return dict(hydra.runtime.choices), list(hydra.overrides.task)
+
+
 def recorded_config(run_dir: Path) -> DictConfig:
     """The run's `.hydra/config.yaml` on ae_lab's schema (keys added since the run get their defaults)."""
     from ae_lab.config import Config
@@ -55,17 +65,23 @@ def recorded_config(run_dir: Path) -> DictConfig:
 
 
 def config_differences(saved: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
-    """The keys whose values differ between a checkpoint's config and the run's. A key added to the
-    schema since the checkpoint was written (absent there) counts as unchanged when the run has its
-    default: new keys default to the behaviour runs had before them."""
-    from ae_lab.config import Config
+    """The keys whose values differ between a checkpoint's config and the run's, those that change results
+    first (then those of ae_lab.config.NON_RESULT_KEYS: logging, paths). A key added to the schema since the
+    checkpoint was written (absent there) counts as unchanged when the run has its default: new keys
+    default to the behaviour runs had before them."""
+    from ae_lab.config import Config, changes_results
 
     defaults = flatten(OmegaConf.to_container(OmegaConf.structured(Config), enum_to_str=True))
     saved, recorded = flatten(saved), flatten(recorded)
-    keys = sorted((set(saved) | set(recorded)) - {"resume", *RESUME_MAY_SET})
+    keys = sorted((set(saved) | set(recorded)) - {"resume", *RESUME_MAY_SET},
+                  key=lambda key: (not changes_results(key), key))
     added = {key for key in keys if key not in saved and key in defaults and recorded.get(key) == defaults[key]}
-    return [f"{key}={saved.get(key)!r} there, {recorded.get(key)!r} in the run"
-            for key in keys if key not in added and saved.get(key, "<absent>") != recorded.get(key, "<absent>")]
+
+    def difference(key: str) -> str:
+        there = f"{key}={saved[key]!r}" if key in saved else f"{key} absent"
+        return f"{there} there, {repr(recorded[key]) if key in recorded else 'absent'} in the run"
+
+    return [difference(key) for key in keys if key not in added and saved.get(key, "<absent>") != recorded.get(key, "<absent>")]
 
 
 def _running_elsewhere(record: dict[str, Any]) -> bool:

@@ -95,7 +95,7 @@ def test_every_export_format_parses_and_failed_jobs_are_marked(sweep):
     as_csv = list(csv.DictReader(io.StringIO(compare(*paths, "--format", "csv").stdout)))
     assert len(as_csv) == 3 and {row["status"] for row in as_csv} == {"2 completed", "failed"}
     markdown = compare(*paths, "--format", "markdown", "--sort", "test/loss").stdout.splitlines()
-    assert markdown[0].startswith("| loss.beta |") and len(markdown) == 5
+    assert markdown[0].startswith("| run | loss.beta |") and len(markdown) == 5
     assert "failed" in markdown[-1]  # no value: sorted last
     descending = compare(*paths, "--format", "markdown", "--sort", "test/loss", "--descending").stdout.splitlines()
     assert "failed" in descending[-1] and descending[2:4] == markdown[3:1:-1]
@@ -152,3 +152,78 @@ def test_jobs_are_listed_in_job_order_not_name_order(tmp_path):
     expected = ["0_abcd0", "1_abcd1", "2_abcd2", "10_abcd10", "11_abcd11"]
     assert [job.folder.name for job in jobs_in(tmp_path)] == expected
     assert [run.folder.name for run in find_runs([tmp_path])] == expected
+
+
+def test_rows_name_their_runs_and_keys_that_cannot_change_a_result_are_not_swept(sweep, tmp_path):
+    """Two sweeps of the same keys, the second's configs differing in where data and logs go and how often
+    it checkpointed: one row per sweep and beta, named by its folder, and only loss.beta swept."""
+    again = tmp_path / "beta_seed_again"
+    subprocess.run(["cp", "-r", str(sweep["dir"]), str(again)], check=True)
+    for job in jobs(again):
+        path = job / ".hydra" / "config.yaml"
+        config = path.read_text().replace("project: ae_lab", "project: elsewhere")
+        path.write_text(config.replace("checkpoint_every_n_steps: 500", "checkpoint_every_n_steps: 7")
+                        .replace("verbose: false", "verbose: true"))
+    rows = list(csv.DictReader(io.StringIO(compare(str(sweep["dir"]), str(again), "--format", "csv").stdout)))
+    assert list(rows[0])[:3] == ["run", "loss.beta", "status"]
+    # each run named by its path below the folder holding both sweeps; a row's runs are of one sweep
+    names = [row["run"].split(", ") for row in rows]
+    assert len(rows) == 4 and all(len(row) == 2 for row in names)
+    folders = [*jobs(sweep["dir"]), *jobs(again)]
+    assert sorted(name.rsplit("/", 2)[-2:] for row in names for name in row) == sorted(
+        [folder.parent.name, folder.name] for folder in folders)
+    assert all(len({name.rsplit("/", 2)[-2] for name in row}) == 1 for row in names)
+    from ae_lab.compare import find_runs, swept_keys
+
+    runs = find_runs([sweep["dir"], again])
+    assert swept_keys(runs) == ["loss.beta", "seed"]
+    runs[0].config["optim.lr"] = 0.5  # a key that changes results is swept
+    assert swept_keys(runs) == ["loss.beta", "optim.lr", "seed"]
+
+
+def test_metric_columns_keep_their_names_and_numbers_on_a_narrow_terminal(sweep):
+    from rich.console import Console
+
+    from ae_lab.compare import build_rows, find_runs, print_table, swept_keys
+
+    runs = find_runs([sweep["dir"]])
+    metrics = ["test/loss", "test/recon", "test/kl", "test/elbo", "val/loss", "val/recon"]
+    rows = build_rows(runs, swept_keys(runs), metrics, by_seed=True)
+    console = Console(width=60, record=True, file=io.StringIO())
+    print_table(rows, swept_keys(runs), metrics, False, console)
+    text = console.export_text()
+    assert "…" not in text and all(len(line) <= 60 for line in text.splitlines()), text
+    assert all(metric in text for metric in metrics)
+    assert all(f"{row.mean(metric):.4f}" in text for row in rows for metric in metrics)
+
+
+def test_an_unknown_metric_is_refused_naming_the_closest(sweep):
+    done = compare(str(sweep["dir"]), "--metrics", "test/loss,test/elbow")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith(
+        "--metrics 'test/elbow' is not a metric of these runs (did you mean test/elbo?)")
+
+
+def test_plot_of_a_single_run_says_why_it_draws_nothing(sweep, tmp_path):
+    single = tmp_path / "single"
+    subprocess.run(["cp", "-r", str(jobs(sweep["dir"])[0]), str(single)], check=True)
+    metrics = {key: value for key, value in read_json(single / "metrics.json").items() if not key.endswith("/kl")}
+    (single / "metrics.json").write_text(json.dumps(metrics))  # as a plain autoencoder's: no rate
+    done = compare(str(single), "--plot", str(tmp_path / "plots"))
+    assert done.returncode == 0
+    assert "nothing to plot: no key that changes a result differs between these runs" in done.stderr
+    assert not (tmp_path / "plots").exists()
+
+
+def test_an_axis_over_a_decade_or_more_is_logarithmic():
+    from ae_lab.compare import log_scale
+
+    assert log_scale([1, 10]) and log_scale([0.001, 0.003, 0.01]) and log_scale([2, 8, 32])
+    assert not log_scale([1, 4, 9]) and not log_scale([0, 1, 100]) and not log_scale([-1, 10])
+
+
+def test_a_sweeps_own_messages_are_tagged_by_who_said_them(sweep):
+    """The sweep process's logging (conf/hydra/hydra_logging/ae_lab.yaml) names the logger, not [HYDRA]."""
+    assert "[HYDRA]" not in sweep["stdout"]
+    assert any("][hydra." in line and "][INFO] - Launching 4 jobs locally" in line
+               for line in sweep["stdout"].splitlines()), sweep["stdout"][:2000]

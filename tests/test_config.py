@@ -87,6 +87,39 @@ def test_bad_values_are_refused_naming_the_key(overrides, key):
         validate(compose_config(overrides), (1, 8, 8))
 
 
+# values Lightning's Trainer refuses, each refused by asking Lightning (ae_lab/trainer_check.py)
+LIGHTNING_REFUSES = [
+    (["trainer.precision=7"], "trainer.precision=7 is not allowed by Lightning: Precision 7 is invalid. Allowed"),
+    (["trainer.devices=0"], "trainer.devices=0 is not allowed by Lightning"),
+    (["trainer.strategy=foo"], "trainer.strategy='foo' is not allowed by Lightning: .*strategies: auto, ddp,"),
+    (["trainer.gradient_clip_algorithm=foo"], "trainer.gradient_clip_algorithm='foo' is not allowed by Lightning"),
+    (["trainer.limit_val_batches=2.5"], "trainer.limit_val_batches=2.5 is not allowed by Lightning"),
+    (["trainer.num_nodes=0"], "trainer.num_nodes=0 is not allowed by Lightning"),
+    (["trainer.accelerator=foo"], "trainer.accelerator='foo' is not allowed by Lightning: .*available on this machine"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", LIGHTNING_REFUSES)
+def test_values_lightning_refuses_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        validate(compose_config(overrides), (1, 8, 8))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a machine with a GPU, accelerator=gpu is allowed")
+def test_a_gpu_accelerator_without_a_gpu_blames_the_accelerator_not_the_devices():
+    for overrides in (["trainer=gpu"], ["trainer.accelerator=gpu", "trainer.devices=2"]):
+        with pytest.raises(ConfigError, match=r"^trainer[.]accelerator='gpu' is not allowed .*available on this "
+                                              r"machine: auto, cpu\)$"):
+            validate(compose_config(overrides), (1, 8, 8))
+
+
+def test_a_precision_lightning_substitutes_is_said():
+    notes = validate(compose_config(["trainer.precision=16", "trainer.accelerator=cpu"]), (1, 8, 8))
+    assert notes == ["trainer.precision=16 runs as bf16-mixed on this machine's CPU "
+                     "(Lightning's substitute: it has no 16-mixed there)"]
+    assert validate(compose_config(["trainer.precision=bf16-mixed", "trainer.accelerator=cpu"]), (1, 8, 8)) == []
+
+
 def test_conv_deeper_than_the_image_allows_is_refused():
     cfg = compose_config(["model.arch=conv", "model.channels=[8,8,8,8]"])
     with pytest.raises(ConfigError, match="at most 3 stride-2 conv layers with kernel_size=3 for 8x8"):
@@ -119,7 +152,10 @@ CLI_BAD_INPUTS = [
     (["model=nonexistent"], "model=nonexistent"),
     (["model.latent_dim=eight"], "model.latent_dim"),
     (["model.arch=conv", "model.channels=[8,8,8,8]"], "model.channels"),
-    (["trainer.accelerator=gpu", f"trainer.devices={torch.cuda.device_count() + 1}"], "trainer.devices"),
+    # more GPUs than there are (Lightning's refusal, asked before anything is written): the devices are at
+    # fault, or the accelerator on a machine without a GPU
+    (["trainer.accelerator=gpu", f"trainer.devices={torch.cuda.device_count() + 1}"],
+     "trainer.devices=" if torch.cuda.is_available() else "trainer.accelerator='gpu'"),
     (["hydra.run.dir=a_file/run"], "hydra.run.dir"),
 ]
 
@@ -128,7 +164,7 @@ CLI_BAD_INPUTS = [
 def test_cli_refuses_bad_input_before_training(overrides, key, tmp_path):
     (tmp_path / "a_file").write_text("a file where a run folder's parent should be\n")
     done = run_cli(overrides, cwd=tmp_path)
-    assert done.returncode != 0
+    assert done.returncode == 2
     assert key in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
     assert len(done.stderr.strip().splitlines()) <= 12  # a message, not a wall

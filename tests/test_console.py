@@ -45,6 +45,9 @@ ERRORS = [
     (["model.latnt_dim=8"], "model.latnt_dim is not a key of model (did you mean model.latent_dim?)"),
     (["noise.prob=0.2"], "noise.prob is not a key of noise (did you mean noise.p? it is a key of noise=masking"),
     (["noise=masking", "noise.pp=0.2"], "noise.pp is not a key of noise (did you mean noise.p?)"),
+    (["noise=gaussian", "noise.p=0.2"], "noise.p is not a key of noise=gaussian (did you mean noise.std? noise.p is "
+                                        "a key of noise=masking and noise=salt_pepper)"),
+    (["loss.beta=1,4"], "loss.beta=1,4 lists 2 values, which is a sweep: a sweep needs -m"),
     (["seeed=1"], "seeed is not a key at the top level (did you mean seed?)"),
     (["seed=abc"], "seed=abc is not allowed: seed takes an integer"),
     (["eval.figures=maybe"], "eval.figures=maybe is not allowed: eval.figures takes true or false"),
@@ -105,3 +108,38 @@ def test_schemas_are_not_offered_as_options():
         loader = GlobalHydra.instance().config_loader()
         for group in SCHEMAS:  # what Hydra offers in each group is its YAML options, nothing else
             assert loader.get_group_options(group) == sorted(path.stem for path in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+def test_help_is_ae_labs_own_page_generated_from_the_config_folder(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ae_lab.help import MOST_USED
+    from conftest import compose_config
+
+    done = run_cli(["--help"], cwd=tmp_path)
+    assert done.returncode == 0 and "schema" not in done.stdout and "Powered by Hydra" not in done.stdout
+    lines = done.stdout.splitlines()
+    for folder in (path for path in (ROOT / "conf").iterdir() if path.is_dir() and path.name != "hydra"):
+        [line] = [line for line in lines if line.strip().startswith(f"{folder.name}:")]
+        assert sorted(line.split(":", 1)[1].strip().split(", ")) == sorted(p.stem for p in folder.glob("*.yaml"))
+    assert "model:          ae, vae" in lines[lines.index("Config groups (group=option; the first is the default):") + 7]
+    launchers = next(line for line in lines if line.strip().startswith("hydra/launcher:"))
+    assert all(name in launchers for name in ("basic", "gpu_queue", "vectorized", "slurm"))
+    assert "python -m ae_lab.compare: runs and sweeps side by side" in done.stdout
+    assert "python -m ae_lab.reproduce: run a finished run again" in done.stdout
+    sections = [line[3:] for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("## ")]
+    assert all(section in " ".join(done.stdout.split()) for section in sections)
+    config = compose_config([])
+    assert all(OmegaConf.select(config, key, default="absent") != "absent" for key in MOST_USED)
+
+
+def test_the_resolution_of_an_accuracy_is_one_test_example(cli_run):
+    _, run_dir = cli_run
+    resolution = read_json(run_dir / "evaluation.json")["resolution"]
+    accuracy = read_json(run_dir / "metrics.json")["eval/probe_accuracy"]
+    from ae_lab.data import build_datamodule
+    from conftest import compose_config
+
+    tested = len(build_datamodule(compose_config([]).dataset).splits["test"])  # digits: no class held out
+    assert resolution["eval/probe_accuracy"] == resolution["eval/probe_accuracy_pixels"] == 1 / tested
+    assert accuracy * tested == pytest.approx(round(accuracy * tested), abs=1e-9)  # a whole number right

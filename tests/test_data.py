@@ -209,6 +209,16 @@ def test_corrupt_local_file_is_reported_not_used(tmp_path):
         ensure_file(remote, tmp_path, [], download=False, timeout=5)
 
 
+def test_a_missing_data_file_refuses_the_run_and_leaves_no_run_folder(tmp_path):
+    from conftest import run_cli
+
+    (tmp_path / "data").mkdir()
+    done = run_cli(["dataset=mnist", f"dataset.root={tmp_path / 'data'}", "dataset.download=false", "logger=none"],
+                   cwd=tmp_path)
+    assert done.returncode == 2 and "is missing: looked for" in done.stderr and "Traceback" not in done.stderr
+    assert list((tmp_path / "outputs" / "runs").iterdir()) == []  # no folder with an empty ae_lab.log
+
+
 def _write_small_dsprites(path: Path) -> dict[str, np.ndarray]:
     """A small npz with dSprites' keys, dtypes and layout (including the pickled metadata entry)."""
     rng = np.random.default_rng(0)

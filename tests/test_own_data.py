@@ -115,6 +115,21 @@ def test_scaling_is_fitted_on_the_training_split_only(tmp_path):
     assert recorded["fitted_on"] == "train" and recorded["train_examples"] == len(train_rows)
 
 
+def test_scaling_is_fitted_without_the_held_out_class(tmp_path):
+    """The anomalies are not trained on, so they do not shape the scaling either."""
+    rng = np.random.default_rng(3)
+    labels = np.arange(200) % 4 == 0  # class 1: a quarter of the records, far from the others
+    x = np.where(labels[:, None], rng.normal(100.0, 1.0, (200, 3)), rng.normal(0.0, 1.0, (200, 3)))
+    np.savez(tmp_path / "d.npz", x=x, labels=labels.astype(int))
+    data = build_datamodule(array_config(tmp_path / "d.npz", "dataset.normalize=standard", "dataset.held_out_class=1",
+                                         "loss.recon=mse", "model.output=linear").dataset)
+    trained = data.splits["train"].index.numpy()  # the class held out, as training sees it
+    assert len(trained) > 0 and not labels[trained].any()
+    np.testing.assert_allclose(data.scaling.shift.numpy(), x[trained].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(data.scaling.scale.numpy(), x[trained].std(0), rtol=1e-6)
+    assert data.scaling.record()["train_examples"] == len(trained)
+
+
 def test_breast_cancer_anomaly_detection_as_in_the_readme(tmp_path):
     """README example: train on benign records only, score malignant ones by reconstruction error."""
     from sklearn.datasets import load_breast_cancer
@@ -261,6 +276,24 @@ def test_rgb_image_folder_trains_a_colourisation_conv_net_with_colour_figures(tm
     skipped = read_json(tmp_path / "run" / "evaluation.json")["skipped"]
     assert "the data have no labels" in skipped["probe_accuracy, anomaly_auroc"]
     assert (tmp_path / "run" / "figures" / "reconstructions.png").is_file()
+
+
+def test_what_reading_the_data_says_is_said_in_each_run_not_at_the_checks(tmp_path, caplog):
+    """The checks read a user's data before the run's logging exists (its console format, its ae_lab.log):
+    the mixed-colour warning is said when a run builds its data, in every run of the process."""
+    from ae_lab.data import own_data
+
+    folder = tmp_path / "mixed"
+    for index in range(4):
+        write_png(folder / f"{index}.png", (index * 20, 100, 50))
+    write_png(folder / "grey.png", 128, mode="L")
+    cfg = folder_config(folder, tmp_path)
+    with caplog.at_level(logging.INFO):
+        own_data(cfg.dataset)  # as ae_lab.hydra_callbacks.CheckBeforeRun does
+        assert "mixes grey images" not in caplog.text
+        for run in (1, 2):
+            build_datamodule(cfg.dataset)
+            assert caplog.text.count("mixes grey images (1, e.g. grey.png) and colour ones (4") == run
 
 
 def test_bad_image_folders_are_refused_naming_the_key(tmp_path):

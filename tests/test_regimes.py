@@ -284,4 +284,4 @@ def test_a_checkpoint_from_before_the_regime_keys_still_matches_its_run():
     assert config_differences(older, run) == []
     changed = OmegaConf.to_container(compose_config(["model=vae", "loss.free_bits=0.5"]), resolve=True,
                                      enum_to_str=True)
-    assert config_differences(older, changed) == ["loss.free_bits=None there, 0.5 in the run"]
+    assert config_differences(older, changed) == ["loss.free_bits absent there, 0.5 in the run"]

@@ -58,6 +58,20 @@ def test_reproduce_reports_a_mismatch_and_a_changed_record(finished, tmp_path):
     assert "package torch differs: recorded 1.0.0" in done.stderr and "data differs" in done.stderr
 
 
+def test_a_counting_metric_may_differ_by_one_count_and_no_more():
+    from ae_lab.reproduce import compare_metrics
+
+    step = 1 / 359  # one of 359 test examples
+    original = {"eval/probe_accuracy": 289 / 359, "eval/active_units": 7.0, "test/loss": 27.3}
+    again = {"eval/probe_accuracy": 288 / 359, "eval/active_units": 9.0, "test/loss": 27.3 * (1 + 2e-7)}
+    rows = compare_metrics(original, again, rtol=1e-5, resolution={"eval/probe_accuracy": step,
+                                                                   "eval/active_units": 1})
+    assert [match for *_, match in rows] == ["", "1 count", "rtol"]  # sorted by name: units 7 -> 9 is two
+    again["eval/probe_accuracy"] = 287 / 359
+    assert compare_metrics(original, again, 1e-5, {"eval/probe_accuracy": step})[1][3] == ""
+    assert [match for *_, match in compare_metrics(original, original, 0.0)] == ["exact"] * 3
+
+
 def test_reproduce_refuses_what_is_not_a_finished_run(tmp_path):
     done = reproduce(str(tmp_path))
     assert done.returncode == 2 and "is not a finished run folder" in done.stderr

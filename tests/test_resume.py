@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from conftest import QUICK, ROOT, kill_after_step, read_json, run_cli, train_in_process
+from conftest import QUICK, ROOT, compose_config, kill_after_step, read_json, run_cli, train_in_process
 from wandb_records import read_records
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -54,6 +55,10 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_as_an_uninterrupted_run(tmp_pat
         wandb_id = read_json(run_dir / "run.json")["wandb_run_id"]
         done = run_cli([f"resume={run_dir}"], cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
+        # it shows the run's recorded choices and overrides, not those of the resume's command line
+        config, overrides = done.stdout.splitlines()[:2]
+        assert " model=vae " in f"{config} " and "dataset=mnist" in config and "model=ae" not in config, config
+        assert "model.latent_dim=8" in overrides and f"resume={run_dir}" in overrides, overrides
         _, errors = reference.communicate(timeout=300)
         assert reference.returncode == 0, errors[-3000:]
     finally:
@@ -220,6 +225,19 @@ def test_resume_from_a_checkpoint_of_another_config_is_refused(two_runs, tmp_pat
     line = _refused([f"resume={run}"], tmp_path, tmp_path)
     assert f"resume='{run}' is not allowed" in line and "checkpoints/last.ckpt is from another config" in line
     assert "model.latent_dim=4 there, 16 in the run" in line
+
+
+def test_a_config_mismatch_names_the_keys_that_change_results_first():
+    from ae_lab.resume import config_differences
+
+    run = OmegaConf.to_container(compose_config(["model=vae", "loss.beta=4", "model.latent_dim=8"]),
+                                 resolve=True, enum_to_str=True)
+    other = OmegaConf.to_container(compose_config(["logger=none", "checkpoint_every_n_steps=7"]),
+                                   resolve=True, enum_to_str=True)
+    differing = config_differences(other, run)
+    keys = [line.split("=")[0].split(" ")[0] for line in differing]
+    assert keys[:3] == ["loss.beta", "model.latent", "model.latent_dim"], differing
+    assert all(key.startswith("logger.") for key in keys[3:]) and "logger.entity absent there, None in the run" in differing
 
 
 def test_resume_of_a_completed_run_does_nothing(two_runs, tmp_path):

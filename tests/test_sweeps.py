@@ -103,6 +103,8 @@ def test_single_run_with_ddp_makes_one_run_folder(tmp_path):
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["runs"]
     [run] = (tmp_path / "outputs" / "runs").iterdir()
     assert files_of(run) == JOB_FILES | {"csv/metrics.csv"}
+    # rank 0 alone reports the run: one final table, one closing "run folder" line
+    assert done.stdout.splitlines().count(f"run folder: {run}") == 1, done.stdout[-3000:]
 
 
 def test_joblib_launcher_with_ddp_jobs(tmp_path):
@@ -242,6 +244,16 @@ def test_gpu_queue_jobs_are_wandb_runs_in_the_sweeps_group(tmp_path):
     jobs = job_folders(sweep)
     assert len(jobs) == 2
     assert [run_contents(job)["run"].run_group for job in jobs] == ["queued", "queued"]
+    # a job left interrupted (as a Ctrl-C leaves it) goes on from its checkpoint when the sweep runs again
+    record = read_json(jobs[0] / "run.json")
+    (jobs[0] / "run.json").write_text(json.dumps({**record, "status": "interrupted"}))
+    (jobs[0] / "metrics.json").unlink()
+    again = run_cli(["-m", "hydra/launcher=gpu_queue", "hydra.launcher.gpus=[0]", "hydra.launcher.poll_seconds=0.1",
+                     "seed=1,2", *QUICK, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:] + (jobs[0] / "output.log").read_text()[-2000:]
+    resumed = read_json(jobs[0] / "run.json")
+    assert resumed["status"] == "completed" and resumed["resumed_from"]["checkpoint"].endswith("last.ckpt")
+    assert "already completed" in again.stdout + again.stderr  # the other job is not run again
 
 
 @pytest.mark.parametrize("sweep", sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")))

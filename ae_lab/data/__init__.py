@@ -3,7 +3,9 @@
 Built-in sets know their input shape without loading. A user's data (`dataset=array`, `image_folder`,
 or a `_target_` loader) is read and checked once, when its shape is first asked for (before training:
 a bad file is refused there, in one line), and that checked module is what `build_datamodule` returns
-later in the same process.
+later in the same process. What the reading said (e.g. that a folder mixes grey and colour images) is
+held back and said by `build_datamodule`, inside the run, so that it reaches the run's console and its
+ae_lab.log rather than the process's set-up logging.
 
 `units` rebuilds, from a run's config and folder, how its loader turned raw examples into model inputs
 (`ae_lab/data/units.py`; each data module's `units` says it for its own set), for `ae_lab.load`.
@@ -12,7 +14,10 @@ later in the same process.
 from __future__ import annotations
 
 import copy
+import logging
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -82,8 +87,31 @@ def own_data(cfg: DictConfig) -> ArrayDataModule:
     key = _key(cfg)
     if key not in _checked:
         _checked.clear()
-        _checked[key] = _custom(cfg) if _is_custom(cfg) else _module(cfg).load(cfg)
+        with _held_back() as notes:
+            data = _custom(cfg) if _is_custom(cfg) else _module(cfg).load(cfg)
+        data.notes = notes
+        _checked[key] = data
     return _checked[key]
+
+
+@contextmanager
+def _held_back() -> Iterator[list[logging.LogRecord]]:
+    """The records ae_lab.data's loggers emit inside the block, kept instead of handled."""
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            notes.append(record)
+
+    notes: list[logging.LogRecord] = []
+    logger, keep = logging.getLogger(__name__), Keep()
+    propagate, level = logger.propagate, logger.level
+    logger.addHandler(keep)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        yield notes
+    finally:
+        logger.removeHandler(keep)
+        logger.propagate, logger.level = propagate, level
 
 
 def input_shape(cfg: DictConfig) -> tuple[int, ...]:
@@ -112,6 +140,8 @@ def build_datamodule(cfg: DictConfig) -> ArrayDataModule:
     if is_own_data(cfg):
         data = copy.copy(own_data(cfg))  # its own splits: holding out a class changes them
         data.splits = dict(data.splits)
+        for record in data.notes:  # what reading it said, now where the run logs
+            logging.getLogger(record.name).handle(record)
     else:
         data = _module(cfg).load(cfg)
     if cfg.get("held_out_class") is not None:

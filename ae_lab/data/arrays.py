@@ -230,10 +230,15 @@ def _split(cfg: DictConfig, files: dict[str, ArrayFile]) -> dict[str, tuple[Arra
 
 
 def build(cfg: DictConfig, name: str, files: dict[str, ArrayFile]) -> ArrayDataModule:
-    """The data module of validated files: split, scaled by `dataset.normalize` fitted on train."""
+    """The data module of validated files: split, scaled by `dataset.normalize` fitted on the training
+    examples trained on (without `dataset.held_out_class`)."""
     splits = _split(cfg, files)
     train_file, train_rows = splits["train"]
-    scaling = fit(plain(cfg.normalize), train_rows, lambda rows: train_file.x[rows] / train_file.pixel_scale,
+    fitted = train_rows  # the examples trained on: a held-out class (the anomalies) is not
+    if cfg.get("held_out_class") is not None and train_file.labels is not None:
+        kept = train_rows[train_file.labels[train_rows] != cfg.held_out_class]
+        fitted = kept if len(kept) else train_rows  # nothing left: refused by the checks that follow
+    scaling = fit(plain(cfg.normalize), fitted, lambda rows: train_file.x[rows] / train_file.pixel_scale,
                   train_file.x.shape[1:])
 
     def as_split(file: ArrayFile, rows: np.ndarray) -> Split:

@@ -192,6 +192,7 @@ class ArrayDataModule(pl.LightningDataModule):
         # factor grid (data sets that are a full product of their factors), as disentanglement_lib draws
         self.sample_grid = sample_grid
         self.held_out_class: int | None = None
+        self.notes: list[Any] = []  # log records of reading a user's data, said again in each run (ae_lab.data)
 
     @property
     def input_shape(self) -> tuple[int, ...]:

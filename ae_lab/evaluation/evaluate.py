@@ -29,7 +29,10 @@ Metrics (`eval/*` in metrics.json and the W&B summary; `test/*` are the training
 - sparse codes (`loss.sparsity_weight` > 0): `code_mean_activation`, `code_near_zero_fraction`,
   `code_dead_units`.
 
-Per-unit vectors (KL per latent unit, variance of each code unit) go to `evaluation.json`.
+Per-unit vectors (KL per latent unit, variance of each code unit) go to `evaluation.json`, and so does
+`resolution`: for each metric that counts (units, test examples, pairs, votes), the step one count
+makes, e.g. 1/n for an accuracy over n test examples; `ae_lab.reproduce` allows a count of difference
+where float rounding may tip one decision.
 """
 
 from __future__ import annotations
@@ -92,6 +95,10 @@ def evaluate(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, run_di
         scores = _anomaly_scores(module, data, test_split, test, cfg)
         kinds = score_kinds(module) if scores else ()
         metrics.update({f"anomaly_auroc_{kind}": anomaly_auroc(scores[kind], scores["is_anomaly"]) for kind in kinds})
+        if scores:
+            anomalies = int(scores["is_anomaly"].sum())
+            pairs = max(anomalies * (len(scores["is_anomaly"]) - anomalies), 1)  # one pair ranked the other way
+            _resolution(details, **{f"anomaly_auroc_{kind}": 1 / pairs for kind in kinds})
         metrics.update(_sample_quality(module, data, test_split, test, cfg, run_dir, checkpoint, details))
         if test.factor_classes is None:
             _skip(details, "disentanglement (MIG, FactorVAE, SAP, DCI)", "the data have no ground-truth factor classes")
@@ -99,6 +106,9 @@ def evaluate(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, run_di
             metrics.update(_disentanglement(*_disentanglement_pool(module, data, test, cfg.eval), cfg.eval))
         if cfg.loss.sparsity_weight > 0:
             metrics.update(sparse_code_statistics(test.codes, cfg.eval.near_zero))
+            _resolution(details, code_dead_units=1, code_near_zero_fraction=1 / test.codes.numel())
+        if "factor_vae_n_eval" in metrics:
+            _resolution(details, factor_vae=1 / metrics["factor_vae_n_eval"])
         if cfg.eval.jacobian_examples > 0:
             metrics["jacobian_frobenius_sq"] = _jacobian_norm(module, test_split, cfg.eval)
         figures = draw_figures(module, data, test, cfg, run_dir / "figures") if cfg.eval.figures else {}
@@ -229,7 +239,13 @@ def _latent_metrics(test: Encoded, cfg: DictConfig, details: dict[str, Any]) -> 
     count, variance = active_units(test.mean, cfg.eval.active_unit_threshold)
     details["kl_per_unit"] = gaussian_kl_per_unit(test.mean, test.logvar).mean(0).tolist()
     details["active_units"] = [d for d, v in enumerate(variance.tolist()) if v > cfg.eval.active_unit_threshold]
+    _resolution(details, active_units=1)
     return {"active_units": float(count)}
+
+
+def _resolution(details: dict[str, Any], **steps: float) -> None:
+    """Record the step one count makes in each of these metrics (evaluation.json's `resolution`)."""
+    details.setdefault("resolution", {}).update({f"eval/{name}": step for name, step in steps.items()})
 
 
 def _skip(details: dict[str, Any], metrics: str, reason: str) -> None:
@@ -271,6 +287,7 @@ def _downstream_metrics(module: Autoencoder, data: ArrayDataModule, test_split: 
                                                test.codes[known].numpy(), test_labels)
     metrics["probe_accuracy_pixels"] = probe_accuracy(torch.cat(pixels).numpy(), train_labels,
                                                       test_pixels[known].numpy(), test_labels)
+    _resolution(details, probe_accuracy=1 / len(test_labels), probe_accuracy_pixels=1 / len(test_labels))
     return metrics
 
 
