@@ -96,6 +96,7 @@ class KlForm(str, Enum):
 class TcEstimator(str, Enum):
     mws = "mws"
     mss = "mss"
+    mss_uniform = "mss_uniform"
 
 
 class Pretraining(str, Enum):
