@@ -17,6 +17,17 @@ _FONT_SIZE = 13
 _MARGIN = 8  # pixels around the grid and between its labels and images
 
 
+def label_font(size: int = _FONT_SIZE):
+    """The font the image grids' text is drawn in: DejaVu Sans, which matplotlib ships (so it is always
+    there) and which has every character the labels use (arrows, signs, Greek). Pillow's own default
+    font (Aileron) lacks many of them and draws its missing-glyph box instead."""
+    from matplotlib import font_manager
+    from PIL import ImageFont
+
+    path = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans"), fallback_to_default=False)
+    return ImageFont.truetype(path, size)
+
+
 def _upscaled(image: torch.Tensor, scale: int) -> np.ndarray:
     """One (C, H, W) image in [0, 1] as 8-bit pixels (H * scale, W * scale[, 3]), unsmoothed: grey for one
     channel, colour for three, other channel counts as grey channels side by side."""
@@ -36,9 +47,9 @@ def image_rows(rows: dict[str, torch.Tensor], path: Path, title: str = "",
 
     Drawn with Pillow, not matplotlib: every run draws several of these (every member of a vectorised
     sweep too), and laying them out with matplotlib cost about 0.2 s each against milliseconds."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
-    font = ImageFont.load_default(size=_FONT_SIZE)
+    font = label_font()
     first = next(iter(rows.values()))
     scale = max(1, math.ceil(56 / first.shape[2]))
     cells = [[_upscaled(image, scale) for image in batch] for batch in rows.values()]

@@ -233,6 +233,52 @@ def test_image_rows_puts_each_image_in_its_row_and_column(tmp_path):
     assert all(row == lefts[0] for row in lefts) and lefts[0] == sorted(set(lefts[0]))
 
 
+def _draws_missing_glyph_box(font, character: str) -> bool:
+    """Whether `font` draws `character` as its missing-glyph box: the bitmap it draws for a code point
+    no font has (U+10FFFD, private use)."""
+    box, drawn = font.getmask("\U0010FFFD"), font.getmask(character)
+    return drawn.size == box.size and bytes(drawn) == bytes(box)
+
+
+def _record_drawn_text(monkeypatch) -> list:
+    """(text, font) of every text Pillow draws from now on in this test."""
+    from PIL import ImageDraw
+
+    drawn, original = [], ImageDraw.ImageDraw.text
+
+    def text(self, xy, content, *args, **kwargs):
+        drawn.append((content, kwargs["font"]))
+        return original(self, xy, content, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", text)
+    return drawn
+
+
+def _assert_no_missing_glyph(drawn: list) -> None:
+    """Every character of every text drawn, in the font it was drawn with, has its own glyph; the check
+    itself finds the box Pillow's default font draws for the arrow of the interpolations' labels."""
+    from PIL import ImageFont
+
+    labels = {content for content, _ in drawn}
+    assert any("→" in label for label in labels) and any("+" in label for label in labels)
+    missing = {(content, character) for content, font in drawn for character in set(content)
+               if not character.isspace() and _draws_missing_glyph_box(font, character)}
+    assert not missing
+    assert _draws_missing_glyph_box(ImageFont.load_default(size=13), "→")
+
+
+def test_interpolation_pairs_join_two_classes_where_there_are_labels():
+    from ae_lab.evaluation.visual import interpolation_pairs
+
+    labels = torch.tensor([3, 3, 5, 3, 3, 7, 3, 3])
+    pairs = interpolation_pairs(labels, len(labels))
+    assert pairs == [(0, 2), (1, 5)]  # no third example of another class is left for a third pair
+    assert all(labels[a] != labels[b] for a, b in pairs)
+    assert interpolation_pairs(torch.tensor([0, 1, 2, 3, 4, 5, 6]), 7) == [(0, 1), (2, 3), (4, 5)]
+    assert interpolation_pairs(None, 7) == [(0, 1), (2, 3), (4, 5)]
+    assert interpolation_pairs(torch.zeros(7), 7) == [(0, 1), (2, 3), (4, 5)]  # one class: consecutive
+
+
 def test_code_scatter_legend_has_one_entry_per_value_in_its_colour(tmp_path, monkeypatch):
     """Values with gaps (0, 2, 7, 11: a held-out class, a factor's sparse values): each is in the legend,
     labelled with itself, its marker in the colour its points have."""
@@ -253,8 +299,10 @@ def test_code_scatter_legend_has_one_entry_per_value_in_its_colour(tmp_path, mon
     plt.close(drawn[0])
 
 
-def test_autoencoder_run_evaluates_and_draws(tmp_path):
+def test_autoencoder_run_evaluates_and_draws_labels_with_a_glyph_for_every_character(tmp_path, monkeypatch):
+    drawn = _record_drawn_text(monkeypatch)
     metrics = train_in_process([*QUICK, "noise=masking", "eval.num_reconstructions=6"], tmp_path)
+    _assert_no_missing_glyph(drawn)
     for key in ("mse", "bce", "psnr", "psnr_corrupted", "psnr_denoised", "psnr_gain", "probe_accuracy",
                 "probe_accuracy_pixels", "jacobian_frobenius_sq"):
         assert np.isfinite(metrics[f"eval/{key}"]), key
