@@ -303,6 +303,37 @@ def _keep_csv_history(logger: Any, before_step: int) -> None:
     atomic_write(path, lambda file: file.write(text.getvalue().encode()))
 
 
+class WandbHistory:
+    """The sink of a run's `History` (ae_lab/history.py) that logs its rows into the run's W&B run, each
+    value once over all the run's attempts: what the transaction logs of the earlier attempts
+    (`wandb/*run-*-<id>/run-<id>.wandb`) hold already is not logged again. So a run killed and resumed
+    ends with every (step, key) once: the values the killed attempt logged but W&B had not yet written
+    (it writes its file every 15 s, ae_lab/wandb_log.py) are logged by the resumed attempt, from the
+    rows its checkpoint holds, and those it regenerates after the checkpoint only if they are missing.
+    Each row goes in with `trainer/global_step` = its step and its `epoch` (`logger`: a WandbLogger).
+    The transaction logs are read with ae_lab/wandb_log.py (`history_sink`)."""
+
+    def __init__(self, logger: Any, logged: set[tuple[int, str]]) -> None:
+        self.logger = logger
+        self.logged = logged  # (step, key) the run's W&B run holds
+        self.last: tuple[int, int] = (0, 0)  # (step, epoch) of the newest row
+
+    def __call__(self, epoch: int, step: int, values: dict[str, float]) -> None:
+        self.last = max(self.last, (step, epoch))
+        new = {key: value for key, value in values.items() if (step, key) not in self.logged}
+        if new:
+            self.logged.update((step, key) for key in new)
+            self.logger.log_metrics({**new, "epoch": epoch}, step=step)
+
+
+def history_sink(logger: Any, run_dir: Path) -> WandbHistory | None:
+    """The W&B sink of a run's history (None unless `logger` is a WandbLogger)."""
+    from ae_lab.wandb_log import logged_points
+
+    run_id = wandb_run_id(logger)
+    return None if run_id is None else WandbHistory(logger, logged_points(run_dir, run_id))
+
+
 def wandb_run_id(logger: Any) -> str | None:
     """The W&B run id of a WandbLogger (starting its run if need be); None for other loggers."""
     if not logger or type(logger).__name__ != "WandbLogger":
@@ -310,14 +341,21 @@ def wandb_run_id(logger: Any) -> str | None:
     return logger.experiment.id
 
 
-def log_results(logger: Any, metrics: dict[str, float], figures: dict[str, Path]) -> str | None:
+def log_results(logger: Any, metrics: dict[str, float], figures: dict[str, Path],
+                sink: WandbHistory | None = None) -> str | None:
     """Put the final metrics into the W&B summary (the names of metrics.json) and the figures in as
-    images; return the W&B run id (None for other loggers)."""
+    images; return the W&B run id (None for other loggers). The final evaluation, of the best weights,
+    goes into the history once, at the last step (through `sink`): `test/*`, and the validation again as
+    `best/val/*` (not a point of `val/*` after the last epoch's)."""
     run_id = wandb_run_id(logger)
     if run_id is None:
         return None
     import wandb
 
+    if sink is not None:
+        step, epoch = sink.last
+        sink(epoch, step, {**{key: value for key, value in metrics.items() if key.startswith("test/")},
+                           **{f"best/{key}": value for key, value in metrics.items() if key.startswith("val/")}})
     logger.experiment.summary.update(metrics)
     logger.experiment.log({f"figures/{name}": wandb.Image(str(path)) for name, path in figures.items()})
     return run_id

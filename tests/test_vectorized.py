@@ -25,6 +25,7 @@ from ae_lab.ensemble import group as group_module
 from ae_lab.ensemble.group import Ensemble, Member, run_group
 from ae_lab.ensemble.grouping import group_jobs, sequential_reason
 from ae_lab.ensemble.optim import StackedOptimizer, clip_gradients
+from ae_lab.history import STEP_LOSS, read_history
 from ae_lab.objectives import contractive_penalty
 from conftest import (ROOT, SHARED, compose_config, ctrl_c_by_default, needs_shared, read_json, run_cli,
                       train_in_process)
@@ -414,6 +415,24 @@ def test_vectorized_sweep_folders_wandb_compare_reproduce_and_rerun(tmp_path):
             assert contents["summary"][key] == pytest.approx(value)
         runs[name] = [row["train/loss"] for row in contents["history"] if "train/loss" in row]
         assert len(runs[name]) == 2
+        # the learning curves as a single run has them: history.csv, curves.png, and the same W&B history
+        # (the epochs' steps, the step losses, test/* and best/val/* once at the last step)
+        ours, theirs = read_history(run_dir), read_history(basic / name)
+        assert [(row["epoch"], row["step"], sorted(row)) for row in ours] == \
+            [(row["epoch"], row["step"], sorted(row)) for row in theirs]
+        assert any(STEP_LOSS in row for row in ours) and any("val/loss" in row for row in ours)
+        for mine, single in zip(ours, theirs):
+            assert mine == pytest.approx(single, rel=1e-4, abs=1e-6)
+        assert not (run_dir / "figures").exists()  # eval=minimal draws no figures, the curves neither
+
+        def points(history: list[dict]) -> list[tuple]:
+            return [(row["trainer/global_step"], row["epoch"], sorted(key for key in row if not key.startswith("_")))
+                    for row in history if "trainer/global_step" in row]
+
+        single_history = run_contents(basic / name)["history"]
+        assert sorted(points(contents["history"])) == sorted(points(single_history))
+        assert sum("test/loss" in row and "best/val/loss" in row for row in contents["history"]) == 1
+        assert sum("val/loss" in row for row in single_history) == 2  # no point after the last epoch
     assert len({tuple(history) for history in runs.values()}) == 2  # each run holds only its own values
     # compare: the same columns, the same numbers within the equality's tolerance
     tables = [run_cli_module("ae_lab.compare", [str(folder), "--by-seed", "--format", "csv"], tmp_path) for folder in (vectorized, basic)]

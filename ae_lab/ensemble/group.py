@@ -43,12 +43,14 @@ from ae_lab.data import ArrayDataModule, Split, build_datamodule
 from ae_lab.ensemble.logs import MemberLogs, job_log_file
 from ae_lab.ensemble.optim import StackedOptimizer, clip_gradients
 from ae_lab.ensemble.streams import Draw, MemberStreams, Replay
+from ae_lab.history import STEP_LOSS, History, add_row, takes_step_loss
 from ae_lab.module import Autoencoder
 from ae_lab.nets import Latent
 from ae_lab.noise import KINDS
 from ae_lab.run import write_results
 from ae_lab.storage import atomic_torch_save
-from ae_lab.tracking import RunRecord, build_logger, finish_logger, log_results, wandb_run_id, write_config_files
+from ae_lab.tracking import (RunRecord, build_logger, finish_logger, history_sink, log_results, wandb_run_id,
+                             write_config_files)
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +237,7 @@ class Progress:
     epoch: int = 0
     batch: int = 0  # batches of `epoch` done
     global_step: int = 0
-    history: list[list[dict[str, float]]] = field(default_factory=list)  # per member, per epoch
+    history: list[list[dict[str, float]]] = field(default_factory=list)  # per member: its ae_lab.history rows
     failures: dict[int, dict[str, Any]] = field(default_factory=dict)  # member -> step, epoch, terms
     fit_seconds: float = 0.0
 
@@ -315,6 +317,10 @@ class GroupTrainer:
             grad = clip_gradients(grad, self.clip, self.trainer_cfg["gradient_clip_algorithm"])
         self.optimizer.step(grad, self.alive.tolist())
         self.sums.add(terms, x.shape[1])
+        if takes_step_loss(step, self.trainer_cfg["log_every_n_steps"]):  # a single run's HistoryRecorder
+            for member, value in enumerate(loss.detach().tolist()):
+                if self.alive[member]:
+                    add_row(self.progress.history[member], self.progress.epoch, step, {STEP_LOSS: value})
         self.progress.global_step += 1
 
     def _record_failures(self, terms: dict[str, torch.Tensor], failed: torch.Tensor) -> None:
@@ -345,7 +351,7 @@ class GroupTrainer:
         self._record_epoch(epoch, [{} for _ in self.members])
 
     def _record_epoch(self, epoch: int, val: list[dict[str, float]]) -> None:
-        """Each member's history entry of `epoch`: its train means, `val` and its scheduled weights."""
+        """Each member's history row of `epoch`: its train means, `val` and its scheduled weights."""
         train = self.sums.means("train")
         # the epoch's last step: a single run's scheduled weights are those of that step, and Lightning logs
         # the epoch's metrics at it
@@ -353,8 +359,7 @@ class GroupTrainer:
         for member, module in enumerate(self.ensemble.modules):
             weights = module.objective.weights(last_step)
             scheduled = {f"scheduled/{name}": weights[name] for name in module.objective.scheduled_names}
-            self.progress.history[member].append(
-                {**train[member], **val[member], **scheduled, "epoch": epoch, "step": last_step})
+            add_row(self.progress.history[member], epoch, last_step, {**val[member], **train[member], **scheduled})
 
     def _evaluate(self, flat: torch.Tensor, stage: str) -> list[dict[str, float]]:
         sums = EpochSums(self.ensemble.term_names, len(self.members), self.device)
@@ -448,7 +453,7 @@ class GroupTrainer:
         val, test = self._evaluate(self.best_params, "val"), self._evaluate(self.best_params, "test")
         results = []
         for member, history in enumerate(self.progress.history):
-            train = {k: v for k, v in history[-1].items() if k.startswith("train/")} if history else {}
+            train = {k: v for k, v in history[-1].items() if k.startswith("train/") and k != STEP_LOSS} if history else {}
             results.append({**train, **val[member], **test[member], "epochs": self.progress.epoch})
         return results
 
@@ -532,12 +537,11 @@ def _write_member(trainer: GroupTrainer, index: int, member: Member, record: Run
     try:
         logger = build_logger(cfg, run_dir, math.prod(data.input_shape))
         record.update(wandb_run_id=wandb_run_id(logger))
-        if logger:
-            for entry in trainer.progress.history[index]:
-                logger.log_metrics({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
-            logger.save()
+        history = History(trainer.progress.history[index], history_sink(logger, run_dir))
+        history.resend()
         failure = trainer.progress.failures.get(index)
         if failure is not None:
+            history.write(run_dir)
             record.failed(FloatingPointError(failure["message"]))
             record.update(failure={key: failure[key] for key in ("step", "epoch", "terms")})
             return Outcome(None, failure["message"])
@@ -552,8 +556,8 @@ def _write_member(trainer: GroupTrainer, index: int, member: Member, record: Run
             best_checkpoint = str(folder / "best.ckpt")
             _save(folder / "best.ckpt", _checkpoint(module, best, trainer.best_epoch[index], step))
         module.load_state_dict(best)
-        figures = write_results(module, data, cfg, run_dir, metrics)
-        wandb_run = log_results(logger, metrics, figures)
+        figures = write_results(module, data, cfg, run_dir, metrics, history)
+        wandb_run = log_results(logger, metrics, figures, history.sink)
         seconds = time.time() - started
         log.info("member %d (%s) written in %.2f s: test/loss %.4g", index, run_dir.name, seconds,
                  metrics.get("test/loss", math.nan))
