@@ -382,6 +382,15 @@ class TrainerConfig:
     detect_anomaly: bool = False
 
 
+class CheckpointArtifacts(str, Enum):
+    """Which checkpoints a W&B run holds as artifacts: `best` (best.ckpt, alias `best`), `all` (also
+    last.ckpt, alias `last`), `none`."""
+
+    none = "none"
+    best = "best"
+    all = "all"
+
+
 @dataclass
 class WandbLoggerConfig:
     """W&B; `mode=offline` (the default) writes the run into the run folder for a later `wandb sync`."""
@@ -392,6 +401,7 @@ class WandbLoggerConfig:
     entity: Any = None
     group: Any = None
     tags: list[str] = field(default_factory=list)
+    checkpoints: CheckpointArtifacts = CheckpointArtifacts.best  # as W&B artifacts: none | best | all
 
 
 @dataclass

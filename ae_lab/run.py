@@ -33,7 +33,7 @@ from ae_lab.preemption import Requeued, RequeueOnSignal, cluster_plugins
 from ae_lab.resume import ResumePoint
 from ae_lab.storage import write_json
 from ae_lab.tracking import (RunRecord, build_logger, completed_metrics, finish_logger, history_sink,
-                             log_results, wandb_run_id, write_config_files)
+                             job_sweep_identity, log_results, wandb_run_id, write_config_files)
 
 log = logging.getLogger(__name__)
 # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, once per loop: noise, not news.
@@ -63,6 +63,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> 
     if rank_zero and resume is not None and resume.record.get("data", {}).get("sha256") != data.checksum:
         raise ConfigError(f"resume={str(run_dir)!r} is not allowed: the data set {data.name} has changed since "
                           "the run started (its checksum differs from the one in run.json)")
+    sweep = job_sweep_identity(run_dir, resume.record if resume else None)
     with isolated_job():
         record = None
         if rank_zero:
@@ -72,7 +73,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> 
             resumed_from = None if resume is None else {
                 "checkpoint": str(resume.checkpoint.resolve()), "global_step": resume.global_step,
                 "epoch": resume.epoch}
-            record = RunRecord(run_dir, cfg, data.name, data.checksum, resumed_from=resumed_from)
+            record = RunRecord(run_dir, cfg, data.name, data.checksum, resumed_from=resumed_from, sweep=sweep)
             if data.scaling is not None:  # dataset.normalize as fitted on the training split
                 write_json(run_dir / "scaling.json", data.scaling.record())
         logger = None
@@ -80,14 +81,13 @@ def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> 
         try:
             logger = build_logger(cfg, run_dir, math.prod(data.input_shape),
                                   run_id=resume.record.get("wandb_run_id") if resume else None,
-                                  resumed_at_step=resume.global_step if resume else None)
-            if record is not None:  # known from the start, so that a resumed run goes on with it
-                record.update(wandb_run_id=wandb_run_id(logger))
+                                  resumed_at_step=resume.global_step if resume else None, sweep=sweep)
             history = History(sink=history_sink(logger, run_dir) if rank_zero else None)
+            started = RecordWandbRun(record, logger)
             metrics, best_checkpoint, figures, timings = _fit_and_test(cfg, run_dir, data, logger, history,
-                                                                       interrupt, resume)
+                                                                       [interrupt, started], resume)
             if record is not None:
-                wandb_run = log_results(logger, metrics, figures, history.sink)
+                wandb_run = log_results(logger, cfg, run_dir, metrics, figures, history.sink)
                 record.completed(best_checkpoint=best_checkpoint, wandb_run_id=wandb_run, timings=timings)
             return metrics
         except Requeued as stop:  # the cluster's signal: checkpointed, to be requeued by the caller
@@ -105,6 +105,18 @@ def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> 
             raise RunInterrupted(f"interrupted; run folder: {run_dir}{saved}") from error
         finally:
             finish_logger(logger)
+
+
+class RecordWandbRun(pl.Callback):
+    """Starts the run's W&B run when training starts (a job refused before has none) and records its id
+    in run.json at once, so that a resumed run goes on with it (`record`: rank 0's, None elsewhere)."""
+
+    def __init__(self, record: RunRecord | None, logger: Any) -> None:
+        self.record, self.logger = record, logger
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self.record is not None:
+            self.record.update(wandb_run_id=wandb_run_id(self.logger))
 
 
 class RunInterrupted(Exception):
@@ -129,7 +141,7 @@ class CheckpointOnInterrupt(pl.Callback):
 
 
 def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger: Any, history: History,
-                  interrupt: pl.Callback, resume: ResumePoint | None = None
+                  extra_callbacks: list[pl.Callback], resume: ResumePoint | None = None
                   ) -> tuple[dict[str, float], str | None, dict[str, Path], dict[str, float | None]]:
     """Fit (from `resume`'s checkpoint when given), then evaluate val and test with the best
     checkpoint; return the metrics, that checkpoint, the figures drawn and the fit's timings.
@@ -147,7 +159,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger:
     checkpoints = pl.callbacks.ModelCheckpoint(
         dirpath=folder, filename="best", monitor="val/loss", mode="min",
         save_top_k=1, save_last=True, enable_version_counter=False)
-    callbacks = [checkpoints, timer, interrupt, ResumeState(plain), RequeueOnSignal(folder / "last.ckpt"),
+    callbacks = [checkpoints, timer, *extra_callbacks, ResumeState(plain), RequeueOnSignal(folder / "last.ckpt"),
                  HistoryRecorder(history, cfg.trainer.log_every_n_steps)]
     if cfg.trainer.enable_model_summary and not cfg.verbose:  # its table into ae_lab.log, not on the console
         callbacks.append(pl.callbacks.ModelSummary())

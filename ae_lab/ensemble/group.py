@@ -49,8 +49,8 @@ from ae_lab.nets import Latent
 from ae_lab.noise import KINDS
 from ae_lab.run import write_results
 from ae_lab.storage import atomic_torch_save
-from ae_lab.tracking import (RunRecord, build_logger, finish_logger, history_sink, log_results, wandb_run_id,
-                             write_config_files)
+from ae_lab.tracking import (RunRecord, build_logger, finish_logger, history_sink, job_sweep_identity, log_results,
+                             wandb_run_id, write_config_files)
 
 log = logging.getLogger(__name__)
 
@@ -487,7 +487,8 @@ def run_group(members: list[Member], group: str, checkpoint_path: Path) -> list[
             write_config_files(member.run_dir, member.cfg)
         resumed_from = {"checkpoint": str(checkpoint_path.resolve()), "global_step": trainer.progress.global_step,
                         "epoch": trainer.progress.epoch} if resumed else None
-        record = RunRecord(member.run_dir, member.cfg, data.name, data.checksum, resumed_from=resumed_from)
+        record = RunRecord(member.run_dir, member.cfg, data.name, data.checksum, resumed_from=resumed_from,
+                           sweep=job_sweep_identity(member.run_dir))
         record.update(ensemble={"group": group, "member": index, "members": len(members)})
         records.append(record)
     with MemberLogs(log_files).attached() as logs:
@@ -535,7 +536,7 @@ def _write_member(trainer: GroupTrainer, index: int, member: Member, record: Run
     cfg, run_dir = member.cfg, member.run_dir
     logger = None
     try:
-        logger = build_logger(cfg, run_dir, math.prod(data.input_shape))
+        logger = build_logger(cfg, run_dir, math.prod(data.input_shape), sweep=record.payload.get("sweep"))
         record.update(wandb_run_id=wandb_run_id(logger))
         history = History(trainer.progress.history[index], history_sink(logger, run_dir))
         history.resend()
@@ -557,7 +558,7 @@ def _write_member(trainer: GroupTrainer, index: int, member: Member, record: Run
             _save(folder / "best.ckpt", _checkpoint(module, best, trainer.best_epoch[index], step))
         module.load_state_dict(best)
         figures = write_results(module, data, cfg, run_dir, metrics, history)
-        wandb_run = log_results(logger, metrics, figures, history.sink)
+        wandb_run = log_results(logger, cfg, run_dir, metrics, figures, history.sink)
         seconds = time.time() - started
         log.info("member %d (%s) written in %.2f s: test/loss %.4g", index, run_dir.name, seconds,
                  metrics.get("test/loss", math.nan))
