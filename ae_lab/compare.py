@@ -4,7 +4,8 @@ The table has one column per swept key (a config key whose value differs between
 status, and the chosen metrics. Seeds are repeats, not a hyperparameter: when the runs differ in
 `seed`, rows that differ only in the seed are merged into mean ± std with the number of seeds
 (`--by-seed` keeps one row per run). `--plot DIR` draws a metric against one swept key with a line per
-value of a second, a heat map over two swept keys, and for VAEs the rate-distortion plane.
+value of a second, a heat map over two swept keys, for VAEs the rate-distortion plane, and the
+runs' learning curves (`history.csv`) over each other (`curves.png`).
 """
 
 from __future__ import annotations
@@ -287,6 +288,24 @@ def plot(rows: list[Row], keys: list[str], metric: str, folder: Path, x_key: str
     return written
 
 
+def plot_learning_curves(runs: list[Run], keys: list[str], folder: Path) -> Path | None:
+    """`curves.png` in `folder`: the learning curves (`history.csv`) of the runs over each other, each
+    named by its swept keys' values (by its folder without any); None when no run has a history."""
+    from ae_lab.figures import learning_curves
+    from ae_lab.history import read_history
+
+    histories = {}
+    for run in runs:
+        rows = read_history(run.folder)
+        name = ", ".join(f"{key.rsplit('.', 1)[-1]}={run.config.get(key)}" for key in keys) or run.folder.name
+        if rows:
+            histories[name if name not in histories else f"{name} ({run.folder.name})"] = rows
+    if not histories:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    return learning_curves(histories, folder / "curves.png", title=f"Learning curves of {len(histories)} runs")
+
+
 def _order(value: Any) -> tuple:
     return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
 
@@ -345,6 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plot and metrics:
         for path in plot(rows, shown_keys, metrics[0], args.plot, args.x, args.hue):
             print(f"plot: {path}", file=sys.stderr)
+    if args.plot:
+        curves = plot_learning_curves(runs, keys, args.plot)
+        if curves is not None:
+            print(f"plot: {curves}", file=sys.stderr)
     return 0
 
 

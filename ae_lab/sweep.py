@@ -48,7 +48,8 @@ def sweep_identity(config: Any) -> dict[str, Any]:
     """What a sweep is, from its multirun config: `keys`, the swept keys (those the command line gives
     several values, `loss.beta=1,4` or `range(...)`, and the sweeper's `params`, as a `+sweeps=` file
     sets them), and `name`: the `+sweeps=` (or `hparams_search=`) choice, else the swept keys' last parts
-    joined by `+` (`beta+latent_dim`), then the sweep folder's name (its start time by default)."""
+    joined by `+` (`beta+latent_dim`), then the sweep folder's name (its start time by default; that
+    alone for a sweep of one job)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = OverridesParser.create().parse_overrides([str(o) for o in config.hydra.overrides.task])
@@ -56,8 +57,9 @@ def sweep_identity(config: Any) -> dict[str, Any]:
     keys += [str(key) for key in (OmegaConf.select(config, "hydra.sweeper.params") or {}) if str(key) not in keys]
     choices = config.hydra.runtime.choices
     preset = choices.get("sweeps") or choices.get("hparams_search")
-    what = preset or "+".join(key.rsplit(".", 1)[-1] for key in keys) or "sweep"
-    return {"name": f"{what} {Path(str(config.hydra.sweep.dir)).name}", "keys": keys}
+    what = preset or "+".join(key.rsplit(".", 1)[-1] for key in keys)
+    folder = Path(str(config.hydra.sweep.dir)).name
+    return {"name": f"{what} {folder}" if what else folder, "keys": keys}
 
 
 @dataclass

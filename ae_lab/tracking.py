@@ -360,6 +360,14 @@ def history_sink(logger: Any, run_dir: Path) -> WandbHistory | None:
     return WandbHistory(logger, lambda: logged_points(run_dir, logger.experiment.id))
 
 
+def replay_sink(logger: Any, run_dir: Path) -> Callable[[int, int, dict[str, float]], None] | None:
+    """The sink of a history that no Trainer logged (an ensemble member's, written out after training):
+    `history_sink` for W&B, and for `logger=csv` the CSV logger's rows, as a single run's Trainer logs them."""
+    if type(logger).__name__ == "CSVLogger":
+        return lambda epoch, step, values: logger.log_metrics({**values, "epoch": epoch}, step=step)
+    return history_sink(logger, run_dir)
+
+
 def is_wandb(logger: Any) -> bool:
     return bool(logger) and type(logger).__name__ == "WandbLogger"
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import read_json, run_cli
-from wandb_records import run_contents
+from wandb_records import read_records, run_contents
 
 QUICK = ["trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.enable_progress_bar=false",
          "trainer.enable_model_summary=false"]
@@ -47,7 +47,15 @@ def test_each_job_is_one_wandb_run_in_the_sweeps_group(sweep):
         config = read_json(job / "run.json")
         metrics = read_json(job / "metrics.json")
         run = wandb["run"]
-        assert run.run_group == "beta_seed"
+        assert run.run_group == "beta+seed beta_seed"  # the swept keys, then the sweep folder's name
+        assert wandb["config"]["sweep/keys"] == ["loss.beta", "seed"]
+        artifacts = [record.artifact for record in read_records(next(job.glob("wandb/offline-run-*/run-*.wandb")))
+                     if record.WhichOneof("record_type") == "artifact" and record.artifact.type == "model"]
+        assert [(artifact.name, list(artifact.aliases)) for artifact in artifacts] == [(f"model-{run.run_id}", ["best"])]
+        # evaluation.json's per-unit vectors: a table (unit, kl, code variance) and a bar chart of each
+        units = next(row for row in wandb["history"] if "eval/per_unit/_type" in row)
+        assert (units["eval/per_unit/nrows"], units["eval/per_unit/ncols"]) == (wandb["config"]["model.latent_dim"], 3)
+        assert {"eval/kl_per_unit_table/_type", "eval/code_variance_per_unit_table/_type"} <= units.keys()
         assert run.job_type == ("vae" if wandb["config"]["loss.beta"] == 1 else "beta_vae")
         assert run.display_name == f"vae_beta={wandb['config']['loss.beta']:g}_seed={wandb['config']['seed']}"
         assert {"mlp", "digits"} <= set(run.tags)
@@ -107,7 +115,8 @@ def test_plots_are_written(sweep, tmp_path):
     done = compare(str(sweep["dir"]), "--plot", str(tmp_path), "--metrics", "test/recon")
     assert done.returncode == 0, done.stderr
     names = {p.name for p in tmp_path.iterdir()}
-    assert names == {"test_recon_vs_loss.beta.png", "rate_distortion.png"}  # one swept key: no heat map
+    # one swept key: no heat map; the runs' learning curves over each other
+    assert names == {"test_recon_vs_loss.beta.png", "rate_distortion.png", "curves.png"}
     for path in tmp_path.iterdir():
         assert path.stat().st_size > 5000 and path.read_bytes()[:4] == b"\x89PNG"
 

@@ -279,6 +279,36 @@ def test_interpolation_pairs_join_two_classes_where_there_are_labels():
     assert interpolation_pairs(torch.zeros(7), 7) == [(0, 1), (2, 3), (4, 5)]  # one class: consecutive
 
 
+def test_learning_curves_draw_each_term_train_and_val_per_run_with_the_best_epoch(tmp_path, monkeypatch):
+    """Two runs' history rows (ae_lab/history.py): a panel per term (loss first) and one for the scheduled
+    weight; per run its train and val epoch means at their epochs, the step losses at the fraction of
+    the epoch they end (10 steps an epoch), a dotted line at its best epoch (lowest val/loss)."""
+    from ae_lab import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path, margins=None: drawn.append(figure) or path)
+
+    def history(val: list[float]) -> list[dict]:
+        rows = []
+        for epoch, loss in enumerate(val):
+            rows.append({"epoch": epoch, "step": 10 * epoch + 4, "train/loss_step": 9.0 - epoch})
+            rows.append({"epoch": epoch, "step": 10 * epoch + 9, "train/loss_step": 8.5 - epoch,
+                         "train/loss": loss + 1, "train/kl": 0.5, "val/loss": loss, "val/kl": 0.4,
+                         "scheduled/beta": epoch / 2})
+        return rows
+
+    figures.learning_curves({"a": history([3.0, 2.0, 2.5]), "b": history([4.0, 3.5, 3.0])}, tmp_path / "c.png")
+    axes = [axis for axis in drawn[0].axes if axis.get_visible()]
+    assert [axis.get_title() for axis in axes] == ["loss", "kl", "scheduled weights"]
+    lines = {line.get_label(): line for line in axes[0].get_lines()}
+    assert list(lines["a: val"].get_xdata()) == [0, 1, 2] and list(lines["a: val"].get_ydata()) == [3.0, 2.0, 2.5]
+    assert lines["a: val"].get_linestyle() == "--" and lines["a: train"].get_linestyle() == "-"
+    assert list(lines["b: train"].get_ydata()) == [5.0, 4.5, 4.0]
+    assert list(lines["a: best epoch 1"].get_xdata()) == [1, 1] and list(lines["b: best epoch 2"].get_xdata()) == [2, 2]
+    assert list(lines["a: train, per step"].get_xdata()) == pytest.approx([-0.5, 0, 0.5, 1, 1.5, 2])
+    assert list(axes[2].get_lines()[0].get_ydata()) == [0.0, 0.5, 1.0]
+
+
 def test_code_scatter_legend_has_one_entry_per_value_in_its_colour(tmp_path, monkeypatch):
     """Values with gaps (0, 2, 7, 11: a held-out class, a factor's sparse values): each is in the legend,
     labelled with itself, its marker in the colour its points have."""
@@ -314,6 +344,7 @@ def test_autoencoder_run_evaluates_and_draws_labels_with_a_glyph_for_every_chara
     _assert_drawn(figures / "traversals.png", count=9, rows=10)
     _assert_drawn(figures / "interpolations.png", count=10, rows=3)
     assert _png(figures / "codes.png")[..., :3].std() > 0.05
+    assert _png(figures / "curves.png")[..., :3].std() > 0.05 and (tmp_path / "history.csv").is_file()
     assert not (figures / "samples.png").exists()
     details = read_json(tmp_path / "evaluation.json")
     assert len(details["code_variance_per_unit"]) == 16

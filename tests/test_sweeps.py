@@ -241,7 +241,7 @@ def test_gpu_queue_jobs_are_wandb_runs_in_the_sweeps_group(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     jobs = job_folders(sweep)
     assert len(jobs) == 2
-    assert [run_contents(job)["run"].run_group for job in jobs] == ["queued", "queued"]
+    assert [run_contents(job)["run"].run_group for job in jobs] == ["seed queued", "seed queued"]
 
 
 @pytest.mark.parametrize("sweep", sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")))

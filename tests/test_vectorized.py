@@ -408,7 +408,7 @@ def test_vectorized_sweep_folders_wandb_compare_reproduce_and_rerun(tmp_path):
         Autoencoder.load_from_checkpoint(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
         contents = run_contents(run_dir)
         single = run_contents(basic / name)["run"]
-        assert contents["run"].run_id == record["wandb_run_id"] and contents["run"].run_group == vectorized.name
+        assert contents["run"].run_id == record["wandb_run_id"] and contents["run"].run_group == f"seed {vectorized.name}"
         assert (contents["run"].display_name, contents["run"].job_type) == (single.display_name, single.job_type)
         assert contents["config"]["seed"] == record["seed"]
         for key, value in metrics.items():  # the summary holds this member's final metrics

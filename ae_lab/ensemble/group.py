@@ -49,7 +49,7 @@ from ae_lab.nets import Latent
 from ae_lab.noise import KINDS
 from ae_lab.run import write_results
 from ae_lab.storage import atomic_torch_save
-from ae_lab.tracking import (RunRecord, build_logger, finish_logger, history_sink, job_sweep_identity, log_results,
+from ae_lab.tracking import (RunRecord, build_logger, finish_logger, job_sweep_identity, log_results, replay_sink,
                              wandb_run_id, write_config_files)
 
 log = logging.getLogger(__name__)
@@ -538,8 +538,10 @@ def _write_member(trainer: GroupTrainer, index: int, member: Member, record: Run
     try:
         logger = build_logger(cfg, run_dir, math.prod(data.input_shape), sweep=record.payload.get("sweep"))
         record.update(wandb_run_id=wandb_run_id(logger))
-        history = History(trainer.progress.history[index], history_sink(logger, run_dir))
+        history = History(trainer.progress.history[index], replay_sink(logger, run_dir))
         history.resend()
+        if logger:
+            logger.save()
         failure = trainer.progress.failures.get(index)
         if failure is not None:
             history.write(run_dir)
