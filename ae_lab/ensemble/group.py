@@ -25,6 +25,7 @@ removes it once every member is written out.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -527,6 +528,16 @@ def _record_interrupted(records: list[RunRecord], checkpoint_path: Path) -> None
         record.interrupted(checkpoint_path if checkpoint_path.exists() else None)
 
 
+def _earlier_wandb_run(record: RunRecord) -> str | None:
+    """The W&B run id of the member's attempt that the group resumed from, when that attempt was cut while
+    its W&B run was being written (a kill during the write-out): the write-out goes on in that W&B run
+    and logs only what it lacks."""
+    previous = record.payload.get("resumed_from", {}).get("previous_record")
+    if previous is None:
+        return None
+    return json.loads((record.path.parent / previous).read_text()).get("wandb_run_id")
+
+
 def _write_member(trainer: GroupTrainer, index: int, member: Member, record: RunRecord,
                   metrics: dict[str, float], data: ArrayDataModule) -> Outcome:
     """Member `index`'s run folder through the single run's code: checkpoints, evaluation, metrics.json,
@@ -536,7 +547,8 @@ def _write_member(trainer: GroupTrainer, index: int, member: Member, record: Run
     cfg, run_dir = member.cfg, member.run_dir
     logger = None
     try:
-        logger = build_logger(cfg, run_dir, math.prod(data.input_shape), sweep=record.payload.get("sweep"))
+        logger = build_logger(cfg, run_dir, math.prod(data.input_shape), run_id=_earlier_wandb_run(record),
+                              sweep=record.payload.get("sweep"))
         record.update(wandb_run_id=wandb_run_id(logger))
         history = History(trainer.progress.history[index], replay_sink(logger, run_dir))
         history.resend()
