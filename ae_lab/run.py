@@ -74,6 +74,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> 
                 "checkpoint": str(resume.checkpoint.resolve()), "global_step": resume.global_step,
                 "epoch": resume.epoch}
             record = RunRecord(run_dir, cfg, data.name, data.checksum, resumed_from=resumed_from, sweep=sweep)
+            if resume is not None and resume.record.get("wandb_run_id"):  # kept should this attempt not train
+                record.update(wandb_run_id=resume.record["wandb_run_id"])
             if data.scaling is not None:  # dataset.normalize as fitted on the training split
                 write_json(run_dir / "scaling.json", data.scaling.record())
         logger = None

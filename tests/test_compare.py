@@ -51,7 +51,9 @@ def test_each_job_is_one_wandb_run_in_the_sweeps_group(sweep):
         assert wandb["config"]["sweep/keys"] == ["loss.beta", "seed"]
         artifacts = [record.artifact for record in read_records(next(job.glob("wandb/offline-run-*/run-*.wandb")))
                      if record.WhichOneof("record_type") == "artifact" and record.artifact.type == "model"]
-        assert [(artifact.name, list(artifact.aliases)) for artifact in artifacts] == [(f"model-{run.run_id}", ["best"])]
+        # best.ckpt as the artifact's version aliased `best` (W&B adds `latest`)
+        assert [(artifact.name, "best" in artifact.aliases) for artifact in artifacts] == [(f"model-{run.run_id}", True)]
+        assert [entry.path for entry in artifacts[0].manifest.contents] == ["best.ckpt"]
         # evaluation.json's per-unit vectors: a table (unit, kl, code variance) and a bar chart of each
         units = next(row for row in wandb["history"] if "eval/per_unit/_type" in row)
         assert (units["eval/per_unit/nrows"], units["eval/per_unit/ncols"]) == (wandb["config"]["model.latent_dim"], 3)

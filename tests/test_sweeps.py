@@ -20,7 +20,8 @@ QUICK = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.enabl
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 JOB_FILES = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "ae_lab.log",
              "checkpoints/best.ckpt", "checkpoints/last.ckpt", "metrics.json", "evaluation.json", "run.json",
-             *(f"figures/{name}.png" for name in ("reconstructions", "traversals", "interpolations", "codes"))}
+             "history.csv",
+             *(f"figures/{name}.png" for name in ("reconstructions", "traversals", "interpolations", "codes", "curves"))}
 
 
 def sweep_folder(cwd: Path) -> Path:
