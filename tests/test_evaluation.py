@@ -351,7 +351,7 @@ def test_autoencoder_run_evaluates_and_draws_labels_with_a_glyph_for_every_chara
     summary = run_contents(tmp_path)["summary"]  # the W&B run: every metric and figure
     assert {key: summary[key] for key in metrics} == metrics
     drawn = {path.stem for path in figures.glob("*.png")}
-    assert {key.split("/")[1] for key in summary if key.endswith("/_type")} == drawn
+    assert {key.split("/")[1] for key in summary if key.startswith("figures/") and key.endswith("/_type")} == drawn
 
 
 def test_probe_on_digits_is_far_above_chance(tmp_path):
