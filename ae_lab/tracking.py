@@ -362,9 +362,13 @@ def history_sink(logger: Any, run_dir: Path) -> WandbHistory | None:
 
 def replay_sink(logger: Any, run_dir: Path) -> Callable[[int, int, dict[str, float]], None] | None:
     """The sink of a history that no Trainer logged (an ensemble member's, written out after training):
-    `history_sink` for W&B, and for `logger=csv` the CSV logger's rows, as a single run's Trainer logs them."""
-    if type(logger).__name__ == "CSVLogger":
-        return lambda epoch, step, values: logger.log_metrics({**values, "epoch": epoch}, step=step)
+    `history_sink` for W&B, and for `logger=csv` the CSV logger's rows as a single run's Trainer logs
+    them."""
+    if type(logger).__name__ == "CSVLogger":  # (the step losses are history.csv's: Lightning does not log them)
+        from ae_lab.history import STEP_LOSS
+
+        return lambda epoch, step, values: logger.log_metrics(
+            {**{key: value for key, value in values.items() if key != STEP_LOSS}, "epoch": epoch}, step=step)
     return history_sink(logger, run_dir)
 
 
