@@ -7,8 +7,9 @@ hyperparameter: when the runs differ in `seed`, rows that differ only in the see
 std with the number of seeds, within each folder of runs (a sweep), so that two sweeps stay apart
 (`--by-seed` keeps one row per run). `--plot DIR` draws a metric against one
 swept key with a line per value of a second (a log axis for values spanning a decade or more), a heat
-map over two swept keys, and for VAEs the rate-distortion plane; when there is nothing to draw it says
-why on stderr and writes nothing.
+map over two swept keys, for VAEs the rate-distortion plane, and the runs' learning curves
+(`history.csv`) over each other (`curves.png`); when there is nothing to draw it says why on stderr
+and writes nothing.
 """
 
 from __future__ import annotations
@@ -336,6 +337,24 @@ def log_scale(values: Sequence[float]) -> bool:
     return min(values) > 0 and max(values) / min(values) >= 10
 
 
+def plot_learning_curves(runs: list[Run], keys: list[str], folder: Path) -> Path | None:
+    """`curves.png` in `folder`: the learning curves (`history.csv`) of the runs over each other, each
+    named by its swept keys' values (by its folder without any); None when no run has a history."""
+    from ae_lab.figures import learning_curves
+    from ae_lab.history import read_history
+
+    histories = {}
+    for run in runs:
+        rows = read_history(run.folder)
+        name = ", ".join(f"{key.rsplit('.', 1)[-1]}={run.config.get(key)}" for key in keys) or run.folder.name
+        if rows:
+            histories[name if name not in histories else f"{name} ({run.folder.name})"] = rows
+    if not histories:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    return learning_curves(histories, folder / "curves.png", title=f"Learning curves of {len(histories)} runs")
+
+
 def _order(value: Any) -> tuple:
     return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
 
@@ -397,16 +416,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_table(rows, shown_keys, metrics, aggregated)
     else:
         sys.stdout.write(render(rows, shown_keys, metrics, aggregated, args.format).rstrip("\n") + "\n")
-    if args.plot and metrics:
-        written = plot(rows, shown_keys, metrics[0], args.plot, args.x, args.hue)
-        for path in written:
+    if args.plot:
+        written = plot(rows, shown_keys, metrics[0], args.plot, args.x, args.hue) if metrics else []
+        curves = plot_learning_curves(runs, keys, args.plot)
+        for path in [*written, *([curves] if curves else [])]:
             print(f"plot: {path}", file=sys.stderr)
         if not written:
-            why = ("no key that changes a result differs between these runs"
-                   if not any(key != "seed" for key in shown_keys) else
-                   f"no completed run has {metrics[0]}")
-            print(f"--plot {args.plot}: nothing to plot: {why} (and no {metrics[0].split('/')[0]}/kl for a "
-                  "rate-distortion plane); nothing written", file=sys.stderr)
+            why = ("no metric was chosen" if not metrics else
+                   "no key that changes a result differs between these runs"
+                   if not any(key != "seed" for key in shown_keys) else f"no completed run has {metrics[0]}")
+            kl = f" (and no {metrics[0].split('/')[0]}/kl for a rate-distortion plane)" if metrics else ""
+            print(f"--plot {args.plot}: no metric plot: {why}{kl}; "
+                  + ("only the learning curves drawn" if curves else "nothing written (no run has a history.csv)"),
+                  file=sys.stderr)
     return 0
 
 

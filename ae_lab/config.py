@@ -97,6 +97,7 @@ class KlForm(str, Enum):
 class TcEstimator(str, Enum):
     mws = "mws"
     mss = "mss"
+    mss_uniform = "mss_uniform"
 
 
 class Pretraining(str, Enum):
@@ -382,6 +383,15 @@ class TrainerConfig:
     detect_anomaly: bool = False
 
 
+class CheckpointArtifacts(str, Enum):
+    """Which checkpoints a W&B run holds as artifacts: `best` (best.ckpt, alias `best`), `all` (also
+    last.ckpt, alias `last`), `none`."""
+
+    none = "none"
+    best = "best"
+    all = "all"
+
+
 @dataclass
 class WandbLoggerConfig:
     """W&B; `mode=offline` (the default) writes the run into the run folder for a later `wandb sync`."""
@@ -392,6 +402,7 @@ class WandbLoggerConfig:
     entity: Any = None
     group: Any = None
     tags: list[str] = field(default_factory=list)
+    checkpoints: CheckpointArtifacts = CheckpointArtifacts.best  # as W&B artifacts: none | best | all
 
 
 @dataclass

@@ -17,6 +17,17 @@ _FONT_SIZE = 13
 _MARGIN = 8  # pixels around the grid and between its labels and images
 
 
+def label_font(size: int = _FONT_SIZE):
+    """The font the image grids' text is drawn in: DejaVu Sans, which matplotlib ships (so it is always
+    there) and which has every character the labels use (arrows, signs, Greek). Pillow's own default
+    font (Aileron) lacks many of them and draws its missing-glyph box instead."""
+    from matplotlib import font_manager
+    from PIL import ImageFont
+
+    path = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans"), fallback_to_default=False)
+    return ImageFont.truetype(path, size)
+
+
 def _upscaled(image: torch.Tensor, scale: int) -> np.ndarray:
     """One (C, H, W) image in [0, 1] as 8-bit pixels (H * scale, W * scale[, 3]), unsmoothed: grey for one
     channel, colour for three, other channel counts as grey channels side by side."""
@@ -36,9 +47,9 @@ def image_rows(rows: dict[str, torch.Tensor], path: Path, title: str = "",
 
     Drawn with Pillow, not matplotlib: every run draws several of these (every member of a vectorised
     sweep too), and laying them out with matplotlib cost about 0.2 s each against milliseconds."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
-    font = ImageFont.load_default(size=_FONT_SIZE)
+    font = label_font()
     first = next(iter(rows.values()))
     scale = max(1, math.ceil(56 / first.shape[2]))
     cells = [[_upscaled(image, scale) for image in batch] for batch in rows.values()]
@@ -168,3 +179,60 @@ def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, tit
              ylabel="true-positive rate (anomalies found)", title=title)
     axis.legend(loc="lower right", fontsize="small")
     return _save(figure, path, {"left": 0.14, "right": 0.96, "bottom": 0.11, "top": 0.92})
+
+
+def learning_curves(histories: dict[str, list[dict[str, float]]], path: Path, title: str = "") -> Path:
+    """Each loss term's epoch means against the epoch, one panel per term (`loss` first): train solid,
+    val dashed, the best epoch (lowest val/loss) marked; `train/loss_step` faintly on the `loss` panel
+    (a step's value at the fraction of the epoch it ends); scheduled weights and greedy pretraining
+    errors on panels of their own. `histories`: run name -> its `history.csv` rows (ae_lab/history.py);
+    several runs are drawn over each other, one colour each."""
+    from ae_lab.history import STEP_LOSS, best_epoch
+
+    keys = list(dict.fromkeys(key for rows in histories.values() for row in rows for key in row))
+    terms = list(dict.fromkeys(key.split("/", 1)[1] for key in keys
+                               if key.split("/")[0] in ("train", "val") and key != STEP_LOSS))
+    terms.sort(key=lambda term: term != "loss")
+    panels = [(term, [f"train/{term}", f"val/{term}"]) for term in terms]
+    for group, heading in (("scheduled", "scheduled weights"), ("pretrain", "greedy pretraining")):
+        if any(key.startswith(f"{group}/") for key in keys):
+            panels.append((heading, [key for key in keys if key.startswith(f"{group}/")]))
+    columns = min(3, len(panels))
+    rows_of_panels = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(rows_of_panels, columns, figsize=(4.2 * columns, 3.0 * rows_of_panels + 0.5),
+                                squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for order, (name, rows) in enumerate(histories.items()):
+        colour = colours(order % 10)
+        best = best_epoch(rows)
+        run = f"{name}: " if len(histories) > 1 else ""
+        for axis, (heading, series) in zip(axes.flat, panels):
+            for index, key in enumerate(series):
+                points = [(row["epoch"], row[key]) for row in rows if key in row]
+                if points:
+                    style = "--" if key.startswith("val/") else "-"
+                    shade = colour if len(histories) > 1 else colours(index % 10)  # one run: train C0, val C1
+                    axis.plot(*zip(*points), style, color=shade, marker="." if len(points) < 30 else None,
+                              label=f"{run}{key.split('/')[0] if heading in terms else key}")
+            if best is not None and heading in terms:
+                axis.axvline(best, color=colour, linestyle=":", linewidth=1,
+                             label=f"{run}best epoch {best}" if heading == terms[0] else None)
+        first_epoch_end = next((row["step"] for row in rows if any(key.startswith("train/") and key != STEP_LOSS
+                                                                   for key in row)), None)
+        steps = [(row["step"], row[STEP_LOSS]) for row in rows if STEP_LOSS in row]
+        if steps and first_epoch_end is not None and terms and terms[0] == "loss":
+            per_epoch = first_epoch_end + 1
+            axes.flat[0].plot([(step + 1) / per_epoch - 1 for step, _ in steps], [value for _, value in steps],
+                              color=colour, alpha=0.3, linewidth=0.8, label=f"{run}train, per step")
+    for axis, (heading, _) in zip(axes.flat, panels):
+        axis.set_title(heading, fontsize="medium")
+        axis.set_xlabel("epoch")
+        axis.tick_params(labelsize="small")
+        axis.legend(fontsize="x-small", loc="upper right")  # ("best" searches: slow)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
+    if title:
+        figure.suptitle(title)
+    height = figure.get_figheight()  # fixed margins: tight_layout would cost more than the drawing
+    return _save(figure, path, {"left": 0.06, "right": 0.98, "bottom": 0.5 / height, "top": 1 - 0.6 / height,
+                                "wspace": 0.25, "hspace": 0.9 / height * rows_of_panels})

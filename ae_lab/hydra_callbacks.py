@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,11 @@ class CheckBeforeRun(Callback):
         # storage); the folder is made only then, so that a sweep its launcher refuses leaves nothing
         if OmegaConf.select(config, "hydra.sweeper.storage"):
             Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        from ae_lab.sweep import IDENTITY_VARIABLE, sweep_identity
+
+        # the jobs' W&B group and swept keys; in the environment, so that jobs in processes of their own
+        # (gpu_queue, SLURM) know them too
+        os.environ[IDENTITY_VARIABLE] = json.dumps(sweep_identity(config))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from ae_lab.sweep import summarize

@@ -101,17 +101,30 @@ class Autoencoder(pl.LightningModule):
         self.epoch_means[f"{stage}__pretrain_layer{layer}"].update(phase_loss.detach().expand(x.shape[0]))
         return phase_loss
 
-    def _log_epoch(self, stage: str) -> None:
-        """Log the epoch's means. Logging once per epoch, not per step, keeps Lightning's per-call
-        logging cost (about a millisecond) out of the training step."""
+    def epoch_values(self, stage: str) -> dict[str, torch.Tensor]:
+        """The epoch's means so far of `stage`'s terms (those updated), under their logged names; a greedy
+        phase's error goes to the history only (`pretrain/layer1_train`), not to metrics.json."""
+        values = {}
         for name in self.logged_names:
             mean = self.epoch_means[f"{stage}__{name}"]
             if mean.update_called:
-                # a greedy phase's error goes to the history only (`pretrain/layer1_train`), not to metrics.json
                 key = (f"pretrain/{name.removeprefix('pretrain_')}_{stage}" if name.startswith("pretrain_")
                        else f"{stage}/{name}")
-                self.log(key, mean.compute(), prog_bar=name == "loss")
-                mean.reset()
+                values[key] = mean.compute()
+        return values
+
+    def scheduled_values(self) -> dict[str, torch.Tensor | float]:
+        """The scheduled weights of the epoch's last step, e.g. `scheduled/beta` (a pure function of the step)."""
+        weights = self.objective.weights(max(self.global_step - 1, 0))
+        return {f"scheduled/{name}": weights[name] for name in self.objective.scheduled_names}
+
+    def _log_epoch(self, stage: str) -> None:
+        """Log the epoch's means. Logging once per epoch, not per step, keeps Lightning's per-call
+        logging cost (about a millisecond) out of the training step."""
+        for key, value in self.epoch_values(stage).items():
+            self.log(key, value, prog_bar=key == f"{stage}/loss")
+        for name in self.logged_names:
+            self.epoch_means[f"{stage}__{name}"].reset()
 
     def epoch_sums(self) -> dict[str, dict[str, torch.Tensor]]:
         """The running epoch means' states (weighted sums and weights), for a checkpoint taken mid-epoch."""
@@ -129,10 +142,8 @@ class Autoencoder(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
-        # the scheduled weights of the epoch's last step, e.g. `scheduled/beta` (a pure function of the step)
-        weights = self.objective.weights(max(self.global_step - 1, 0))
-        for name in self.objective.scheduled_names:
-            self.log(f"scheduled/{name}", weights[name])
+        for key, value in self.scheduled_values().items():
+            self.log(key, value)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")

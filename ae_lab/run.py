@@ -27,13 +27,15 @@ from ae_lab.errors import ConfigError
 from ae_lab.data import ArrayDataModule, build_datamodule, input_shape
 from ae_lab.distributed import HydraJobDDPStrategy, isolated_job, launched_rank, resolve_strategy
 from ae_lab.evaluation.evaluate import evaluate
+from ae_lab.figures import learning_curves
 from ae_lab.greedy import PhaseCheckpoints
+from ae_lab.history import History, HistoryLogger, HistoryRecorder
 from ae_lab.module import Autoencoder
 from ae_lab.preemption import Requeued, RequeueOnSignal, cluster_plugins
 from ae_lab.resume import ResumePoint
 from ae_lab.storage import atomic_write, write_json
-from ae_lab.tracking import (RunRecord, build_logger, completed_metrics, finish_logger, log_results,
-                             wandb_run_id, write_config_files)
+from ae_lab.tracking import (RunRecord, build_logger, completed_metrics, finish_logger, history_sink,
+                             job_sweep_identity, log_results, wandb_run_id, write_config_files)
 
 log = logging.getLogger(__name__)
 # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, once per loop: noise, not news.
@@ -63,6 +65,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> 
     if rank_zero and resume is not None and resume.record.get("data", {}).get("sha256") != data.checksum:
         raise ConfigError(f"resume={str(run_dir)!r} is not allowed: the data set {data.name} has changed since "
                           "the run started (its checksum differs from the one in run.json)")
+    sweep = job_sweep_identity(run_dir, resume.record if resume else None)
     with isolated_job():
         record = None
         if rank_zero:
@@ -72,7 +75,9 @@ def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> 
             resumed_from = None if resume is None else {
                 "checkpoint": str(resume.checkpoint.resolve()), "global_step": resume.global_step,
                 "epoch": resume.epoch}
-            record = RunRecord(run_dir, cfg, data.name, data.checksum, resumed_from=resumed_from)
+            record = RunRecord(run_dir, cfg, data.name, data.checksum, resumed_from=resumed_from, sweep=sweep)
+            if resume is not None and resume.record.get("wandb_run_id"):  # kept should this attempt not train
+                record.update(wandb_run_id=resume.record["wandb_run_id"])
             if data.scaling is not None:  # dataset.normalize as fitted on the training split
                 write_json(run_dir / "scaling.json", data.scaling.record())
         logger = None
@@ -80,13 +85,13 @@ def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> 
         try:
             logger = build_logger(cfg, run_dir, math.prod(data.input_shape),
                                   run_id=resume.record.get("wandb_run_id") if resume else None,
-                                  resumed_at_step=resume.global_step if resume else None)
-            if record is not None:  # known from the start, so that a resumed run goes on with it
-                record.update(wandb_run_id=wandb_run_id(logger))
-            metrics, best_checkpoint, figures, timings = _fit_and_test(cfg, run_dir, data, logger,
-                                                                       interrupt, resume)
+                                  resumed_at_step=resume.global_step if resume else None, sweep=sweep)
+            history = History(sink=history_sink(logger, run_dir) if rank_zero else None)
+            started = RecordWandbRun(record, logger)
+            metrics, best_checkpoint, figures, timings = _fit_and_test(cfg, run_dir, data, logger, history,
+                                                                       [interrupt, started], resume)
             if record is not None:
-                wandb_run = log_results(logger, metrics, figures)
+                wandb_run = log_results(logger, cfg, run_dir, metrics, figures, history.sink)
                 record.completed(best_checkpoint=best_checkpoint, wandb_run_id=wandb_run, timings=timings)
             return metrics
         except Requeued as stop:  # the cluster's signal: checkpointed, to be requeued by the caller
@@ -104,6 +109,18 @@ def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> 
             raise RunInterrupted(f"interrupted; run folder: {run_dir}{saved}") from error
         finally:
             finish_logger(logger)
+
+
+class RecordWandbRun(pl.Callback):
+    """Starts the run's W&B run when training starts (a job refused before has none) and records its id
+    in run.json at once, so that a resumed run goes on with it (`record`: rank 0's, None elsewhere)."""
+
+    def __init__(self, record: RunRecord | None, logger: Any) -> None:
+        self.record, self.logger = record, logger
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self.record is not None:
+            self.record.update(wandb_run_id=wandb_run_id(self.logger))
 
 
 class RunInterrupted(Exception):
@@ -127,14 +144,16 @@ class CheckpointOnInterrupt(pl.Callback):
             self.checkpoint = self.path
 
 
-def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger: Any,
-                  interrupt: pl.Callback, resume: ResumePoint | None = None
+def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger: Any, history: History,
+                  extra_callbacks: list[pl.Callback], resume: ResumePoint | None = None
                   ) -> tuple[dict[str, float], str | None, dict[str, Path], dict[str, float | None]]:
     """Fit (from `resume`'s checkpoint when given), then evaluate val and test with the best
     checkpoint; return the metrics, that checkpoint, the figures drawn and the fit's timings.
 
     `checkpoints/last.ckpt`, the resume point, is rewritten after each validation and every
-    `checkpoint_every_n_steps` steps; every checkpoint is written atomically.
+    `checkpoint_every_n_steps` steps; every checkpoint is written atomically. What fit logs goes into
+    `history` (and from there into W&B) and, with `logger=csv`, into csv/metrics.csv; the evaluations
+    of the best checkpoint after fit are not logged as points of the history.
     """
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
@@ -144,7 +163,8 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger:
     checkpoints = pl.callbacks.ModelCheckpoint(
         dirpath=folder, filename="best", monitor="val/loss", mode="min",
         save_top_k=1, save_last=True, enable_version_counter=False)
-    callbacks = [checkpoints, timer, interrupt, ResumeState(plain), RequeueOnSignal(folder / "last.ckpt")]
+    callbacks = [checkpoints, timer, *extra_callbacks, ResumeState(plain), RequeueOnSignal(folder / "last.ckpt"),
+                 HistoryRecorder(history, cfg.trainer.log_every_n_steps)]
     if cfg.trainer.enable_model_summary and not cfg.verbose:  # its table into ae_lab.log, not on the console
         callbacks.append(pl.callbacks.ModelSummary())
     if cfg.checkpoint_every_n_steps:
@@ -153,11 +173,13 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger:
         callbacks.append(PhaseCheckpoints(folder, module.model_cfg))
     trainer_args = OmegaConf.to_container(cfg.trainer)
     trainer_args["strategy"] = resolve_strategy(trainer_args["strategy"])
-    trainer = pl.Trainer(**trainer_args, logger=logger, callbacks=callbacks,
+    loggers = [HistoryLogger(history, run_dir), *([logger] if type(logger).__name__ == "CSVLogger" else [])]
+    trainer = pl.Trainer(**trainer_args, logger=loggers, callbacks=callbacks,
                          plugins=[AtomicCheckpointIO(), *cluster_plugins()], default_root_dir=str(run_dir),
                          use_distributed_sampler=False,  # the data module shards (see ArrayDataModule)
                          inference_mode=False)  # the contractive term needs grads in evaluation
     trainer.fit(module, datamodule=data, ckpt_path=resume.checkpoint if resume else None, weights_only=True)
+    trainer.loggers = []  # the best checkpoint's evaluations below are results, not points of the history
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
                if key.startswith("train/")}
     # val and test both with the best weights, so the two splits describe the same model; when no
@@ -170,25 +192,32 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger:
         metrics.update({key: float(value) for key, value in results[0].items()})
     metrics["epochs"] = trainer.current_epoch
     best_checkpoint = Path(checkpoints.best_model_path) if checkpoints.best_model_path else None
-    figures = write_results(module, data, cfg, run_dir, metrics, best_checkpoint) if trainer.is_global_zero else {}
+    figures = (write_results(module, data, cfg, run_dir, metrics, history, best_checkpoint)
+               if trainer.is_global_zero else {})
     if isinstance(trainer.strategy, HydraJobDDPStrategy):
         trainer.strategy.wait_for_children()
     return metrics, checkpoints.best_model_path or None, figures, timer.timings()
 
 
 def write_results(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, run_dir: Path,
-                  metrics: dict[str, float], checkpoint: Path | None) -> dict[str, Path]:
+                  metrics: dict[str, float], history: History, checkpoint: Path | None) -> dict[str, Path]:
     """Evaluate the trained `module` (its best weights, read from `checkpoint`; None when no validation
     made a best checkpoint), add the `eval/*` metrics to `metrics`, write `evaluation.json`,
-    `scores.npz` (with a held-out class), `metrics.json` and the figures; return the figures. Every way
-    a run is made (a single run, an ensemble's member) ends with this."""
+    `scores.npz` (with a held-out class), `metrics.json`, `history.csv` and the figures
+    (`figures/curves.png` from the history among them); return the figures. Every way a run is made
+    (a single run, an ensemble's member) ends with this."""
     evaluation = evaluate(module, data, cfg, run_dir, checkpoint)
     metrics.update(evaluation.metrics)
     write_json(run_dir / "evaluation.json", evaluation.details)
     if evaluation.scores:  # a held-out class: every test example's anomaly scores
         atomic_write(run_dir / "scores.npz", lambda file: np.savez(file, **evaluation.scores))
     write_json(run_dir / "metrics.json", dict(sorted(metrics.items())))
-    return evaluation.figures
+    history.write(run_dir)
+    figures = dict(evaluation.figures)
+    if cfg.eval.figures and history.rows:
+        figures["curves"] = learning_curves({run_dir.name: history.rows}, run_dir / "figures" / "curves.png",
+                                            title=f"Learning curves of {run_dir.name}")
+    return figures
 
 
 class StepTimer(pl.Callback):

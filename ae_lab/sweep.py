@@ -12,6 +12,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 SUMMARY_METRICS = ("test/loss", "test/recon", "test/kl", "test/elbo")
+# set by the sweep's start (ae_lab.hydra_callbacks) for its jobs, in-process or not: JSON of `sweep_identity`
+IDENTITY_VARIABLE = "AE_LAB_SWEEP_IDENTITY"
 
 
 def config_hash(*, _root_: Any) -> str:
@@ -40,6 +42,24 @@ def slurm_gpus(accelerator: str, devices: Any) -> Any:
     trains on GPUs (`gpu`, `cuda`), else none (null: no GPU request at all, as a CPU-only cluster needs;
     `auto` asks for none too, since what a compute node has is not known where the sweep is launched)."""
     return devices if str(accelerator) in ("gpu", "cuda") else None
+
+
+def sweep_identity(config: Any) -> dict[str, Any]:
+    """What a sweep is, from its multirun config: `keys`, the swept keys (those the command line gives
+    several values, `loss.beta=1,4` or `range(...)`, and the sweeper's `params`, as a `+sweeps=` file
+    sets them), and `name`: the `+sweeps=` (or `hparams_search=`) choice, else the swept keys' last parts
+    joined by `+` (`beta+latent_dim`), then the sweep folder's name (its start time by default; that
+    alone for a sweep of one job)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides([str(o) for o in config.hydra.overrides.task])
+    keys = [override.key_or_group for override in overrides if override.is_sweep_override()]
+    keys += [str(key) for key in (OmegaConf.select(config, "hydra.sweeper.params") or {}) if str(key) not in keys]
+    choices = config.hydra.runtime.choices
+    preset = choices.get("sweeps") or choices.get("hparams_search")
+    what = preset or "+".join(key.rsplit(".", 1)[-1] for key in keys)
+    folder = Path(str(config.hydra.sweep.dir)).name
+    return {"name": f"{what} {folder}" if what else folder, "keys": keys}
 
 
 @dataclass

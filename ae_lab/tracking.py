@@ -15,7 +15,7 @@ import traceback
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -123,7 +123,7 @@ class RunRecord:
     """
 
     def __init__(self, run_dir: Path, cfg: DictConfig, data_name: str, data_checksum: str,
-                 resumed_from: dict[str, Any] | None = None) -> None:
+                 resumed_from: dict[str, Any] | None = None, sweep: dict[str, Any] | None = None) -> None:
         self.path = run_dir / "run.json"
         previous = self._keep_previous(run_dir)
         self.payload: dict[str, Any] = {
@@ -141,6 +141,8 @@ class RunRecord:
         }
         if resumed_from is not None:
             self.payload["resumed_from"] = {**resumed_from, "previous_record": previous}
+        if sweep is not None:  # the sweep's identity (`job_sweep_identity`), kept for the job's resumes
+            self.payload["sweep"] = sweep
         self._write()
 
     def _keep_previous(self, run_dir: Path) -> str | None:
@@ -244,13 +246,29 @@ def run_naming(run_dir: Path, resumed: bool) -> tuple[list[str], set[str], str |
     return [str(override) for override in hydra.overrides.task], set(hydra.runtime.choices), sweep
 
 
+def job_sweep_identity(run_dir: Path, resumed_record: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The sweep this job belongs to (`ae_lab.sweep.sweep_identity`: its W&B group name and swept keys), as
+    the sweep's start set it (`IDENTITY_VARIABLE`); for a resumed job the one its record keeps; None for a
+    single run."""
+    from ae_lab.sweep import IDENTITY_VARIABLE
+
+    if resumed_record is not None:
+        return resumed_record.get("sweep")
+    text = os.environ.get(IDENTITY_VARIABLE)
+    if not text or run_naming(run_dir, resumed=False)[2] is None:
+        return None
+    return json.loads(text)
+
+
 def build_logger(cfg: DictConfig, run_dir: Path, input_size: int, run_id: str | None = None,
-                 resumed_at_step: int | None = None):
+                 resumed_at_step: int | None = None, sweep: dict[str, Any] | None = None):
     """The Lightning logger named by `logger.kind`.
 
     W&B: one run per ae_lab run, written into the run folder; named after the run's overrides, grouped
-    by `logger.group` or else the sweep, `job_type` = the variant, tags = `logger.tags` + arch and data
-    set, config = the resolved config with flattened keys. `run_id` (a resumed run) continues that W&B
+    by `logger.group` or else the sweep (`sweep`, `job_sweep_identity`: its `+sweeps=` name or swept keys
+    and its folder's name), `job_type` = the variant, tags = `logger.tags` + arch and data set, config =
+    the resolved config with flattened keys, and in a sweep `sweep/name` and `sweep/keys` (the swept
+    keys, by which a sweep's panels are built). `run_id` (a resumed run) continues that W&B
     run (`resume="allow"`), named and grouped as it was; offline, each attempt writes its own `wandb/offline-run-*` folder with
     that id, and `wandb sync` given all of them uploads them, in order, into the one run.
     CSV: `csv/metrics.csv`; a resumed run (`resumed_at_step`, its checkpoint's global step) keeps the
@@ -268,13 +286,16 @@ def build_logger(cfg: DictConfig, run_dir: Path, input_size: int, run_id: str | 
     from pytorch_lightning.loggers import WandbLogger
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    overrides, groups, sweep = run_naming(run_dir, resumed=run_id is not None)
+    overrides, groups, folder = run_naming(run_dir, resumed=run_id is not None)
     plain = _plain(cfg)
+    config = flatten(plain)
+    if sweep is not None:
+        config.update({"sweep/name": sweep["name"], "sweep/keys": list(sweep["keys"])})
     logger = WandbLogger(
         project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
-        group=cfg.logger.group or sweep, job_type=variant_name(plain, input_size),
+        group=cfg.logger.group or (sweep["name"] if sweep else folder), job_type=variant_name(plain, input_size),
         name=run_name(overrides, groups), tags=[*cfg.logger.tags, plain["model"]["arch"], cfg.dataset.name],
-        save_dir=str(run_dir), config=flatten(plain),
+        save_dir=str(run_dir), config=config,
         **({"id": run_id, "resume": "allow"} if run_id else {}),
     )
     # Lightning 2.6 always passes `anonymous` to wandb.init, which wandb 0.31 answers, on the console, with
@@ -303,29 +324,115 @@ def _keep_csv_history(logger: Any, before_step: int) -> None:
     atomic_write(path, lambda file: file.write(text.getvalue().encode()))
 
 
+class WandbHistory:
+    """The sink of a run's `History` (ae_lab/history.py) that logs its rows into the run's W&B run, each
+    value once over all the run's attempts: what the transaction logs of the earlier attempts
+    (`wandb/*run-*-<id>/run-<id>.wandb`) hold already is not logged again. So a run killed and resumed
+    ends with every (step, key) once: the values the killed attempt logged but W&B had not yet written
+    (it writes its file every 15 s, ae_lab/wandb_log.py) are logged by the resumed attempt, from the
+    rows its checkpoint holds, and those it regenerates after the checkpoint only if they are missing.
+    Each row goes in with `trainer/global_step` = its step and its `epoch` (`logger`: a WandbLogger).
+    The transaction logs are read with ae_lab/wandb_log.py (`history_sink`)."""
+
+    def __init__(self, logger: Any, logged: Callable[[], set[tuple[int, str]]]) -> None:
+        self.logger = logger
+        self._logged = logged  # -> (step, key) the run's W&B run holds; asked when the first row comes
+        self.logged: set[tuple[int, str]] | None = None
+        self.last: tuple[int, int] = (0, 0)  # (step, epoch) of the newest row
+
+    def __call__(self, epoch: int, step: int, values: dict[str, float]) -> None:
+        if self.logged is None:
+            self.logged = self._logged()
+        self.last = max(self.last, (step, epoch))
+        new = {key: value for key, value in values.items() if (step, key) not in self.logged}
+        if new:
+            self.logged.update((step, key) for key in new)
+            self.logger.log_metrics({**new, "epoch": epoch}, step=step)
+
+
+def history_sink(logger: Any, run_dir: Path) -> WandbHistory | None:
+    """The W&B sink of a run's history (None unless `logger` is a WandbLogger); the W&B run starts with
+    its first row."""
+    from ae_lab.wandb_log import logged_points
+
+    if not is_wandb(logger):
+        return None
+    return WandbHistory(logger, lambda: logged_points(run_dir, logger.experiment.id))
+
+
+def replay_sink(logger: Any, run_dir: Path) -> Callable[[int, int, dict[str, float]], None] | None:
+    """The sink of a history that no Trainer logged (an ensemble member's, written out after training):
+    `history_sink` for W&B, and for `logger=csv` the CSV logger's rows as a single run's Trainer logs
+    them."""
+    if type(logger).__name__ == "CSVLogger":  # (the step losses are history.csv's: Lightning does not log them)
+        from ae_lab.history import STEP_LOSS
+
+        return lambda epoch, step, values: logger.log_metrics(
+            {**{key: value for key, value in values.items() if key != STEP_LOSS}, "epoch": epoch}, step=step)
+    return history_sink(logger, run_dir)
+
+
+def is_wandb(logger: Any) -> bool:
+    return bool(logger) and type(logger).__name__ == "WandbLogger"
+
+
 def wandb_run_id(logger: Any) -> str | None:
     """The W&B run id of a WandbLogger (starting its run if need be); None for other loggers."""
-    if not logger or type(logger).__name__ != "WandbLogger":
+    if not is_wandb(logger):
         return None
     return logger.experiment.id
 
 
-def log_results(logger: Any, metrics: dict[str, float], figures: dict[str, Path]) -> str | None:
-    """Put the final metrics into the W&B summary (the names of metrics.json) and the figures in as
-    images; return the W&B run id (None for other loggers)."""
+def log_results(logger: Any, cfg: DictConfig, run_dir: Path, metrics: dict[str, float], figures: dict[str, Path],
+                sink: WandbHistory | None = None) -> str | None:
+    """Put the run's results into its W&B run; return the W&B run id (None for other loggers):
+
+    - the final metrics into the summary (the names of metrics.json);
+    - the final evaluation, of the best weights, into the history once, at the last step (through
+      `sink`): `test/*`, and the validation again as `best/val/*` (not a point of `val/*` after the last
+      epoch's);
+    - the figures as images; `evaluation.json`'s per-unit vectors (`kl_per_unit`, `code_variance_per_unit`)
+      as the table `eval/per_unit` and a bar chart each;
+    - the checkpoints `logger.checkpoints` names as versions of the artifact `model-<run id>` (type
+      `model`): best.ckpt with the alias `best`, with `all` also last.ckpt with `last`. Offline they are
+      recorded for `wandb sync`, which uploads them from the run folder (they are not copied).
+    """
     run_id = wandb_run_id(logger)
     if run_id is None:
         return None
     import wandb
 
-    logger.experiment.summary.update(metrics)
-    logger.experiment.log({f"figures/{name}": wandb.Image(str(path)) for name, path in figures.items()})
+    if sink is not None:
+        step, epoch = sink.last
+        sink(epoch, step, {**{key: value for key, value in metrics.items() if key.startswith("test/")},
+                           **{f"best/{key}": value for key, value in metrics.items() if key.startswith("val/")}})
+    run = logger.experiment
+    run.summary.update(metrics)
+    media: dict[str, Any] = {f"figures/{name}": wandb.Image(str(path)) for name, path in figures.items()}
+    details = run_dir / "evaluation.json"
+    vectors = {key: value for key, value in (json.loads(details.read_text()) if details.exists() else {}).items()
+               if key in ("kl_per_unit", "code_variance_per_unit") and value}
+    if vectors:
+        units = len(next(iter(vectors.values())))
+        table = wandb.Table(columns=["unit", *vectors], data=[[unit, *(vectors[key][unit] for key in vectors)]
+                                                              for unit in range(units)])
+        media["eval/per_unit"] = table
+        media.update({f"eval/{key}": wandb.plot.bar(table, "unit", key, title=key.replace("_", " "))
+                      for key in vectors})
+    run.log(media)
+    kept = {"none": (), "best": ("best",), "all": ("best", "last")}[_plain(cfg.logger)["checkpoints"]]
+    for alias in kept:
+        path = run_dir / "checkpoints" / f"{alias}.ckpt"
+        if path.is_file():  # (no best.ckpt when no validation ran)
+            artifact = wandb.Artifact(f"model-{run_id}", type="model", metadata={"checkpoint": path.name})
+            artifact.add_file(str(path), name=path.name, policy="immutable")
+            run.log_artifact(artifact, aliases=[alias])
     return run_id
 
 
 def finish_logger(logger: Any) -> None:
     """End the W&B run so that the next job of a sweep starts a fresh one."""
-    if logger and type(logger).__name__ == "WandbLogger":
+    if is_wandb(logger):
         import wandb
 
         if wandb.run is not None:

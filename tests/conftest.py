@@ -76,12 +76,13 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.Comp
                           capture_output=True, text=True, timeout=timeout)
 
 
-def kill_after_step(args: list[str], cwd: Path, step: int) -> None:
-    """Run `python -m ae_lab ARGS` in `cwd` until training step `step` has ended, then SIGKILL it
-    (tests/stall/sitecustomize.py stops the run there and leaves a marker file); its output goes to
-    `cwd/killed-after-<step>.log`."""
+def kill_after_step(args: list[str], cwd: Path, step: int, extra_env: dict[str, str] | None = None) -> None:
+    """Run `python -m ae_lab ARGS` in `cwd` (its environment with `extra_env`) until training step `step`
+    has ended, then SIGKILL it (tests/stall/sitecustomize.py stops the run there and leaves a marker
+    file); its output goes to `cwd/killed-after-<step>.log`."""
     marker = cwd / f"stalled-after-{step}"
     env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
+    env.update(extra_env or {})
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests" / "stall"), os.environ.get("PYTHONPATH")])),
                AE_LAB_STALL_AFTER_STEP=str(step), AE_LAB_STALL_MARKER=str(marker))
     log = cwd / f"killed-after-{step}.log"

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import read_json, run_cli
-from wandb_records import run_contents
+from wandb_records import read_records, run_contents
 
 QUICK = ["trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.enable_progress_bar=false",
          "trainer.enable_model_summary=false"]
@@ -47,7 +47,17 @@ def test_each_job_is_one_wandb_run_in_the_sweeps_group(sweep):
         config = read_json(job / "run.json")
         metrics = read_json(job / "metrics.json")
         run = wandb["run"]
-        assert run.run_group == "beta_seed"
+        assert run.run_group == "beta+seed beta_seed"  # the swept keys, then the sweep folder's name
+        assert wandb["config"]["sweep/keys"] == ["loss.beta", "seed"]
+        artifacts = [record.artifact for record in read_records(next(job.glob("wandb/offline-run-*/run-*.wandb")))
+                     if record.WhichOneof("record_type") == "artifact" and record.artifact.type == "model"]
+        # best.ckpt as the artifact's version aliased `best` (W&B adds `latest`)
+        assert [(artifact.name, "best" in artifact.aliases) for artifact in artifacts] == [(f"model-{run.run_id}", True)]
+        assert [entry.path for entry in artifacts[0].manifest.contents] == ["best.ckpt"]
+        # evaluation.json's per-unit vectors: a table (unit, kl, code variance) and a bar chart of each
+        units = next(row for row in wandb["history"] if "eval/per_unit/_type" in row)
+        assert (units["eval/per_unit/nrows"], units["eval/per_unit/ncols"]) == (wandb["config"]["model.latent_dim"], 3)
+        assert {"eval/kl_per_unit_table/_type", "eval/code_variance_per_unit_table/_type"} <= units.keys()
         assert run.job_type == ("vae" if wandb["config"]["loss.beta"] == 1 else "beta_vae")
         assert run.display_name == f"vae_beta={wandb['config']['loss.beta']:g}_seed={wandb['config']['seed']}"
         assert {"mlp", "digits"} <= set(run.tags)
@@ -107,7 +117,8 @@ def test_plots_are_written(sweep, tmp_path):
     done = compare(str(sweep["dir"]), "--plot", str(tmp_path), "--metrics", "test/recon")
     assert done.returncode == 0, done.stderr
     names = {p.name for p in tmp_path.iterdir()}
-    assert names == {"test_recon_vs_loss.beta.png", "rate_distortion.png"}  # one swept key: no heat map
+    # one swept key: no heat map; the runs' learning curves over each other
+    assert names == {"test_recon_vs_loss.beta.png", "rate_distortion.png", "curves.png"}
     for path in tmp_path.iterdir():
         assert path.stat().st_size > 5000 and path.read_bytes()[:4] == b"\x89PNG"
 
@@ -204,15 +215,19 @@ def test_an_unknown_metric_is_refused_naming_the_closest(sweep):
         "--metrics 'test/elbow' is not a metric of these runs (did you mean test/elbo?)")
 
 
-def test_plot_of_a_single_run_says_why_it_draws_nothing(sweep, tmp_path):
+def test_plot_of_a_single_run_draws_its_curves_and_says_why_nothing_else(sweep, tmp_path):
     single = tmp_path / "single"
     subprocess.run(["cp", "-r", str(jobs(sweep["dir"])[0]), str(single)], check=True)
     metrics = {key: value for key, value in read_json(single / "metrics.json").items() if not key.endswith("/kl")}
     (single / "metrics.json").write_text(json.dumps(metrics))  # as a plain autoencoder's: no rate
     done = compare(str(single), "--plot", str(tmp_path / "plots"))
     assert done.returncode == 0
-    assert "nothing to plot: no key that changes a result differs between these runs" in done.stderr
-    assert not (tmp_path / "plots").exists()
+    assert "no metric plot: no key that changes a result differs between these runs" in done.stderr
+    assert sorted(path.name for path in (tmp_path / "plots").iterdir()) == ["curves.png"]  # its learning curves
+    (single / "history.csv").unlink()
+    again = compare(str(single), "--plot", str(tmp_path / "nothing"))
+    assert again.returncode == 0 and "nothing written (no run has a history.csv)" in again.stderr
+    assert not (tmp_path / "nothing").exists()
 
 
 def test_an_axis_over_a_decade_or_more_is_logarithmic():

@@ -149,3 +149,12 @@ def test_epoch_metrics_weight_every_example_equally():
         logits, _ = module(x)
         per_example = reconstruction_error(logits, x, "bce")
     assert float(module.epoch_means["val__recon"].compute()) == pytest.approx(float(per_example.mean()), rel=1e-6)
+
+
+def test_a_job_that_stops_before_training_starts_makes_no_wandb_run(tmp_path):
+    """The W&B run starts with training: a Trainer argument Lightning refuses (here a precision it does
+    not know) leaves no wandb/ folder and no W&B id in run.json."""
+    with pytest.raises(Exception):
+        train_in_process([*QUICK, "trainer.precision=7"], tmp_path)
+    assert not (tmp_path / "wandb").exists()
+    assert "wandb_run_id" not in read_json(tmp_path / "run.json")

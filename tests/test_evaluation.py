@@ -233,6 +233,82 @@ def test_image_rows_puts_each_image_in_its_row_and_column(tmp_path):
     assert all(row == lefts[0] for row in lefts) and lefts[0] == sorted(set(lefts[0]))
 
 
+def _draws_missing_glyph_box(font, character: str) -> bool:
+    """Whether `font` draws `character` as its missing-glyph box: the bitmap it draws for a code point
+    no font has (U+10FFFD, private use)."""
+    box, drawn = font.getmask("\U0010FFFD"), font.getmask(character)
+    return drawn.size == box.size and bytes(drawn) == bytes(box)
+
+
+def _record_drawn_text(monkeypatch) -> list:
+    """(text, font) of every text Pillow draws from now on in this test."""
+    from PIL import ImageDraw
+
+    drawn, original = [], ImageDraw.ImageDraw.text
+
+    def text(self, xy, content, *args, **kwargs):
+        drawn.append((content, kwargs["font"]))
+        return original(self, xy, content, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", text)
+    return drawn
+
+
+def _assert_no_missing_glyph(drawn: list) -> None:
+    """Every character of every text drawn, in the font it was drawn with, has its own glyph; the check
+    itself finds the box Pillow's default font draws for the arrow of the interpolations' labels."""
+    from PIL import ImageFont
+
+    labels = {content for content, _ in drawn}
+    assert any("→" in label for label in labels) and any("+" in label for label in labels)
+    missing = {(content, character) for content, font in drawn for character in set(content)
+               if not character.isspace() and _draws_missing_glyph_box(font, character)}
+    assert not missing
+    assert _draws_missing_glyph_box(ImageFont.load_default(size=13), "→")
+
+
+def test_interpolation_pairs_join_two_classes_where_there_are_labels():
+    from ae_lab.evaluation.visual import interpolation_pairs
+
+    labels = torch.tensor([3, 3, 5, 3, 3, 7, 3, 3])
+    pairs = interpolation_pairs(labels, len(labels))
+    assert pairs == [(0, 2), (1, 5)]  # no third example of another class is left for a third pair
+    assert all(labels[a] != labels[b] for a, b in pairs)
+    assert interpolation_pairs(torch.tensor([0, 1, 2, 3, 4, 5, 6]), 7) == [(0, 1), (2, 3), (4, 5)]
+    assert interpolation_pairs(None, 7) == [(0, 1), (2, 3), (4, 5)]
+    assert interpolation_pairs(torch.zeros(7), 7) == [(0, 1), (2, 3), (4, 5)]  # one class: consecutive
+
+
+def test_learning_curves_draw_each_term_train_and_val_per_run_with_the_best_epoch(tmp_path, monkeypatch):
+    """Two runs' history rows (ae_lab/history.py): a panel per term (loss first) and one for the scheduled
+    weight; per run its train and val epoch means at their epochs, the step losses at the fraction of
+    the epoch they end (10 steps an epoch), a dotted line at its best epoch (lowest val/loss)."""
+    from ae_lab import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path, margins=None: drawn.append(figure) or path)
+
+    def history(val: list[float]) -> list[dict]:
+        rows = []
+        for epoch, loss in enumerate(val):
+            rows.append({"epoch": epoch, "step": 10 * epoch + 4, "train/loss_step": 9.0 - epoch})
+            rows.append({"epoch": epoch, "step": 10 * epoch + 9, "train/loss_step": 8.5 - epoch,
+                         "train/loss": loss + 1, "train/kl": 0.5, "val/loss": loss, "val/kl": 0.4,
+                         "scheduled/beta": epoch / 2})
+        return rows
+
+    figures.learning_curves({"a": history([3.0, 2.0, 2.5]), "b": history([4.0, 3.5, 3.0])}, tmp_path / "c.png")
+    axes = [axis for axis in drawn[0].axes if axis.get_visible()]
+    assert [axis.get_title() for axis in axes] == ["loss", "kl", "scheduled weights"]
+    lines = {line.get_label(): line for line in axes[0].get_lines()}
+    assert list(lines["a: val"].get_xdata()) == [0, 1, 2] and list(lines["a: val"].get_ydata()) == [3.0, 2.0, 2.5]
+    assert lines["a: val"].get_linestyle() == "--" and lines["a: train"].get_linestyle() == "-"
+    assert list(lines["b: train"].get_ydata()) == [5.0, 4.5, 4.0]
+    assert list(lines["a: best epoch 1"].get_xdata()) == [1, 1] and list(lines["b: best epoch 2"].get_xdata()) == [2, 2]
+    assert list(lines["a: train, per step"].get_xdata()) == pytest.approx([-0.5, 0, 0.5, 1, 1.5, 2])
+    assert list(axes[2].get_lines()[0].get_ydata()) == [0.0, 0.5, 1.0]
+
+
 def test_code_scatter_legend_has_one_entry_per_value_in_its_colour(tmp_path, monkeypatch):
     """Values with gaps (0, 2, 7, 11: a held-out class, a factor's sparse values): each is in the legend,
     labelled with itself, its marker in the colour its points have."""
@@ -253,8 +329,10 @@ def test_code_scatter_legend_has_one_entry_per_value_in_its_colour(tmp_path, mon
     plt.close(drawn[0])
 
 
-def test_autoencoder_run_evaluates_and_draws(tmp_path):
+def test_autoencoder_run_evaluates_and_draws_labels_with_a_glyph_for_every_character(tmp_path, monkeypatch):
+    drawn = _record_drawn_text(monkeypatch)
     metrics = train_in_process([*QUICK, "noise=masking", "eval.num_reconstructions=6"], tmp_path)
+    _assert_no_missing_glyph(drawn)
     for key in ("mse", "bce", "psnr", "psnr_corrupted", "psnr_denoised", "psnr_gain", "probe_accuracy",
                 "probe_accuracy_pixels", "jacobian_frobenius_sq"):
         assert np.isfinite(metrics[f"eval/{key}"]), key
@@ -266,13 +344,14 @@ def test_autoencoder_run_evaluates_and_draws(tmp_path):
     _assert_drawn(figures / "traversals.png", count=9, rows=10)
     _assert_drawn(figures / "interpolations.png", count=10, rows=3)
     assert _png(figures / "codes.png")[..., :3].std() > 0.05
+    assert _png(figures / "curves.png")[..., :3].std() > 0.05 and (tmp_path / "history.csv").is_file()
     assert not (figures / "samples.png").exists()
     details = read_json(tmp_path / "evaluation.json")
     assert len(details["code_variance_per_unit"]) == 16
     summary = run_contents(tmp_path)["summary"]  # the W&B run: every metric and figure
     assert {key: summary[key] for key in metrics} == metrics
     drawn = {path.stem for path in figures.glob("*.png")}
-    assert {key.split("/")[1] for key in summary if key.endswith("/_type")} == drawn
+    assert {key.split("/")[1] for key in summary if key.startswith("figures/") and key.endswith("/_type")} == drawn
 
 
 def test_probe_on_digits_is_far_above_chance(tmp_path):

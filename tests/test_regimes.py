@@ -4,6 +4,7 @@ capacity objective, the beta-TCVAE decomposition, and the refusals of settings t
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf
 from ae_lab.checks import schedule_warnings, validate
 from ae_lab.errors import ConfigError
 from ae_lab.nets import Latent
-from ae_lab.kl_forms import free_bits_kl, kl_decomposition
+from ae_lab.kl_forms import free_bits_kl, kl_decomposition, log_importance_weights
 from ae_lab.objectives import Objective
 from ae_lab.schedules import scheduled_weight
 from conftest import compose_config, kill_after_step, read_json, run_cli
@@ -152,8 +153,19 @@ def test_free_bits_loss_by_hand_and_the_true_kl_still_reported():
     assert terms["loss"].item() == pytest.approx(recon + 2 * per_unit.clamp(min=1.0).sum().item())
 
 
-@pytest.mark.parametrize("estimator", ["mws", "mss"])
-def test_tc_terms_sum_to_the_sampled_kl_and_mss_matches_a_brute_force_aggregate(estimator):
+def _weight(estimator: str, i: int, j: int, batch: int, size: int) -> float:
+    """w_ij written out from each estimator's definition (Chen et al. 2018, section 4.1 and appendix C.2)."""
+    if j == i:
+        return 1 / size if estimator != "mws" else 1 / (size * batch)
+    if estimator == "mws":
+        return 1 / (size * batch)
+    if estimator == "mss_uniform":
+        return (size - 1) / (size * (batch - 1))
+    return (size - batch + 1) / (size * (batch - 1)) if j == (i + 1) % batch else 1 / (batch - 1)
+
+
+@pytest.mark.parametrize("estimator", ["mws", "mss", "mss_uniform"])
+def test_tc_terms_sum_to_the_sampled_kl_and_match_a_brute_force_aggregate(estimator):
     batch, units, size = 7, 3, 50
     mean, logvar = _posterior(batch, units)
     std = torch.exp(0.5 * logvar)
@@ -163,14 +175,46 @@ def test_tc_terms_sum_to_the_sampled_kl_and_mss_matches_a_brute_force_aggregate(
     prior = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1)
     assert (parts["mi"] + parts["tc"] + parts["dwkl"]).item() == pytest.approx((posterior - prior).mean().item(),
                                                                               rel=1e-10)
-    if estimator == "mss":  # q(z_i) = 1/N q(z_i|x_i) + (N-1)/(N(M-1)) sum_{j != i} q(z_i|x_j), in loops
-        aggregate = []
-        for i in range(batch):
-            density = sum(math.exp(torch.distributions.Normal(mean[j], std[j]).log_prob(z[i]).sum().item())
-                          * (1 / size if j == i else (size - 1) / (size * (batch - 1))) for j in range(batch))
-            aggregate.append(math.log(density))
-        aggregate = torch.tensor(aggregate, dtype=torch.float64)
-        assert parts["mi"].item() == pytest.approx((posterior - aggregate).mean().item(), rel=1e-9)
+    aggregate = []  # log sum_j w_ij q(z_i|x_j), in loops
+    for i in range(batch):
+        density = sum(math.exp(torch.distributions.Normal(mean[j], std[j]).log_prob(z[i]).sum().item())
+                      * _weight(estimator, i, j, batch, size) for j in range(batch))
+        aggregate.append(math.log(density))
+    aggregate = torch.tensor(aggregate, dtype=torch.float64)
+    assert parts["mi"].item() == pytest.approx((posterior - aggregate).mean().item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("estimator", ["mss", "mss_uniform"])
+def test_stratified_estimates_of_the_aggregate_posterior_are_unbiased_over_every_batch(estimator):
+    """Six examples, so every q(z|x_n) can be summed: q(z) = 1/6 sum_n q(z|x_n) exactly. A batch of
+    four holds the example z came from (at row i) and an ordered draw of three of the other five; over
+    the 60 such batches the estimates sum_j w_ij q(z|x_j) of the joint and of each marginal average to
+    the exact values, for every row and example."""
+    size, batch = 6, 4
+    mean, logvar = _posterior(size, 2, seed=4)
+    std = torch.exp(0.5 * logvar)
+    point = torch.tensor([0.3, -0.4], dtype=torch.float64)  # any z: the estimate is unbiased at every point
+    per_unit = torch.distributions.Normal(mean, std).log_prob(point).exp()  # q(z_d | x_n), (N, D)
+    exact_joint, exact_marginals = per_unit.prod(1).mean().item(), per_unit.mean(0)
+    weights = log_importance_weights(estimator, batch, size, torch.float64, torch.device("cpu")).exp()
+    for row, own in itertools.product(range(batch), range(size)):  # z at any place, from any example
+        joints, marginals = [], []
+        for others in itertools.permutations([n for n in range(size) if n != own], batch - 1):
+            members = per_unit[[*others[:row], own, *others[row:]]]
+            joints.append((weights[row] * members.prod(1)).sum().item())
+            marginals.append((weights[row].unsqueeze(1) * members).sum(0))
+        assert sum(joints) / len(joints) == pytest.approx(exact_joint, rel=1e-12)
+        torch.testing.assert_close(torch.stack(marginals).mean(0), exact_marginals, rtol=1e-12, atol=0)
+    torch.testing.assert_close(weights.sum(1), torch.ones(batch, dtype=torch.float64))
+
+
+def test_each_estimators_weight_matrix_is_the_one_its_definition_gives():
+    size, batch = 50, 5
+    for estimator in ("mws", "mss", "mss_uniform"):
+        weights = log_importance_weights(estimator, batch, size, torch.float64, torch.device("cpu")).exp()
+        expected = torch.tensor([[_weight(estimator, i, j, batch, size) for j in range(batch)] for i in range(batch)],
+                                dtype=torch.float64)
+        torch.testing.assert_close(weights, expected)
 
 
 def _codes(duplicated: bool, count: int = 2000, std: float = 0.3):
@@ -185,8 +229,8 @@ def _codes(duplicated: bool, count: int = 2000, std: float = 0.3):
 
 def test_tc_is_near_zero_for_independent_codes_and_the_gaussian_value_for_duplicated_ones():
     # the whole set in one batch (N = M): the aggregate posterior is a 2,000-component mixture
-    independent = kl_decomposition(*_codes(False), 2000, "mss")["tc"].item()
-    duplicated = kl_decomposition(*_codes(True), 2000, "mss")["tc"].item()
+    independent = kl_decomposition(*_codes(False), 2000, "mss_uniform")["tc"].item()
+    duplicated = kl_decomposition(*_codes(True), 2000, "mss_uniform")["tc"].item()
     rho = 1 / (1 + 0.3**2)  # z_1, z_2 = m + 0.3 e_1, m + 0.3 e_2 with m ~ N(0, 1)
     assert abs(independent) < 0.05
     assert duplicated == pytest.approx(-0.5 * math.log(1 - rho**2), abs=0.1)
@@ -194,7 +238,7 @@ def test_tc_is_near_zero_for_independent_codes_and_the_gaussian_value_for_duplic
 
 def test_mws_bias_is_the_documented_constant_when_the_batch_is_the_whole_set():
     codes = _codes(True, count=300)
-    mws, mss = kl_decomposition(*codes, 300, "mws"), kl_decomposition(*codes, 300, "mss")
+    mws, mss = kl_decomposition(*codes, 300, "mws"), kl_decomposition(*codes, 300, "mss_uniform")
     log_n = math.log(300)
     assert (mws["tc"] - mss["tc"]).item() == pytest.approx(log_n)  # (D - 1) log N with D = 2
     assert (mws["dwkl"] - mss["dwkl"]).item() == pytest.approx(-2 * log_n)

@@ -19,6 +19,8 @@ from omegaconf import OmegaConf
 
 from conftest import QUICK, ROOT, compose_config, kill_after_step, read_json, run_cli, train_in_process
 from wandb_records import read_records
+from ae_lab.history import STEP_LOSS, read_history
+from ae_lab.wandb_log import history_rows
 
 SHARED = ROOT.parent / "shared" / "data"
 # MNIST with dynamic binarisation, masking noise and a VAE: the data order, the binarisation, the noise
@@ -301,3 +303,62 @@ def test_a_resumed_run_keeps_its_csv_history(tmp_path):
     resumed = rows(run_dir)
     assert {"0", "1", "2"} <= {dict(row)["epoch"] for row in resumed}  # 0 and 1 were logged before the kill
     assert resumed == rows(reference_dir)
+
+
+def _wandb_values(run_dir: Path) -> list[tuple[int, str, float]]:
+    """(trainer/global_step, key, value) of every value of the run's history in its W&B attempts, in
+    order (not the figures and tables, whose names are random)."""
+    values = []
+    for part in sorted(run_dir.glob("wandb/offline-run-*")):
+        for row in history_rows(next(part.glob("run-*.wandb"))):
+            values += [(row["trainer/global_step"], key, value) for key, value in row.items()
+                       if key.split("/")[0] in ("train", "val", "test", "best", "scheduled")]
+    return values
+
+
+def test_a_killed_and_resumed_run_holds_every_value_once_in_wandb_and_in_its_history(tmp_path):
+    """Killed 10 steps into the last of 3 epochs (its checkpoint: epoch 1's end, step 40), with the W&B
+    records not yet written lost (W&B writes its file every 15 s, and a block when it fills; here only the
+    latter, so that the loss does not depend on the machine's speed), then resumed: the attempts'
+    records hold every logged value once, equal to an uninterrupted run's, and its history.csv equals
+    that run's."""
+    run = ["model=vae", "model.latent_dim=4", "trainer.max_epochs=3", "eval=minimal",
+           "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "seed=1"]
+    reference_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    train_in_process(run, reference_dir)
+    kill_after_step([*run, f"hydra.run.dir={run_dir}"], tmp_path, step=50,
+                    extra_env={"WANDB__TRANSACTION_LOG_FLUSH_INTERVAL": "0"})
+    assert _global_step(run_dir / "checkpoints" / "last.ckpt") == 40
+    killed = _wandb_values(run_dir)
+    done = run_cli([f"resume={run_dir}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    reference = _wandb_values(reference_dir)
+    assert {(step, key) for step, key, _ in reference} >= {(39, "val/loss"), (39, "train/loss"), (9, STEP_LOSS),
+                                                          (59, "test/loss"), (59, "best/val/loss")}
+    assert {(step, key) for step, key, _ in killed} < {(step, key) for step, key, _ in reference if step <= 40}
+    resumed = _wandb_values(run_dir)
+    assert len(resumed) == len({(step, key) for step, key, _ in resumed})  # each value once
+    assert sorted(resumed) == sorted(reference)
+    assert read_history(run_dir) == read_history(reference_dir)
+
+
+def test_the_wandb_history_sink_logs_only_what_the_run_does_not_hold():
+    """What an earlier attempt's records hold (step 39's val/loss) is not logged again; the rest of a row
+    is, with its step and epoch; a value already logged by this attempt is not logged twice."""
+    from ae_lab.tracking import WandbHistory
+
+    class Logger:
+        def __init__(self):
+            self.calls = []
+
+        def log_metrics(self, metrics, step):
+            self.calls.append((step, metrics))
+
+    logger = Logger()
+    sink = WandbHistory(logger, lambda: {(39, "val/loss")})
+    sink(1, 39, {"val/loss": 2.0, "val/kl": 0.5})
+    sink(1, 39, {"val/kl": 0.5, "train/loss": 3.0})
+    sink(1, 39, {"val/loss": 2.0})
+    assert logger.calls == [(39, {"val/kl": 0.5, "epoch": 1}), (39, {"train/loss": 3.0, "epoch": 1})]
+    assert sink.last == (39, 1)

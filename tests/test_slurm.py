@@ -71,7 +71,7 @@ def test_a_sweep_on_slurm_records_every_job_as_the_basic_launcher_does(slurm_clu
     assert [(entry["folder"], entry["status"]) for entry in summary] == [(good.name, "completed"), (bad.name, "failed")]
     # one W&B run per job, grouped by the sweep, its summary the job's metrics
     wandb = run_contents(good)
-    assert wandb["run"].run_group == sweep.name
+    assert wandb["run"].run_group == f"lr {sweep.name}"  # the swept key, then the sweep folder's name
     metrics = read_json(good / "metrics.json")
     assert wandb["summary"]["test/loss"] == pytest.approx(metrics["test/loss"])
     # the compare table: one row per job, by the swept key, the failed one without values

@@ -20,7 +20,8 @@ QUICK = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.enabl
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 JOB_FILES = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "ae_lab.log",
              "checkpoints/best.ckpt", "checkpoints/last.ckpt", "metrics.json", "evaluation.json", "run.json",
-             *(f"figures/{name}.png" for name in ("reconstructions", "traversals", "interpolations", "codes"))}
+             "history.csv",
+             *(f"figures/{name}.png" for name in ("reconstructions", "traversals", "interpolations", "codes", "curves"))}
 
 
 def sweep_folder(cwd: Path) -> Path:
@@ -243,7 +244,7 @@ def test_gpu_queue_jobs_are_wandb_runs_in_the_sweeps_group(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     jobs = job_folders(sweep)
     assert len(jobs) == 2
-    assert [run_contents(job)["run"].run_group for job in jobs] == ["queued", "queued"]
+    assert [run_contents(job)["run"].run_group for job in jobs] == ["seed queued", "seed queued"]
     # a job left interrupted (as a Ctrl-C leaves it) goes on from its checkpoint when the sweep runs again
     record = read_json(jobs[0] / "run.json")
     (jobs[0] / "run.json").write_text(json.dumps({**record, "status": "interrupted"}))

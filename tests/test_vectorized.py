@@ -25,6 +25,7 @@ from ae_lab.ensemble import group as group_module
 from ae_lab.ensemble.group import Ensemble, Member, run_group
 from ae_lab.ensemble.grouping import group_jobs, sequential_reason
 from ae_lab.ensemble.optim import StackedOptimizer, clip_gradients
+from ae_lab.history import STEP_LOSS, read_history
 from ae_lab.objectives import contractive_penalty
 from conftest import (ROOT, SHARED, compose_config, ctrl_c_by_default, needs_shared, read_json, run_cli,
                       train_in_process)
@@ -311,10 +312,10 @@ def test_a_member_failing_after_training_leaves_the_others_written(tmp_path, mon
     write_results = group_module.write_results
     raised = {"error": RuntimeError("disk full")}
 
-    def failing_for_member_1(module, data, cfg, run_dir, metrics, checkpoint):
+    def failing_for_member_1(module, data, cfg, run_dir, metrics, history, checkpoint):
         if run_dir.name == "1":
             raise raised["error"]
-        return write_results(module, data, cfg, run_dir, metrics, checkpoint)
+        return write_results(module, data, cfg, run_dir, metrics, history, checkpoint)
 
     monkeypatch.setattr(group_module, "write_results", failing_for_member_1)
     outcomes = run_group(members, "g", tmp_path / "g.pt")
@@ -407,13 +408,31 @@ def test_vectorized_sweep_folders_wandb_compare_reproduce_and_rerun(tmp_path):
         Autoencoder.load_from_checkpoint(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
         contents = run_contents(run_dir)
         single = run_contents(basic / name)["run"]
-        assert contents["run"].run_id == record["wandb_run_id"] and contents["run"].run_group == vectorized.name
+        assert contents["run"].run_id == record["wandb_run_id"] and contents["run"].run_group == f"seed {vectorized.name}"
         assert (contents["run"].display_name, contents["run"].job_type) == (single.display_name, single.job_type)
         assert contents["config"]["seed"] == record["seed"]
         for key, value in metrics.items():  # the summary holds this member's final metrics
             assert contents["summary"][key] == pytest.approx(value)
         runs[name] = [row["train/loss"] for row in contents["history"] if "train/loss" in row]
         assert len(runs[name]) == 2
+        # the learning curves as a single run has them: history.csv, curves.png, and the same W&B history
+        # (the epochs' steps, the step losses, test/* and best/val/* once at the last step)
+        ours, theirs = read_history(run_dir), read_history(basic / name)
+        assert [(row["epoch"], row["step"], sorted(row)) for row in ours] == \
+            [(row["epoch"], row["step"], sorted(row)) for row in theirs]
+        assert any(STEP_LOSS in row for row in ours) and any("val/loss" in row for row in ours)
+        for mine, single in zip(ours, theirs):
+            assert mine == pytest.approx(single, rel=1e-4, abs=1e-6)
+        assert not (run_dir / "figures").exists()  # eval=minimal draws no figures, the curves neither
+
+        def points(history: list[dict]) -> list[tuple]:  # (step, epoch, key) of the rows ae_lab logs
+            return [(row["trainer/global_step"], row["epoch"], key) for row in history if "epoch" in row
+                    for key in row if not key.startswith("_") and key not in ("epoch", "trainer/global_step")]
+
+        single_history = run_contents(basic / name)["history"]
+        assert sorted(points(contents["history"])) == sorted(set(points(single_history)))
+        assert sum("test/loss" in row and "best/val/loss" in row for row in contents["history"]) == 1
+        assert sum("val/loss" in row for row in single_history) == 2  # no point after the last epoch
     assert len({tuple(history) for history in runs.values()}) == 2  # each run holds only its own values
     # compare: the same columns, the same numbers within the equality's tolerance
     tables = [run_cli_module("ae_lab.compare", [str(folder), "--by-seed", "--format", "csv"], tmp_path) for folder in (vectorized, basic)]

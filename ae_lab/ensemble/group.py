@@ -25,6 +25,7 @@ removes it once every member is written out.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -43,12 +44,14 @@ from ae_lab.data import ArrayDataModule, Split, build_datamodule
 from ae_lab.ensemble.logs import MemberLogs, job_log_file
 from ae_lab.ensemble.optim import StackedOptimizer, clip_gradients
 from ae_lab.ensemble.streams import Draw, MemberStreams, Replay
+from ae_lab.history import STEP_LOSS, History, add_row, takes_step_loss
 from ae_lab.module import Autoencoder
 from ae_lab.nets import Latent
 from ae_lab.noise import KINDS
 from ae_lab.run import write_results
 from ae_lab.storage import atomic_torch_save
-from ae_lab.tracking import RunRecord, build_logger, finish_logger, log_results, wandb_run_id, write_config_files
+from ae_lab.tracking import (RunRecord, build_logger, finish_logger, job_sweep_identity, log_results, replay_sink,
+                             wandb_run_id, write_config_files)
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +238,7 @@ class Progress:
     epoch: int = 0
     batch: int = 0  # batches of `epoch` done
     global_step: int = 0
-    history: list[list[dict[str, float]]] = field(default_factory=list)  # per member, per epoch
+    history: list[list[dict[str, float]]] = field(default_factory=list)  # per member: its ae_lab.history rows
     failures: dict[int, dict[str, Any]] = field(default_factory=dict)  # member -> step, epoch, terms
     fit_seconds: float = 0.0
 
@@ -315,6 +318,10 @@ class GroupTrainer:
             grad = clip_gradients(grad, self.clip, self.trainer_cfg["gradient_clip_algorithm"])
         self.optimizer.step(grad, self.alive.tolist())
         self.sums.add(terms, x.shape[1])
+        if takes_step_loss(step, self.trainer_cfg["log_every_n_steps"]):  # a single run's HistoryRecorder
+            for member, value in enumerate(loss.detach().tolist()):
+                if self.alive[member]:
+                    add_row(self.progress.history[member], self.progress.epoch, step, {STEP_LOSS: value})
         self.progress.global_step += 1
 
     def _record_failures(self, terms: dict[str, torch.Tensor], failed: torch.Tensor) -> None:
@@ -345,7 +352,7 @@ class GroupTrainer:
         self._record_epoch(epoch, [{} for _ in self.members])
 
     def _record_epoch(self, epoch: int, val: list[dict[str, float]]) -> None:
-        """Each member's history entry of `epoch`: its train means, `val` and its scheduled weights."""
+        """Each member's history row of `epoch`: its train means, `val` and its scheduled weights."""
         train = self.sums.means("train")
         # the epoch's last step: a single run's scheduled weights are those of that step, and Lightning logs
         # the epoch's metrics at it
@@ -353,8 +360,7 @@ class GroupTrainer:
         for member, module in enumerate(self.ensemble.modules):
             weights = module.objective.weights(last_step)
             scheduled = {f"scheduled/{name}": weights[name] for name in module.objective.scheduled_names}
-            self.progress.history[member].append(
-                {**train[member], **val[member], **scheduled, "epoch": epoch, "step": last_step})
+            add_row(self.progress.history[member], epoch, last_step, {**val[member], **train[member], **scheduled})
 
     def _evaluate(self, flat: torch.Tensor, stage: str) -> list[dict[str, float]]:
         sums = EpochSums(self.ensemble.term_names, len(self.members), self.device)
@@ -448,7 +454,7 @@ class GroupTrainer:
         val, test = self._evaluate(self.best_params, "val"), self._evaluate(self.best_params, "test")
         results = []
         for member, history in enumerate(self.progress.history):
-            train = {k: v for k, v in history[-1].items() if k.startswith("train/")} if history else {}
+            train = {k: v for k, v in history[-1].items() if k.startswith("train/") and k != STEP_LOSS} if history else {}
             results.append({**train, **val[member], **test[member], "epochs": self.progress.epoch})
         return results
 
@@ -482,7 +488,8 @@ def run_group(members: list[Member], group: str, checkpoint_path: Path) -> list[
             write_config_files(member.run_dir, member.cfg)
         resumed_from = {"checkpoint": str(checkpoint_path.resolve()), "global_step": trainer.progress.global_step,
                         "epoch": trainer.progress.epoch} if resumed else None
-        record = RunRecord(member.run_dir, member.cfg, data.name, data.checksum, resumed_from=resumed_from)
+        record = RunRecord(member.run_dir, member.cfg, data.name, data.checksum, resumed_from=resumed_from,
+                           sweep=job_sweep_identity(member.run_dir))
         record.update(ensemble={"group": group, "member": index, "members": len(members)})
         records.append(record)
     with MemberLogs(log_files).attached() as logs:
@@ -521,6 +528,16 @@ def _record_interrupted(records: list[RunRecord], checkpoint_path: Path) -> None
         record.interrupted(checkpoint_path if checkpoint_path.exists() else None)
 
 
+def _earlier_wandb_run(record: RunRecord) -> str | None:
+    """The W&B run id of the member's attempt that the group resumed from, when that attempt was cut while
+    its W&B run was being written (a kill during the write-out): the write-out goes on in that W&B run
+    and logs only what it lacks."""
+    previous = record.payload.get("resumed_from", {}).get("previous_record")
+    if previous is None:
+        return None
+    return json.loads((record.path.parent / previous).read_text()).get("wandb_run_id")
+
+
 def _write_member(trainer: GroupTrainer, index: int, member: Member, record: RunRecord,
                   metrics: dict[str, float], data: ArrayDataModule) -> Outcome:
     """Member `index`'s run folder through the single run's code: checkpoints, evaluation, metrics.json,
@@ -530,14 +547,16 @@ def _write_member(trainer: GroupTrainer, index: int, member: Member, record: Run
     cfg, run_dir = member.cfg, member.run_dir
     logger = None
     try:
-        logger = build_logger(cfg, run_dir, math.prod(data.input_shape))
+        logger = build_logger(cfg, run_dir, math.prod(data.input_shape), run_id=_earlier_wandb_run(record),
+                              sweep=record.payload.get("sweep"))
         record.update(wandb_run_id=wandb_run_id(logger))
+        history = History(trainer.progress.history[index], replay_sink(logger, run_dir))
+        history.resend()
         if logger:
-            for entry in trainer.progress.history[index]:
-                logger.log_metrics({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
             logger.save()
         failure = trainer.progress.failures.get(index)
         if failure is not None:
+            history.write(run_dir)
             record.failed(FloatingPointError(failure["message"]))
             record.update(failure={key: failure[key] for key in ("step", "epoch", "terms")})
             return Outcome(None, failure["message"])
@@ -552,8 +571,8 @@ def _write_member(trainer: GroupTrainer, index: int, member: Member, record: Run
             best_checkpoint = folder / "best.ckpt"
             _save(best_checkpoint, _checkpoint(module, best, trainer.best_epoch[index], step))
         module.load_state_dict(best)
-        figures = write_results(module, data, cfg, run_dir, metrics, best_checkpoint)
-        wandb_run = log_results(logger, metrics, figures)
+        figures = write_results(module, data, cfg, run_dir, metrics, history, best_checkpoint)
+        wandb_run = log_results(logger, cfg, run_dir, metrics, figures, history.sink)
         seconds = time.time() - started
         log.info("member %d (%s) written in %.2f s: test/loss %.4g", index, run_dir.name, seconds,
                  metrics.get("test/loss", math.nan))

@@ -100,15 +100,36 @@ def _traversals(module: Autoencoder, test: Encoded, x: torch.Tensor, ev: DictCon
 
 
 def _interpolations(module: Autoencoder, test: Encoded, ev: DictConfig, draw: Draw, path: Path) -> Path:
-    """Decoded codes on the straight line between test images 0 and 1, 2 and 3, 4 and 5."""
+    """Decoded codes on the straight line between three pairs of test images: of different classes
+    where the data have labels (`interpolation_pairs`), else images 0 and 1, 2 and 3, 4 and 5."""
     weights = torch.linspace(0, 1, ev.interpolation_steps).unsqueeze(1)
     rows = {}
-    for first in range(0, min(6, len(test.codes) - 1), 2):
-        start, end = test.codes[first], test.codes[first + 1]
+    for first, second in interpolation_pairs(test.labels, len(test.codes)):
+        start, end = test.codes[first], test.codes[second]
         codes = (1 - weights) * start + weights * end
-        rows[f"test {first} → {first + 1}"] = module.output(module.decoder(codes.to(module.device)))
+        label = (f"test {first} → {second}" if test.labels is None else
+                 f"test {first} ({int(test.labels[first])}) → {second} ({int(test.labels[second])})")
+        rows[label] = module.output(module.decoder(codes.to(module.device)))
     return draw(rows, path, columns=[f"{weight:.2f}" for weight in weights[:, 0].tolist()],
                       title="Interpolation in code space between pairs of test images")
+
+
+def interpolation_pairs(labels: torch.Tensor | None, count: int, pairs: int = 3) -> list[tuple[int, int]]:
+    """Up to `pairs` pairs of distinct test examples (indices below `count`) to interpolate between. With
+    labels of two classes or more, each pair joins two classes: the earliest unused example and the
+    earliest unused one of another class after it; else consecutive examples 0 and 1, 2 and 3, ..."""
+    if labels is None or labels[:count].unique().numel() < 2:
+        return [(first, first + 1) for first in range(0, min(2 * pairs, count - 1), 2)]
+    values, chosen, used = labels[:count].tolist(), [], set()
+    for first in range(count):
+        if len(chosen) == pairs:
+            break
+        partner = None if first in used else next(
+            (second for second in range(first + 1, count) if second not in used and values[second] != values[first]), None)
+        if partner is not None:
+            chosen.append((first, partner))
+            used.update((first, partner))
+    return chosen
 
 
 def _code_scatter(test: Encoded, data: ArrayDataModule, path: Path) -> Path:
