@@ -530,7 +530,8 @@ def _sweep_stalled_after_step_5(tmp_path: Path, overrides: list[str], groups: in
     if still running. Its output goes to `tmp_path/sweep.log`."""
     sweep_dir, marker = tmp_path / "sweep", tmp_path / "stalled"
     env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests" / "stall"), os.environ.get("PYTHONPATH")])), AE_LAB_STALL_AFTER_STEP="5", AE_LAB_STALL_MARKER=str(marker))
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests" / "stall"), os.environ.get("PYTHONPATH")])),
+               AE_LAB_STALL_AFTER_STEP="5", AE_LAB_STALL_MARKER=str(marker))
     args = [sys.executable, "-m", "ae_lab", "-m", *ON_TWO_GPUS, *overrides, f"hydra.sweep.dir={sweep_dir}"]
     with open(tmp_path / "sweep.log", "w") as output:
         sweep = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT,
