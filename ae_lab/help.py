@@ -44,13 +44,13 @@ def config_groups(conf: Path) -> dict[str, list[str]]:
 
 
 def commands() -> dict[str, str]:
-    """`ae_lab.<module>` -> the first line of its docstring, for every module run as `python -m`."""
+    """`ae_lab.<module>` -> the first paragraph of its docstring, for every module run as `python -m`."""
     found = {}
     for path in sorted(PACKAGE.glob("*.py")):
         tree = ast.parse(path.read_text())
         runs = any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) for node in tree.body)
         if runs and path.stem != "__main__":
-            found[f"ae_lab.{path.stem}"] = (ast.get_docstring(tree) or "").split("\n")[0]
+            found[f"ae_lab.{path.stem}"] = " ".join((ast.get_docstring(tree) or "").split("\n\n")[0].split())
     return found
 
 

@@ -116,17 +116,23 @@ def test_help_is_ae_labs_own_page_generated_from_the_config_folder(tmp_path):
     from ae_lab.help import MOST_USED
     from conftest import compose_config
 
-    done = run_cli(["--help"], cwd=tmp_path)
+    done = run_cli(["--help"], cwd=tmp_path, timeout=120)  # walking .git, .venv or outputs/ took minutes
     assert done.returncode == 0 and "schema" not in done.stdout and "Powered by Hydra" not in done.stdout
     lines = done.stdout.splitlines()
+    start = lines.index("Config groups (group=option; the first is the default):")
+    groups = [line.split(":", 1)[0].strip() for line in lines[start + 1:lines.index("", start)]]
+    assert not [group for group in groups if group.startswith((".", "outputs", "tests", "ae_lab"))]
+    [ready] = [line for line in lines if line.strip().startswith("+sweeps:")]
+    assert ready.split(":", 1)[1].strip().split(", ") == sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
     for folder in (path for path in (ROOT / "conf").iterdir() if path.is_dir() and path.name != "hydra"):
         [line] = [line for line in lines if line.strip().startswith(f"{folder.name}:")]
         assert sorted(line.split(":", 1)[1].strip().split(", ")) == sorted(p.stem for p in folder.glob("*.yaml"))
-    assert "model:          ae, vae" in lines[lines.index("Config groups (group=option; the first is the default):") + 7]
+    assert "model:          ae, vae" in lines[start + 7]
     launchers = next(line for line in lines if line.strip().startswith("hydra/launcher:"))
     assert all(name in launchers for name in ("basic", "gpu_queue", "vectorized", "slurm"))
     assert "python -m ae_lab.compare: runs and sweeps side by side" in done.stdout
     assert "python -m ae_lab.reproduce: run a finished run again" in done.stdout
+    assert "python -m ae_lab.export: one file a deployer feeds raw data, with the run's preprocessing inside." in done.stdout
     sections = [line[3:] for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("## ")]
     assert all(section in " ".join(done.stdout.split()) for section in sections)
     config = compose_config([])

@@ -151,10 +151,18 @@ def test_epoch_metrics_weight_every_example_equally():
     assert float(module.epoch_means["val__recon"].compute()) == pytest.approx(float(per_example.mean()), rel=1e-6)
 
 
-def test_a_job_that_stops_before_training_starts_makes_no_wandb_run(tmp_path):
-    """The W&B run starts with training: a Trainer argument Lightning refuses (here a precision it does
-    not know) leaves no wandb/ folder and no W&B id in run.json."""
-    with pytest.raises(Exception):
-        train_in_process([*QUICK, "trainer.precision=7"], tmp_path)
+def test_a_job_that_stops_before_training_starts_makes_no_wandb_run(tmp_path, monkeypatch):
+    """The W&B run starts with training: a job that fails after its run folder is made but before its
+    first step (here as its fit is set up, after its logger is built) leaves no wandb/ folder and no W&B id
+    in run.json."""
+    import ae_lab.run
+
+    def no_trainer(*args, **kwargs):
+        raise RuntimeError("no Trainer today")
+
+    monkeypatch.setattr(ae_lab.run, "_fit_and_test", no_trainer)
+    with pytest.raises(RuntimeError, match="no Trainer today"):
+        train_in_process(list(QUICK), tmp_path)
+    record = read_json(tmp_path / "run.json")
+    assert record["status"] == "failed" and "wandb_run_id" not in record
     assert not (tmp_path / "wandb").exists()
-    assert "wandb_run_id" not in read_json(tmp_path / "run.json")
