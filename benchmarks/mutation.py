@@ -1,0 +1,250 @@
+"""Mutation testing of the modules that define ae_lab's numbers, and its report benchmarks/MUTATION.md.
+
+    PYTHONPATH=$PWD nice python benchmarks/mutation.py                      # every module below, in order
+    PYTHONPATH=$PWD nice python benchmarks/mutation.py objectives noise     # some of them (by short name)
+    PYTHONPATH=$PWD python benchmarks/mutation.py --report                  # only rewrite the report
+
+mutmut (3.x) plants one small change at a time in a module (an operator, a constant, a dropped argument)
+and runs the tests that call the changed function (it records which tests call which function in a first,
+clean run): a mutant is killed when a test fails, survives when all pass. Each module is measured in its
+own scratch copy of the checkout (`--work`), against only the tests that cover its numbers (`MODULES`),
+on one worker, each run bounded by `--budget` seconds (a module cut short reports its unchecked mutants).
+Its outcome goes to benchmarks/mutation/<name>.json, so modules can be measured one at a time and the
+report (MUTATION.md) is made from every module measured so far. A survivor judged equivalent (no test
+can tell it apart from the original: it changes nothing a caller can observe) is listed with the reason,
+from benchmarks/mutation_equivalent.toml, matched by file and by the original and mutated lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "mutation"
+REPORT = ROOT / "benchmarks" / "MUTATION.md"
+EQUIVALENT = ROOT / "benchmarks" / "mutation_equivalent.toml"
+# the unit tests of the regimes (schedules, KL forms): not the ones that train runs from the command line
+REGIME_UNITS = ["tests/test_regimes.py", "-k", "closed_form or capacity_rises or capacity_loss or free_bits_take or "
+                "free_bits_loss or tc_terms or tc_is_near or mws_bias or weights_its_three_terms"]
+
+
+@dataclass(frozen=True)
+class Module:
+    name: str
+    path: str
+    tests: list[str]  # pytest arguments selecting the tests that cover it
+
+
+# in the order of importance (issue 29): a run cut short has measured the first ones
+MODULES = [
+    Module("objectives", "ae_lab/objectives.py", ["tests/test_objectives.py", "tests/test_reference_step.py"]),
+    Module("kl_forms", "ae_lab/kl_forms.py", REGIME_UNITS),
+    Module("nets", "ae_lab/nets.py", ["tests/test_nets.py", "tests/test_reference_step.py"]),
+    Module("noise", "ae_lab/noise.py", ["tests/test_noise.py"]),
+    Module("schedules", "ae_lab/schedules.py", REGIME_UNITS),
+    Module("module", "ae_lab/module.py", ["tests/test_reference_step.py"]),
+    Module("evaluation", "ae_lab/evaluation/*.py", ["tests/test_evaluation.py", "-k", "not run and not draw"]),
+    Module("greedy", "ae_lab/greedy.py", ["tests/test_greedy.py"]),
+    Module("ensemble_optim", "ae_lab/ensemble/optim.py", ["tests/test_vectorized.py", "-k", "optim or adam or sgd"]),
+]
+STATUS = {1: "killed", 3: "killed", 0: "survived", 36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout",
+          255: "timeout", 33: "no tests", 5: "no tests", None: "not checked"}
+
+
+def scratch_copy(module: Module, work: Path) -> Path:
+    """A fresh copy of the checkout's code, config and tests for one module, with mutmut's settings."""
+    where = work / module.name
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("ae_lab", "conf", "hydra_plugins", "tests"):
+        shutil.copytree(ROOT / folder, where / folder, ignore=ignore)
+    # the tests find the MNIST files beside the checkout (ROOT.parent / "shared"), and mutmut runs them in
+    # where/mutants
+    if (ROOT.parent / "shared").exists():
+        (where / "shared").symlink_to(ROOT.parent / "shared")
+    settings = {"source_paths": ["ae_lab"], "only_mutate": [module.path], "also_copy": ["conf", "hydra_plugins"],
+                "pytest_add_cli_args": ["-p", "no:cacheprovider", "-q"],
+                "pytest_add_cli_args_test_selection": module.tests, "process_isolation": "forkserver"}
+    lines = [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    # without pytest's addopts (-n auto): mutmut runs the tests in its own process
+    pyproject = re.sub(r"^addopts = .*$", "", (ROOT / "pyproject.toml").read_text(), flags=re.M)
+    pyproject += "\n[tool.mutmut]\n" + "\n".join(lines) + "\n"
+    (where / "pyproject.toml").write_text(pyproject)
+    # made now, so that the PYTHONPATH entry naming it is a folder when Python first looks (a missing one
+    # stays unimportable for the process's life)
+    (where / "mutants").mkdir()
+    return where
+
+
+def first_line(source: str, qualified: str) -> int:
+    """The line where function `qualified` ("f" or "Class.f") starts (its first decorator), 1-based."""
+    *owners, name = qualified.split(".")
+    body = ast.parse(source).body
+    for owner in owners:
+        body = next(node.body for node in body if isinstance(node, ast.ClassDef) and node.name == owner)
+    node = next(node for node in body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and node.name == name)
+    return min([node.lineno, *(decorator.lineno for decorator in node.decorator_list)])
+
+
+def describe(where: Path, key: str, source_file: Path) -> dict:
+    """A mutant's line in the original file, and its original and mutated lines (from `mutmut show`)."""
+    diff = subprocess.run(["mutmut", "show", key], cwd=where, capture_output=True, text=True).stdout
+    removed = [line[1:] for line in diff.splitlines() if line.startswith("-") and not line.startswith("---")]
+    added = [line[1:] for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    hunk = re.search(r"^@@ -(\d+)", diff, re.M)
+    # mutmut's names: ae_lab.objectives.x_kl_sparsity__mutmut_3, ae_lab.nets.xǁGaussianHeadǁforward__mutmut_1
+    function = key.rsplit("__mutmut_", 1)[0].split(".")[-1].removeprefix("x_").removeprefix("xǁ").replace("ǁ", ".")
+    line = None
+    if hunk and removed:
+        source = source_file.read_text()
+        try:
+            start = first_line(source, function)
+        except StopIteration:
+            start = None
+        if start is not None:
+            body = diff[hunk.end():].splitlines()[1:]
+            offset = next(i for i, text in enumerate(body) if text.startswith("-"))
+            line = start + int(hunk.group(1)) - 1 + offset
+    return {"key": key, "line": line, "original": "\n".join(removed).strip(), "mutant": "\n".join(added).strip()}
+
+
+def measure(module: Module, work: Path, budget: float) -> dict:
+    """Run mutmut over one module (at most `budget` seconds) and collect every mutant's outcome."""
+    where = scratch_copy(module, work)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           # the runs a test starts (python -m ae_lab) import the mutated copy too
+           "PYTHONPATH": str(where / "mutants")}
+    started = time.monotonic()
+    log = where / "mutmut.log"
+    with open(log, "w") as output:
+        try:
+            done = subprocess.run(["mutmut", "run", "--max-children", "1"], cwd=where, env=env, stdout=output,
+                                  stderr=subprocess.STDOUT, timeout=budget)
+            finished = done.returncode == 0
+        except subprocess.TimeoutExpired:
+            finished = False
+    seconds = time.monotonic() - started
+    mutants = []
+    for meta in sorted((where / "mutants").glob(module.path + ".meta")):
+        source_file = where / meta.relative_to(where / "mutants").with_suffix("")
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        for key, code in codes.items():
+            status = STATUS.get(code, "suspicious")
+            entry = {"file": str(source_file.relative_to(where)), "status": status}
+            if status not in ("killed",):
+                entry.update(describe(where, key, source_file))
+            mutants.append(entry)
+    return {"module": module.name, "path": module.path, "tests": module.tests, "seconds": round(seconds),
+            "finished": finished, "mutants": mutants, "log_tail": log.read_text()[-1500:] if not mutants else ""}
+
+
+def equivalents() -> list[dict]:
+    return tomllib.loads(EQUIVALENT.read_text()).get("equivalent", []) if EQUIVALENT.exists() else []
+
+
+def why_equivalent(mutant: dict, known: list[dict]) -> str | None:
+    for entry in known:
+        if (entry["file"] == mutant["file"] and entry["original"].strip() == mutant["original"]
+                and entry["mutant"].strip() == mutant["mutant"]):
+            return entry["why"]
+    return None
+
+
+def report() -> str:
+    """MUTATION.md from every module's outcome in benchmarks/mutation/."""
+    known = equivalents()
+    measured = {path.stem: json.loads(path.read_text()) for path in RESULTS.glob("*.json")}
+    rows, survivors = [], []
+    totals = {"killed": 0, "equivalent": 0, "non-equivalent": 0}
+    for module in MODULES:
+        result = measured.get(module.name)
+        if result is None:
+            rows.append(f"| {module.name} | `{module.path}` | not yet measured | | | | | |")
+            continue
+        counts: dict[str, int] = {}
+        equivalent = 0
+        for mutant in result["mutants"]:
+            counts[mutant["status"]] = counts.get(mutant["status"], 0) + 1
+            if mutant["status"] == "killed":
+                continue
+            why = why_equivalent(mutant, known)
+            equivalent += why is not None and mutant["status"] == "survived"
+            survivors.append((module.name, mutant, why))
+        live = counts.get("survived", 0) - equivalent
+        killed = counts.get("killed", 0) + counts.get("timeout", 0)
+        totals["killed"] += killed
+        totals["equivalent"] += equivalent
+        totals["non-equivalent"] += live
+        score = f"{100 * killed / (killed + live):.0f} %" if killed + live else "-"
+        rest = sum(count for status, count in counts.items() if status not in ("killed", "survived", "timeout"))
+        state = "" if result["finished"] else " (cut short)"
+        rows.append(f"| {module.name} | `{module.path}` | {result['seconds']} s{state} | {counts.get('killed', 0)} | "
+                    f"{counts.get('timeout', 0)} | {counts.get('survived', 0)} ({equivalent} equivalent) | {rest} "
+                    f"| {score} |")
+    overall = totals["killed"] + totals["non-equivalent"]
+    lines = [
+        "# Mutation testing",
+        "",
+        "Made by `benchmarks/mutation.py` (mutmut 3; see its docstring and the README's Tests section): each module",
+        "mutated in a scratch copy, against the tests named in `MODULES` only, one worker, under `nice`. A timed-",
+        "out mutant counts as killed (the mutant made the tests hang or loop). *Other*: not checked (the run's",
+        "budget ran out), no test calls the function, or suspicious. Score: killed / (killed + non-equivalent",
+        "survivors). Equivalent survivors are judged by hand in `benchmarks/mutation_equivalent.toml`.",
+        "",
+        "| module | file | time | killed | timeout | survived | other | score |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Over the measured modules: {totals['killed']} killed, {totals['non-equivalent']} non-equivalent survivors, "
+        f"{totals['equivalent']} equivalent: "
+        + (f"{100 * totals['killed'] / overall:.1f} % of the non-equivalent mutants killed." if overall else "-"),
+        "",
+        "## Survivors and mutants not killed",
+        "",
+    ]
+    for name, mutant, why in survivors:
+        where = f"{mutant['file']}:{mutant['line']}" if mutant.get("line") else mutant["file"]
+        verdict = f"equivalent: {why}" if why else ("**not equivalent**" if mutant["status"] == "survived"
+                                                     else mutant["status"])
+        lines.append(f"- `{where}` ({mutant['status']}) `{mutant['original']}` -> `{mutant['mutant']}`: {verdict}")
+    if not survivors:
+        lines.append("None.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help=f"short names, of {[module.name for module in MODULES]}")
+    parser.add_argument("--budget", type=float, default=1200, help="seconds at most per module (default 1200)")
+    parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "ae_lab_mutation",
+                        help="scratch folder for the mutated copies")
+    parser.add_argument("--report", action="store_true", help="only rewrite MUTATION.md from the stored outcomes")
+    args = parser.parse_args()
+    by_name = {module.name: module for module in MODULES}
+    unknown = [name for name in args.modules if name not in by_name]
+    if unknown:
+        sys.exit(f"unknown module(s) {unknown}: allowed are {list(by_name)}")
+    if not args.report:
+        RESULTS.mkdir(exist_ok=True)
+        for name in args.modules or list(by_name):
+            result = measure(by_name[name], args.work, args.budget)
+            (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+            print(f"{name}: {len(result['mutants'])} mutants in {result['seconds']} s", flush=True)
+    REPORT.write_text(report())
+
+
+if __name__ == "__main__":
+    main()
