@@ -52,6 +52,9 @@ def test_constant_schedule_keeps_the_weight_and_capacity_rises_linearly():
                          gaussian_head=True)
     assert [capacity.weights(t)["capacity"] for t in (0, 100, 400, 800)] == [0.0, 5.0, 20.0, 20.0]
     assert capacity.weights(100)["beta"] == 100.0  # gamma stays constant
+    assert objective.weights(100)["capacity"] == 0.0  # no capacity without its schedule
+    # which weights move with the step (logged per epoch): none under the constant schedule
+    assert objective.scheduled_names == [] and capacity.scheduled_names == ["capacity"]
 
 
 # digits: 5 training batches an epoch, so epochs end after steps 4, 9, 14 and 19
