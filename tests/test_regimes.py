@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from ae_lab.checks import schedule_warnings, validate
 from ae_lab.errors import ConfigError
 from ae_lab.nets import Latent
-from ae_lab.kl_forms import free_bits_kl, kl_decomposition
+from ae_lab.kl_forms import free_bits_kl, gaussian_log_density, kl_decomposition
 from ae_lab.objectives import Objective
 from ae_lab.schedules import scheduled_weight
 from conftest import compose_config, kill_after_step, read_json, run_cli
@@ -166,14 +166,39 @@ def test_tc_terms_sum_to_the_sampled_kl_and_mss_matches_a_brute_force_aggregate(
     prior = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1)
     assert (parts["mi"] + parts["tc"] + parts["dwkl"]).item() == pytest.approx((posterior - prior).mean().item(),
                                                                               rel=1e-10)
-    if estimator == "mss":  # q(z_i) = 1/N q(z_i|x_i) + (N-1)/(N(M-1)) sum_{j != i} q(z_i|x_j), in loops
-        aggregate = []
-        for i in range(batch):
-            density = sum(math.exp(torch.distributions.Normal(mean[j], std[j]).log_prob(z[i]).sum().item())
-                          * (1 / size if j == i else (size - 1) / (size * (batch - 1))) for j in range(batch))
-            aggregate.append(math.log(density))
-        aggregate = torch.tensor(aggregate, dtype=torch.float64)
-        assert parts["mi"].item() == pytest.approx((posterior - aggregate).mean().item(), rel=1e-9)
+    # in loops: mss q(z_i) = 1/N q(z_i|x_i) + (N-1)/(N(M-1)) sum_{j != i} q(z_i|x_j); mws 1/(NM) sum_j q(z_i|x_j)
+    def weight(i: int, j: int) -> float:
+        if estimator == "mws":
+            return 1 / (size * batch)
+        return 1 / size if j == i else (size - 1) / (size * (batch - 1))
+
+    aggregate = []
+    for i in range(batch):
+        density = sum(math.exp(torch.distributions.Normal(mean[j], std[j]).log_prob(z[i]).sum().item()) * weight(i, j)
+                      for j in range(batch))
+        aggregate.append(math.log(density))
+    aggregate = torch.tensor(aggregate, dtype=torch.float64)
+    assert parts["mi"].item() == pytest.approx((posterior - aggregate).mean().item(), rel=1e-9)
+
+
+def test_tc_terms_of_a_batch_of_one_and_the_default_estimator():
+    """One example: q(z) is 1/N q(z|x) under either estimator, so MI = log N and TC = (D - 1) log N; the
+    estimator is minibatch-weighted sampling unless named."""
+    mean, logvar = _posterior(5, 3)
+    z = mean + 0.1
+    for estimator in ("mws", "mss"):
+        parts = kl_decomposition(z[:1], mean[:1], logvar[:1], 40, estimator)
+        assert parts["mi"].item() == pytest.approx(math.log(40), rel=1e-12)
+        assert parts["tc"].item() == pytest.approx(2 * math.log(40), rel=1e-12)
+    default, mws = kl_decomposition(z, mean, logvar, 40), kl_decomposition(z, mean, logvar, 40, "mws")
+    assert all(torch.equal(default[name], mws[name]) for name in ("mi", "tc", "dwkl"))
+
+
+def test_gaussian_log_density_matches_torch_distributions():
+    mean, logvar = _posterior(4, 3)
+    z = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    expected = torch.distributions.Normal(mean, torch.exp(0.5 * logvar)).log_prob(z)
+    torch.testing.assert_close(gaussian_log_density(z, mean, logvar), expected)
 
 
 def _codes(duplicated: bool, count: int = 2000, std: float = 0.3):
