@@ -89,6 +89,15 @@ def scratch_copy(module: Module, work: Path) -> Path:
     # where/mutants
     if (ROOT.parent / "shared").exists():
         (where / "shared").symlink_to(ROOT.parent / "shared")
+    write_settings(module, where)
+    # made now, so that the PYTHONPATH entry naming it is a folder when Python first looks (a missing one
+    # stays unimportable for the process's life)
+    (where / "mutants").mkdir()
+    return where
+
+
+def write_settings(module: Module, where: Path) -> None:
+    """The scratch copy's pyproject.toml: the checkout's, with mutmut's settings for `module`."""
     settings = {"source_paths": ["ae_lab"], "only_mutate": [module.path], "also_copy": ["conf", "hydra_plugins"],
                 "pytest_add_cli_args": ["-p", "no:cacheprovider", "-q"],
                 "pytest_add_cli_args_test_selection": module.tests, "process_isolation": "forkserver"}
@@ -97,10 +106,6 @@ def scratch_copy(module: Module, work: Path) -> Path:
     pyproject = re.sub(r"^addopts = .*$", "", (ROOT / "pyproject.toml").read_text(), flags=re.M)
     pyproject += "\n[tool.mutmut]\n" + "\n".join(lines) + "\n"
     (where / "pyproject.toml").write_text(pyproject)
-    # made now, so that the PYTHONPATH entry naming it is a folder when Python first looks (a missing one
-    # stays unimportable for the process's life)
-    (where / "mutants").mkdir()
-    return where
 
 
 def first_line(source: str, qualified: str) -> int:
@@ -159,6 +164,25 @@ def measure(module: Module, work: Path, budget: float) -> dict:
         except subprocess.TimeoutExpired:
             finished = False
     (where / "run.json").write_text(json.dumps({"seconds": round(time.monotonic() - started), "finished": finished}))
+    return collect(module, where)
+
+
+def rerun_survivors(module: Module, work: Path) -> dict:
+    """Check an earlier run's survivors again against the checkout's present tests (after tests were added
+    for them), in that run's scratch copy; the other mutants keep their outcome."""
+    where = work / module.name
+    shutil.rmtree(where / "tests")
+    shutil.copytree(ROOT / "tests", where / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # the present test selection, and which tests call which function collected afresh (mutmut keeps the
+    # verdicts when it has no earlier settings to compare with)
+    write_settings(module, where)
+    (where / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+    survivors = [mutant["key"] for mutant in collect(module, where)["mutants"] if mutant["status"] == "survived"]
+    if survivors:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(where / "mutants")}
+        with open(where / "mutmut-rerun.log", "w") as output:
+            subprocess.run(["mutmut", "run", "--max-children", "1", *survivors], cwd=where, env=env, stdout=output,
+                           stderr=subprocess.STDOUT)
     return collect(module, where)
 
 
@@ -264,6 +288,8 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only rewrite MUTATION.md from the stored outcomes")
     parser.add_argument("--collect", action="store_true",
                         help="read the outcomes of the modules' earlier runs in --work instead of running mutmut")
+    parser.add_argument("--rerun-survivors", action="store_true",
+                        help="check the survivors of the modules' earlier runs in --work against the present tests")
     args = parser.parse_args()
     by_name = {module.name: module for module in MODULES}
     unknown = [name for name in args.modules if name not in by_name]
@@ -273,7 +299,12 @@ def main() -> None:
         RESULTS.mkdir(exist_ok=True)
         for name in args.modules or list(by_name):
             module = by_name[name]
-            result = collect(module, args.work / name) if args.collect else measure(module, args.work, args.budget)
+            if args.collect:
+                result = collect(module, args.work / name)
+            elif args.rerun_survivors:
+                result = rerun_survivors(module, args.work)
+            else:
+                result = measure(module, args.work, args.budget)
             (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
             print(f"{name}: {len(result['mutants'])} mutants in {result['seconds']} s", flush=True)
     REPORT.write_text(report())
