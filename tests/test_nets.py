@@ -61,6 +61,7 @@ def test_gaussian_head_draws_z_with_the_posteriors_mean_and_variance():
     torch.testing.assert_close(latent.mean[0], mean)
     torch.testing.assert_close(latent.logvar[0], logvar)
     assert torch.equal(latent.code, latent.mean)
+    torch.testing.assert_close(head.code(torch.zeros(3, 1)), mean.expand(3, 4))  # the code: the mean, no draw
     torch.testing.assert_close(latent.z.mean(0), mean, atol=0.01, rtol=0)
     torch.testing.assert_close(latent.z.var(0) / logvar.exp(), torch.ones(4), atol=0.015, rtol=0)
 
@@ -88,3 +89,16 @@ def test_stride_two_convolutions_halve_each_side(kernel_size):
             sizes.append(tuple(x.shape[-2:]))
     half = (lambda n: -(-n // 2)) if kernel_size % 2 else (lambda n: n // 2)
     assert sizes == [(half(28), half(27)), (half(half(28)), half(half(27)))]
+
+
+def test_mlp_layers_follow_hidden_dims_and_the_decoder_mirrors_them():
+    cfg = OmegaConf.create(dict(arch="mlp", latent="deterministic", latent_dim=3, hidden_dims=[20, 10],
+                                activation="relu", code_activation="none"))
+    encoder, features = build_encoder(cfg, (1, 8, 8))
+    decoder = build_decoder(cfg, (1, 8, 8))
+
+    def shapes(net: torch.nn.Module) -> list[tuple[int, int]]:
+        return [(layer.in_features, layer.out_features) for layer in net if isinstance(layer, torch.nn.Linear)]
+
+    assert (shapes(encoder), features) == ([(64, 20), (20, 10)], 10)
+    assert shapes(decoder) == [(3, 10), (10, 20), (20, 64)]
