@@ -218,8 +218,8 @@ def equivalents() -> list[dict]:
 
 def why_equivalent(mutant: dict, known: list[dict]) -> str | None:
     for entry in known:
-        if (entry["file"] == mutant["file"] and entry["original"].strip() == mutant["original"]
-                and entry["mutant"].strip() == mutant["mutant"]):
+        if (entry["file"] == mutant["file"] and entry["original"].strip() == mutant.get("original")
+                and entry["mutant"].strip() == mutant.get("mutant")):
             return entry["why"]
     return None
 
@@ -283,7 +283,8 @@ def report() -> str:
         where = f"{mutant['file']}:{mutant['line']}" if mutant.get("line") else mutant["file"]
         verdict = f"equivalent: {why}" if why else ("**not equivalent**" if mutant["status"] == "survived"
                                                      else mutant["status"])
-        lines.append(f"- `{where}` ({mutant['status']}) `{mutant['original']}` -> `{mutant['mutant']}`: {verdict}")
+        change = f"`{mutant.get('original', '?')}` -> `{mutant.get('mutant', '?')}`"
+        lines.append(f"- `{where}` ({mutant['status']}) {change}: {verdict}")
     if not survivors:
         lines.append("None.")
     return "\n".join(lines) + "\n"
