@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD nice python benchmarks/mutation.py                      # every module below, in order
     PYTHONPATH=$PWD nice python benchmarks/mutation.py objectives noise     # some of them (by short name)
+    PYTHONPATH=$PWD nice python benchmarks/mutation.py nets --rerun-survivors  # after adding tests for them
     PYTHONPATH=$PWD python benchmarks/mutation.py --report                  # only rewrite the report
 
 mutmut (3.x) plants one small change at a time in a module (an operator, a constant, a dropped argument)
