@@ -48,7 +48,8 @@ REGIME_UNITS = [f"tests/test_regimes.py::test_{name}" for name in (
     "tc_terms_of_a_batch_of_one_and_the_default_estimator", "gaussian_log_density_matches_torch_distributions")]
 GREEDY_UNITS = [f"tests/test_greedy.py::test_{name}" for name in (
     "each_phase_trains_only_its_layer_and_fine_tuning_starts_from_the_pretrained_weights",
-    "each_phase_trains_on_its_layers_error_for_the_corrupted_input_computed_by_hand")]
+    "each_phase_trains_on_its_layers_error_for_the_corrupted_input_computed_by_hand",
+    "a_phase_checkpoint_is_written_at_the_last_epoch_of_its_phase_only")]
 
 
 @dataclass(frozen=True)

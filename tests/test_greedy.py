@@ -67,8 +67,9 @@ def test_each_phase_trains_only_its_layer_and_fine_tuning_starts_from_the_pretra
         assert all(_changed(before, after, layer)), f"layer {layer} did not train in its phase"
         for other in set(LAYERS) - {layer}:
             assert not any(_changed(before, after, other)), f"layer {other} changed in layer {layer}'s phase"
-        saved = torch.load(tmp_path / f"pretrain_layer{layer}.ckpt", weights_only=True)["state_dict"]
-        assert all(torch.equal(saved[name], value) for name, value in after.items())
+        checkpoint = torch.load(tmp_path / f"pretrain_layer{layer}.ckpt", weights_only=True)
+        assert "optimizer_states" in checkpoint  # a whole checkpoint, not the weights alone
+        assert all(torch.equal(checkpoint["state_dict"][name], value) for name, value in after.items())
     # the joined network is the pretrained layers, untouched, when fine-tuning begins; then all of it trains
     assert all(torch.equal(snapshots.start[3][name], value) for name, value in snapshots.end[2].items())
     assert all(all(_changed(snapshots.start[3], snapshots.end[3], layer)) for layer in LAYERS)
@@ -104,6 +105,20 @@ def test_each_phase_trains_on_its_layers_error_for_the_corrupted_input_computed_
         monkeypatch.setattr(Autoencoder, "current_epoch", property(lambda self, epoch=layer - 1: epoch))
         loss = module.training_step({"x": x}, 0)
         assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-6), f"layer {layer}"
+
+
+def test_a_phase_checkpoint_is_written_at_the_last_epoch_of_its_phase_only(tmp_path):
+    """Two layers, two epochs each, then fine-tuning: epochs 1 and 3 end a phase."""
+    from types import SimpleNamespace
+
+    model = compose_config([*GREEDY, "model.hidden_dims=[8]", "model.epochs_per_layer=2"]).model
+    saved = []
+    callback = PhaseCheckpoints(tmp_path, model)
+    for epoch in range(7):
+        trainer = SimpleNamespace(current_epoch=epoch, save_checkpoint=lambda path, **options: saved.append(
+            (epoch, path.name)))
+        callback.on_train_epoch_end(trainer, None)
+    assert saved == [(1, "pretrain_layer1.ckpt"), (3, "pretrain_layer2.ckpt")]
 
 
 def _history(run_dir: Path) -> list[dict[str, str]]:
