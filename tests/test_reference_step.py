@@ -1,7 +1,8 @@
 """One training step of ae_lab against the same step written in plain torch (no ae_lab code): a tiny
 denoising VAE and a tiny contractive autoencoder with the same fixed weights and batch give the same
-loss, terms and parameter gradients. The vectorised ensemble inherits this check through its equality
-tests with the module (tests/test_vectorized.py)."""
+loss, terms and parameter gradients; and the optimiser the step is taken with is torch's, with the configured
+settings. The vectorised ensemble inherits these checks through its equality tests with the module
+(tests/test_vectorized.py)."""
 
 from __future__ import annotations
 
@@ -115,3 +116,22 @@ def test_contractive_autoencoder_step_matches_plain_torch():
     loss = recon + weight * contractive
     reference = {"recon": recon, "contractive": contractive, "loss": loss}
     assert_same_step(terms, grads, reference, reference_gradients(loss, w))
+
+
+@pytest.mark.parametrize("name,kind", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
+                                        ("adamw", torch.optim.AdamW)])
+def test_the_step_uses_the_configured_torch_optimiser_with_its_settings(name, kind):
+    cfg = compose_config(["logger=none", f"optim.name={name}", "optim.lr=0.03", "optim.weight_decay=0.002",
+                          "optim.momentum=0.7", "optim.eps=1e-5", "optim.milestones=[3]", "optim.gamma=0.5"])
+    module = Autoencoder.from_config(cfg, SHAPE)
+    configured = module.configure_optimizers()
+    optimizer, schedule = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    assert type(optimizer) is kind
+    [group] = optimizer.param_groups
+    assert {id(p) for p in group["params"]} == {id(p) for p in module.parameters()}
+    expected = {"lr": 0.03, "weight_decay": 0.002, **({"momentum": 0.7} if name == "sgd" else {"eps": 1e-5})}
+    assert {key: group[key] for key in expected} == expected
+    assert dict(schedule.milestones) == {3: 1} and schedule.gamma == 0.5
+    assert configured["lr_scheduler"]["interval"] == "epoch"
+    without_milestones = Autoencoder.from_config(compose_config(["logger=none", f"optim.name={name}"]), SHAPE)
+    assert "lr_scheduler" not in without_milestones.configure_optimizers()
