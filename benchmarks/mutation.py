@@ -77,7 +77,11 @@ MODULES = [
     # its unit tests and the one evaluating a module against references, not the ones that train runs
     Module("evaluation", "ae_lab/evaluation/*.py", [
         "tests/test_evaluation.py", "-k", "not run and not draw and not probe_on_digits and not repeatable "
-        "and not held_out"]),
+        "and not held_out"],
+           note="its selection is tests/test_evaluation.py's unit tests and the reference test of `evaluate`; the "
+                "disentanglement metrics' input checks (most of its survivors) are tested in "
+                "tests/test_disentanglement.py, outside it; its survivors are not yet judged (listed as not "
+                "equivalent) and most of its 1,491 mutants were not checked"),
     Module("greedy", "ae_lab/greedy.py", GREEDY_UNITS),
     Module("ensemble_optim", "ae_lab/ensemble/optim.py",
            ["tests/test_vectorized.py", "-k", "stacked_optimizer or frozen_member"]),
