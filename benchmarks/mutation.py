@@ -84,7 +84,12 @@ MODULES = [
                 "equivalent) and most of its 1,491 mutants were not checked"),
     Module("greedy", "ae_lab/greedy.py", GREEDY_UNITS),
     Module("ensemble_optim", "ae_lab/ensemble/optim.py",
-           ["tests/test_vectorized.py", "-k", "stacked_optimizer or frozen_member"]),
+           ["tests/test_vectorized.py", "-k", "stacked_optimizer or frozen_member"],
+           note="its selection is the optimiser's unit tests against torch.optim; gradient clipping, the lr "
+                "milestones' scale and the state kept in a group checkpoint are exercised by "
+                "tests/test_vectorized.py's equality and resume tests, outside it; its survivors are not yet "
+                "judged (listed as not equivalent; its device= and dtype= ones are of the kind judged "
+                "equivalent on the CPU elsewhere)"),
 ]
 STATUS = {1: "killed", 3: "killed", 0: "survived", 36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout",
           255: "timeout", 33: "no tests", 5: "no tests", None: "not checked"}
