@@ -67,7 +67,8 @@ def test_each_job_is_one_wandb_run_in_the_sweeps_group(sweep):
             assert wandb["summary"][name] == pytest.approx(value)
         image = wandb["summary"]["figures/reconstructions/_type"]
         assert image == "image-file"
-        assert (job / "wandb").glob("offline-run-*/files/media/images/*.png")
+        [stored] = (job / "wandb").glob("offline-run-*/files/media/images/figures/reconstructions_*.png")
+        assert stored.read_bytes()[:4] == b"\x89PNG"
         assert sum(1 for row in wandb["history"] if "train/loss" in row) == 2  # one per epoch
         runs.append((wandb["config"]["loss.beta"], wandb["config"]["seed"], metrics["test/loss"]))
     assert sorted((beta, seed) for beta, seed, _ in runs) == [(1, 0), (1, 1), (4, 0), (4, 1)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -66,11 +67,58 @@ def test_each_phase_trains_only_its_layer_and_fine_tuning_starts_from_the_pretra
         assert all(_changed(before, after, layer)), f"layer {layer} did not train in its phase"
         for other in set(LAYERS) - {layer}:
             assert not any(_changed(before, after, other)), f"layer {other} changed in layer {layer}'s phase"
-        saved = torch.load(tmp_path / f"pretrain_layer{layer}.ckpt", weights_only=True)["state_dict"]
-        assert all(torch.equal(saved[name], value) for name, value in after.items())
+        checkpoint = torch.load(tmp_path / f"pretrain_layer{layer}.ckpt", weights_only=True)
+        assert "optimizer_states" in checkpoint  # a whole checkpoint, not the weights alone
+        assert all(torch.equal(checkpoint["state_dict"][name], value) for name, value in after.items())
     # the joined network is the pretrained layers, untouched, when fine-tuning begins; then all of it trains
     assert all(torch.equal(snapshots.start[3][name], value) for name, value in snapshots.end[2].items())
     assert all(all(_changed(snapshots.start[3], snapshots.end[3], layer)) for layer in LAYERS)
+
+
+def test_each_phase_trains_on_its_layers_error_for_the_corrupted_input_computed_by_hand(monkeypatch):
+    """The training loss of each phase against plain torch on the module's weights: layer 1 the Bernoulli
+    error of the pixels (loss.recon=bce), layers 2 and 3 the squared error of the codes below them (sum
+    over units), each layer's input corrupted (a fixed mask stands for the masking noise here) and its
+    target the clean code."""
+    cfg = compose_config([*GREEDY, "logger=none", "model.activation=tanh"])
+    module = Autoencoder.from_config(cfg, (1, 8, 8))
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(5, 1, 8, 8, generator=generator)
+    masks = {width: (torch.rand(5, width, generator=generator) > 0.3).float() for width in (64, 32, 16)}
+    module.corrupt = lambda inputs: inputs * masks[inputs.shape[1]]
+
+    def linear(layer: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs @ layer.weight.T + layer.bias
+
+    encoder, decoder, head = module.encoder, module.decoder, module.head.linear
+    with torch.no_grad():
+        h0 = x.flatten(1)
+        h1 = torch.tanh(linear(encoder[1], h0))
+        h2 = torch.tanh(linear(encoder[3], h1))
+        logits = linear(decoder[4], torch.tanh(linear(encoder[1], h0 * masks[64])))
+        by_hand = {
+            1: (torch.nn.functional.softplus(logits) - h0 * logits).sum(1).mean(),
+            2: (torch.tanh(linear(decoder[2], torch.tanh(linear(encoder[3], h1 * masks[32])))) - h1)
+            .pow(2).sum(1).mean(),
+            3: (torch.tanh(linear(decoder[0], linear(head, h2 * masks[16]))) - h2).pow(2).sum(1).mean()}
+    for layer, expected in by_hand.items():
+        monkeypatch.setattr(Autoencoder, "current_epoch", property(lambda self, epoch=layer - 1: epoch))
+        loss = module.training_step({"x": x}, 0)
+        assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-6), f"layer {layer}"
+
+
+def test_a_phase_checkpoint_is_written_at_the_last_epoch_of_its_phase_only(tmp_path):
+    """Two layers, two epochs each, then fine-tuning: epochs 1 and 3 end a phase."""
+    from types import SimpleNamespace
+
+    model = compose_config([*GREEDY, "model.hidden_dims=[8]", "model.epochs_per_layer=2"]).model
+    saved = []
+    callback = PhaseCheckpoints(tmp_path, model)
+    for epoch in range(7):
+        trainer = SimpleNamespace(current_epoch=epoch, save_checkpoint=lambda path, **options: saved.append(
+            (epoch, path.name)))
+        callback.on_train_epoch_end(trainer, None)
+    assert saved == [(1, "pretrain_layer1.ckpt"), (3, "pretrain_layer2.ckpt")]
 
 
 def _history(run_dir: Path) -> list[dict[str, str]]:

@@ -98,6 +98,10 @@ def test_grayscale_gives_the_luma_in_every_channel():
     grey = grayscale(x, 1.0)
     for channel in range(3):
         assert torch.allclose(grey[:, channel], luma, atol=1e-6)
+    # in the data's own precision: float64 images get float64 weights (float32 ones are off by ~1e-8)
+    x64 = x.double()
+    luma64 = 0.299 * x64[:, 0] + 0.587 * x64[:, 1] + 0.114 * x64[:, 2]
+    torch.testing.assert_close(grayscale(x64, 1.0)[:, 1], luma64, rtol=0, atol=1e-15)
     assert torch.allclose(grayscale(x, 0.25), 0.75 * x + 0.25 * luma.unsqueeze(1), atol=1e-6)
     assert LUMA == (0.299, 0.587, 0.114)
 

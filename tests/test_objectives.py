@@ -10,8 +10,9 @@ from omegaconf import OmegaConf
 from sklearn.metrics import log_loss
 
 from ae_lab.nets import build_encoder, build_latent_head
-from ae_lab.objectives import (contractive_penalty, gaussian_kl, kl_sparsity, l1_sparsity,
+from ae_lab.objectives import (Objective, contractive_penalty, gaussian_kl, kl_sparsity, l1_sparsity,
                                reconstruction_error)
+from conftest import compose_config
 
 
 def test_gaussian_kl_matches_monte_carlo():
@@ -27,6 +28,34 @@ def test_gaussian_kl_matches_monte_carlo():
     stderr = (log_q - log_p).std().item() / math.sqrt(samples)
     closed_form = gaussian_kl(mean, logvar).item()
     assert abs(estimate - closed_form) < 4 * stderr
+
+
+def test_gaussian_kl_is_per_example_as_torch_distributions_gives_it():
+    generator = torch.Generator().manual_seed(2)
+    mean, logvar = torch.randn(3, 4, generator=generator), torch.randn(3, 4, generator=generator)
+    posterior, prior = torch.distributions.Normal(mean, torch.exp(0.5 * logvar)), torch.distributions.Normal(0.0, 1.0)
+    torch.testing.assert_close(gaussian_kl(mean, logvar), torch.distributions.kl_divergence(posterior, prior).sum(1))
+
+
+def test_kl_sparsity_stays_finite_for_dead_and_saturated_units():
+    """A unit that never fires (rate 0) or always does (rate 1) counts as firing at 1e-6 or 1 - 1e-6."""
+    code = torch.tensor([[0.0, 1.0, 0.2], [0.0, 1.0, 0.4]])
+    rho = 0.05
+
+    def divergence(rate: float) -> float:
+        return rho * math.log(rho / rate) + (1 - rho) * math.log((1 - rho) / (1 - rate))
+
+    top = float(torch.tensor(1 - 1e-6))  # as float32 holds it: 1 - 1.013e-6
+    expected = divergence(1e-6) + divergence(top) + divergence(0.3)
+    assert kl_sparsity(code, rho).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_tc_objective_needs_the_training_set_size():
+    loss = compose_config(["model=vae", "loss.kl=tc"]).loss
+    message = r"^loss\.kl=tc needs the training set size \(Objective\(dataset_size=\.\.\.\)\)$"
+    with pytest.raises(ValueError, match=message):
+        Objective(loss, gaussian_head=True)
+    assert "tc" not in Objective(loss, gaussian_head=False).term_names  # no Gaussian head: no TC term
 
 
 def test_kl_sparsity_by_hand():

@@ -328,3 +328,21 @@ def test_target_loader_returns_a_data_module_that_trains(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"^dataset\._target_ is missing"):
         check(compose_config(["dataset=custom"]))
     sys.modules.pop("my_data", None)
+
+
+def test_figures_show_a_users_data_in_its_own_units(tmp_path, monkeypatch):
+    """The README's promise (Data sets, Scaling): figures undo `dataset.normalize`. What the figure code is
+    handed for the test split's (standardised) rows is the rows as they are in the file."""
+    from ae_lab.evaluation import visual
+
+    raw = np.random.default_rng(3).normal([5.0, -2.0, 0.0], [2.0, 0.5, 10.0], (200, 3))
+    np.save(tmp_path / "rows.npy", raw)
+    data = build_datamodule(array_config(tmp_path / "rows.npy", "dataset.normalize=standard", "loss.recon=mse",
+                                         "model.output=linear").dataset)
+    drawn = {}
+    monkeypatch.setattr(visual, "signal_rows", lambda rows, path, **options: drawn.update(rows) or path)
+    test = data.splits["test"]
+    scaled = test.batch(torch.arange(len(test)))["x"]
+    assert scaled.abs().max() < 5 and raw.std(0).max() > 9  # the model sees standardised rows
+    visual._drawer(data)({"input": scaled}, tmp_path / "figure.png")
+    np.testing.assert_allclose(drawn["input"].numpy(), raw[test.index.numpy()], rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from ae_lab.checks import schedule_warnings, validate
 from ae_lab.errors import ConfigError
 from ae_lab.nets import Latent
-from ae_lab.kl_forms import free_bits_kl, kl_decomposition, log_importance_weights
+from ae_lab.kl_forms import free_bits_kl, gaussian_log_density, kl_decomposition, log_importance_weights
 from ae_lab.objectives import Objective
 from ae_lab.schedules import scheduled_weight
 from conftest import compose_config, kill_after_step, read_json, run_cli
@@ -53,6 +53,9 @@ def test_constant_schedule_keeps_the_weight_and_capacity_rises_linearly():
                          gaussian_head=True)
     assert [capacity.weights(t)["capacity"] for t in (0, 100, 400, 800)] == [0.0, 5.0, 20.0, 20.0]
     assert capacity.weights(100)["beta"] == 100.0  # gamma stays constant
+    assert objective.weights(100)["capacity"] == 0.0  # no capacity without its schedule
+    # which weights move with the step (logged per epoch): none under the constant schedule
+    assert objective.scheduled_names == [] and capacity.scheduled_names == ["capacity"]
 
 
 # digits: 5 training batches an epoch, so epochs end after steps 4, 9, 14 and 19
@@ -215,6 +218,26 @@ def test_each_estimators_weight_matrix_is_the_one_its_definition_gives():
         expected = torch.tensor([[_weight(estimator, i, j, batch, size) for j in range(batch)] for i in range(batch)],
                                 dtype=torch.float64)
         torch.testing.assert_close(weights, expected)
+
+
+def test_tc_terms_of_a_batch_of_one_and_the_default_estimator():
+    """One example: q(z) is 1/N q(z|x) under either estimator, so MI = log N and TC = (D - 1) log N; the
+    estimator is minibatch-weighted sampling unless named."""
+    mean, logvar = _posterior(5, 3)
+    z = mean + 0.1
+    for estimator in ("mws", "mss"):
+        parts = kl_decomposition(z[:1], mean[:1], logvar[:1], 40, estimator)
+        assert parts["mi"].item() == pytest.approx(math.log(40), rel=1e-12)
+        assert parts["tc"].item() == pytest.approx(2 * math.log(40), rel=1e-12)
+    default, mws = kl_decomposition(z, mean, logvar, 40), kl_decomposition(z, mean, logvar, 40, "mws")
+    assert all(torch.equal(default[name], mws[name]) for name in ("mi", "tc", "dwkl"))
+
+
+def test_gaussian_log_density_matches_torch_distributions():
+    mean, logvar = _posterior(4, 3)
+    z = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    expected = torch.distributions.Normal(mean, torch.exp(0.5 * logvar)).log_prob(z)
+    torch.testing.assert_close(gaussian_log_density(z, mean, logvar), expected)
 
 
 def _codes(duplicated: bool, count: int = 2000, std: float = 0.3):

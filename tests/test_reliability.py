@@ -163,3 +163,28 @@ def test_a_run_submitit_does_not_requeue_is_recorded_interrupted(tmp_path):
     saved = read_json(tmp_path / "run.json")
     assert saved["status"] == "interrupted" and saved["interrupted_checkpoint"] == str(checkpoint)
     assert "timed-out too many times" in saved["error"] and f"resume={tmp_path}" in saved["error"]
+
+
+def test_a_run_whose_loss_turns_nan_keeps_its_earlier_checkpoints_as_they_were(tmp_path, monkeypatch):
+    """The README's promise (Reproducing and stopping runs): the batch of step 4 is made NaN, after the
+    checkpoints of steps 2 and 4; the run fails naming the step, and the checkpoint folder holds the same
+    files with the same bytes as when step 4 began."""
+    from ae_lab.module import Autoencoder
+    from conftest import train_in_process
+
+    before: dict[str, bytes] = {}
+    step = Autoencoder.training_step
+
+    def poisoned(self, batch, batch_idx):
+        if self.global_step == 4:
+            before.update({path.name: path.read_bytes() for path in (tmp_path / "checkpoints").iterdir()})
+            batch = {**batch, "x": batch["x"] * float("nan")}
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(Autoencoder, "training_step", poisoned)
+    with pytest.raises(FloatingPointError, match="loss became nan at step 4"):
+        train_in_process(["trainer=debug", "trainer.limit_train_batches=6", "checkpoint_every_n_steps=2",
+                          "logger=none", "eval=minimal"], tmp_path)
+    assert "last.ckpt" in before
+    assert {path.name: path.read_bytes() for path in (tmp_path / "checkpoints").iterdir()} == before
+    assert read_json(tmp_path / "run.json")["status"] == "failed"
