@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -110,6 +111,11 @@ def cli() -> None:
     Hydra prints such errors itself unless HYDRA_FULL_ERROR is set, in which case it raises them: it is
     set here so that they reach `explain`. A user who sets it gets Hydra's full error, as documented.
     """
+    if {"--help", "-h"} & set(sys.argv[1:]):  # ae_lab's page (ae_lab/help.py), whatever else the line holds
+        from ae_lab.help import page
+
+        print(page())
+        return
     from hydra.errors import ConfigCompositionException
     from omegaconf.errors import OmegaConfBaseException
 

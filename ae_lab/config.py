@@ -560,11 +560,11 @@ def register_resolvers() -> None:
     """ae_lab's OmegaConf resolvers, which a run's recorded config may still hold (e.g. `${noise_level:0.2}`)."""
     from omegaconf import OmegaConf
 
-    from ae_lab.help import page
+    from ae_lab.help import pointer
     from ae_lab.sweep import config_hash, noise_level, slurm_gpus
 
     for name, resolver in (("config_hash", config_hash), ("noise_level", noise_level), ("run_folder", run_folder),
-                           ("slurm_gpus", slurm_gpus), ("ae_lab_help", page)):
+                           ("slurm_gpus", slurm_gpus), ("ae_lab_help", pointer)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 

@@ -1,15 +1,17 @@
-"""`python -m ae_lab --help`: ae_lab's own page, through Hydra's mechanism for an app's help.
+"""`python -m ae_lab --help`: ae_lab's own page, printed by `ae_lab.__main__.cli` before Hydra starts.
 
-`conf/hydra/help/ae_lab.yaml` sets `hydra.help.template` to `${ae_lab_help:}`, this module's `page`:
-the config groups and their options as the `conf/` folder holds them (not the `schema/*` entries, which
-are not options), the most used keys, the commands (every `python -m ae_lab.<module>` with a `main`),
-and the README's sections. Generated on each call, so that it cannot fall behind the folders.
+`page` lists the config groups and their options as the `conf/` folder holds them (not the `schema/*`
+entries, which are not options), the most used keys, the commands (every `python -m ae_lab.<module>`
+with a `main`), and the README's sections. Generated on each call, so that it cannot fall behind the
+folders. Hydra's own help (its `app_help`) is not used: it composes the config and lists every config
+group twice before it prints a template, which took seconds. `conf/hydra/help/ae_lab.yaml` sets Hydra's
+help template to `${ae_lab_help:}` (`pointer`, a line naming this page), which every recorded
+`.hydra/hydra.yaml` holds.
 """
 
 from __future__ import annotations
 
 import ast
-import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -27,6 +29,9 @@ def config_groups(conf: Path) -> dict[str, list[str]]:
     """Each config group of `conf` (its subfolders) and its options, the default first; and
     `hydra/launcher`, whose options are also those launcher plugins registered in Hydra's ConfigStore."""
     from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # Hydra's discovery of the plugins, which store their launchers' configs
 
     defaults: dict[str, str | None] = {}
     for entry in OmegaConf.to_container(OmegaConf.load(conf / "config.yaml"))["defaults"]:
@@ -62,13 +67,7 @@ def readme_sections(readme: Path) -> list[str]:
 
 
 def page() -> str:
-    """The help page (Hydra substitutes `$` names in it, so a literal dollar is written twice).
-
-    Hydra resolves this template whenever it resolves a run's `hydra` config, but shows it for `--help`
-    only: without `--help` on the command line the page is not built (it reads every config file and
-    module of ae_lab, about 0.13 s each time, twice a run)."""
-    if not {"--help", "-h"} & set(sys.argv[1:]):
-        return "python -m ae_lab --help shows ae_lab's help page\n"
+    """The help page."""
     width = max(map(len, config_groups(CONF))) + 2
     groups = [f"  {group + ':':<{width}}{', '.join(options)}" for group, options in config_groups(CONF).items()]
     groups.append(f"  {'+sweeps:':<{width}}{', '.join(sorted(path.stem for path in SWEEPS.glob('*.yaml')))}")
@@ -91,7 +90,12 @@ def page() -> str:
         *_wrapped("; ".join(readme_sections(CONF.parent / "README.md"))),
         "Hydra's own options: python -m ae_lab --hydra-help",
     ]
-    return "\n".join(lines).replace("$", "$$") + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def pointer() -> str:
+    """Hydra's help template (the resolver `ae_lab_help`): Hydra resolves it with a run's `hydra` config."""
+    return "python -m ae_lab --help shows ae_lab's help page\n"
 
 
 def _wrapped(text: str, width: int = 100) -> list[str]:

@@ -26,16 +26,14 @@ from ae_lab.checks import schedule_warnings, validate
 from ae_lab.errors import ConfigError
 from ae_lab.data import ArrayDataModule, build_datamodule, input_shape
 from ae_lab.distributed import HydraJobDDPStrategy, isolated_job, launched_rank, resolve_strategy
-from ae_lab.evaluation.evaluate import evaluate
-from ae_lab.figures import learning_curves
 from ae_lab.greedy import PhaseCheckpoints
 from ae_lab.history import History, HistoryLogger, HistoryRecorder
 from ae_lab.module import Autoencoder
 from ae_lab.preemption import Requeued, RequeueOnSignal, cluster_plugins
 from ae_lab.resume import ResumePoint
 from ae_lab.storage import atomic_write, write_json
-from ae_lab.tracking import (RunRecord, build_logger, completed_metrics, finish_logger, history_sink,
-                             job_sweep_identity, log_results, wandb_run_id, write_config_files)
+from ae_lab.tracking import (RunRecord, build_logger, completed_metrics, finish_logger, history_sink, is_wandb,
+                             job_sweep_identity, log_results, write_config_files)
 
 log = logging.getLogger(__name__)
 # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, once per loop: noise, not news.
@@ -112,15 +110,21 @@ def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> 
 
 
 class RecordWandbRun(pl.Callback):
-    """Starts the run's W&B run when training starts (a job refused before has none) and records its id
-    in run.json at once, so that a resumed run goes on with it (`record`: rank 0's, None elsewhere)."""
+    """Starts the run's W&B run when training starts (a job refused before has none), in the background
+    (ae_lab/wandb_logger.py: the first steps do not wait for it), and records its id in run.json at once,
+    so that a resumed run goes on with it (`record`: rank 0's, None elsewhere). The start has ended before
+    the run's first checkpoint: every attempt that a resume goes on from holds its part of the W&B run."""
 
     def __init__(self, record: RunRecord | None, logger: Any) -> None:
         self.record, self.logger = record, logger
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if self.record is not None:
-            self.record.update(wandb_run_id=wandb_run_id(self.logger))
+            self.record.update(wandb_run_id=self.logger.start() if is_wandb(self.logger) else None)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.record is not None and is_wandb(self.logger):
+            self.logger.wait()
 
 
 class RunInterrupted(Exception):
@@ -206,6 +210,9 @@ def write_results(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, r
     `scores.npz` (with a held-out class), `metrics.json`, `history.csv` and the figures
     (`figures/curves.png` from the history among them); return the figures. Every way a run is made
     (a single run, an ensemble's member) ends with this."""
+    from ae_lab.evaluation.evaluate import evaluate  # (scikit-learn, matplotlib: imported after training)
+    from ae_lab.figures import learning_curves
+
     evaluation = evaluate(module, data, cfg, run_dir, checkpoint)
     metrics.update(evaluation.metrics)
     write_json(run_dir / "evaluation.json", evaluation.details)

@@ -283,7 +283,7 @@ def build_logger(cfg: DictConfig, run_dir: Path, input_size: int, run_id: str | 
         if resumed_at_step is not None:
             _keep_csv_history(logger, resumed_at_step)
         return logger
-    from pytorch_lightning.loggers import WandbLogger
+    from ae_lab.wandb_logger import WandbLogger  # Lightning's, its run started in the background (`start`)
 
     os.environ.setdefault("WANDB_SILENT", "true")
     overrides, groups, folder = run_naming(run_dir, resumed=run_id is not None)
@@ -435,5 +435,6 @@ def finish_logger(logger: Any) -> None:
     if is_wandb(logger):
         import wandb
 
+        logger.wait()  # a run still starting in the background
         if wandb.run is not None:
             wandb.finish()
