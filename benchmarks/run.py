@@ -49,11 +49,12 @@ class Sizes:
     contractive_steps: int
     contractive_grid: tuple[tuple[tuple[int, int, int], int], ...]
     sweep_jobs: int
+    startup_repeats: int
 
 
 FULL = Sizes(60000, 128, 20, 150, 3, 15,
-             tuple(((c, s, s), z) for (c, s) in ((1, 8), (1, 28), (3, 32)) for z in (8, 32, 128)), 8)
-QUICK = Sizes(512, 64, 2, 4, 1, 2, (((1, 8, 8), 4), ((1, 28, 28), 8)), 2)
+             tuple(((c, s, s), z) for (c, s) in ((1, 8), (1, 28), (3, 32)) for z in (8, 32, 128)), 8, 5)
+QUICK = Sizes(512, 64, 2, 4, 1, 2, (((1, 8, 8), 4), ((1, 28, 28), 8)), 2, 1)
 
 
 def config(overrides: list[str]) -> DictConfig:
@@ -130,6 +131,37 @@ def lightning_rate(cfg: DictConfig, images: torch.Tensor, sizes: Sizes, per_item
     return sizes.steps * sizes.batch_size / (stopwatch.end - stopwatch.start)
 
 
+class BareModule(pl.LightningModule):
+    """ae_lab's network and objective in the smallest LightningModule: its step returns the loss (no epoch
+    means, no checks), its optimizer is the module's. What Lightning itself costs per step."""
+
+    def __init__(self, module: Autoencoder) -> None:
+        super().__init__()
+        self.module = module
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x = batch["x"]
+        logits, latent = self.module(x)
+        return self.module.objective(logits, x, latent, x, self.module.objective.weights(0), create_graph=True)["loss"]
+
+    def configure_optimizers(self) -> Any:
+        return self.module.configure_optimizers()
+
+
+def bare_lightning_rate(cfg: DictConfig, images: torch.Tensor, sizes: Sizes) -> float:
+    """Examples/s of `BareModule` under a Trainer without logger, progress bar or callbacks of ae_lab's."""
+    module = BareModule(module_for(cfg, tuple(images.shape[1:])))
+    split = Split(images, pixel_scale=255.0)
+    data = ArrayDataModule("bench", {"train": split, "val": split, "test": split}, sizes.batch_size, 0, "")
+    stopwatch = Stopwatch(sizes.warmup)
+    trainer = pl.Trainer(max_epochs=-1, max_steps=sizes.warmup + sizes.steps, limit_val_batches=0, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         accelerator="cpu", devices=1, callbacks=[stopwatch], use_distributed_sampler=False,
+                         inference_mode=False)
+    trainer.fit(module, datamodule=data)
+    return sizes.steps * sizes.batch_size / (stopwatch.end - stopwatch.start)
+
+
 def hand_rate(cfg: DictConfig, images: torch.Tensor, sizes: Sizes) -> float:
     """Examples/s of a minimal hand-written loop over in-memory tensors, same model and optimizer."""
     module = module_for(cfg, tuple(images.shape[1:]))
@@ -163,16 +195,18 @@ def ratio(values: list[float], baseline: list[float]) -> str:
 
 
 def throughput(images: torch.Tensor, sizes: Sizes, quick: bool) -> list[str]:
-    lines = ["| model | hand-written loop (examples/s) | ae_lab ÷ hand loop | per-item DataLoader ÷ ae_lab |",
-             "|---|---|---|---|"]
+    lines = ["| model | hand-written loop (examples/s) | ae_lab ÷ hand loop | bare LightningModule ÷ hand loop "
+             "| per-item DataLoader ÷ ae_lab |", "|---|---|---|---|---|"]
     for name, overrides in MODELS.items():
         cfg = config([*overrides, "trainer.accelerator=cpu"])
-        hand, ours, per_item = [], [], []
-        for _ in range(sizes.repeats):  # interleaved, so drift in the machine's speed hits all three
+        hand, ours, bare, per_item = [], [], [], []
+        for _ in range(sizes.repeats):  # interleaved, so drift in the machine's speed hits all four
             hand.append(hand_rate(cfg, images, sizes))
             ours.append(lightning_rate(cfg, images, sizes))
+            bare.append(bare_lightning_rate(cfg, images, sizes))
             per_item.append(lightning_rate(cfg, images, sizes, per_item=True))
-        lines.append(f"| {name} | {statistics.median(hand):,.0f} | {ratio(ours, hand)} | {ratio(per_item, ours)} |")
+        lines.append(f"| {name} | {statistics.median(hand):,.0f} | {ratio(ours, hand)} | {ratio(bare, hand)} "
+                     f"| {ratio(per_item, ours)} |")
         print(lines[-1], flush=True)
     return lines
 
@@ -235,26 +269,55 @@ def cli(args: list[str], cwd: Path) -> tuple[float, float]:
     return start, time.time() - start
 
 
+def bare_import() -> float:
+    """Wall time of `python -c "import torch, pytorch_lightning"`, the floor of any run's start-up."""
+    start = time.time()
+    subprocess.run([sys.executable, "-c", "import torch, pytorch_lightning"], check=True)
+    return time.time() - start
+
+
+def first_step(args: list[str], cwd: Path) -> tuple[float, float]:
+    """(seconds from launch to the first training step, wall time) of one `python -m ae_lab ARGS` run."""
+    launched, wall = cli(args, cwd)
+    [run] = [path for path in (cwd / "outputs" / "runs").iterdir() if not path.name.startswith("done-")]
+    to_first = json.loads((run / "run.json").read_text())["timings"]["first_step_unix"] - launched
+    run.rename(run.with_name(f"done-{run.name}"))
+    return to_first, wall
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else f"{values[0]:.2f}"
+
+
 def startup_and_sweep(sizes: Sizes) -> list[str]:
+    """The default run (one epoch: the same start-up) to its first step and `--help`, each repeat beside a
+    bare import of torch and Lightning, interleaved; then a sweep's cost per job beyond its training."""
+    default = ["trainer.max_epochs=1"] + (["trainer=debug"] if sizes is QUICK else [])
     quick_run = ["trainer.max_epochs=1", "trainer.limit_train_batches=5", "trainer.limit_val_batches=1",
                  "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false"]
+    bare, to_first, walls, helps, loads = [], [], [], [], []
     with tempfile.TemporaryDirectory() as folder:
         cwd = Path(folder)
-        start = time.time()
-        subprocess.run([sys.executable, "-c", "import torch, pytorch_lightning"], check=True)
-        bare_import = time.time() - start
-        launched, _ = cli(quick_run, cwd)
-        [run] = (cwd / "outputs" / "runs").iterdir()
-        first_step = json.loads((run / "run.json").read_text())["timings"]["first_step_unix"] - launched
+        for _ in range(sizes.startup_repeats):
+            loads.append(os.getloadavg()[0])
+            bare.append(bare_import())
+            step, wall = first_step(default, cwd)
+            to_first.append(step)
+            walls.append(wall)
+            helps.append(cli(["--help"], cwd)[1])
         seeds = ",".join(str(seed) for seed in range(sizes.sweep_jobs))
         launched, wall = cli(["-m", f"seed={seeds}", *quick_run, "logger=none"], cwd)
         records = [json.loads(p.read_text()) for p in (cwd / "outputs" / "sweeps").glob("*/*/run.json")]
         fits = [record["timings"]["fit_seconds"] for record in records]
-        to_first = min(record["timings"]["first_step_unix"] for record in records) - launched
-    beyond = (wall - to_first - sum(fits)) / len(fits)
-    return ["| measure | ratio | seconds, for context |", "|---|---|---|",
-            f"| `python -m ae_lab` (W&B offline) to its first training step ÷ `python -c 'import torch, "
-            f"pytorch_lightning'` | {first_step / bare_import:.2f} | {first_step:.2f} vs {bare_import:.2f} |",
+        sweep_first = min(record["timings"]["first_step_unix"] for record in records) - launched
+    beyond = (wall - sweep_first - sum(fits)) / len(fits)
+    return [f"{len(bare)} interleaved repeats; load average (1 min) at each: {', '.join(f'{load:.1f}' for load in loads)}.",
+            "", "| measure | ratio | seconds, for context: median (min–max) |", "|---|---|---|",
+            f"| `python -m ae_lab {' '.join(default)}` (digits, W&B offline) to its first training step ÷ "
+            f"`python -c 'import torch, pytorch_lightning'` | {ratio(to_first, bare)} | {spread(to_first)} vs "
+            f"{spread(bare)} |",
+            f"| `python -m ae_lab --help` | | {spread(helps)} |",
+            f"| the same run's whole wall time (one epoch, test, evaluation, W&B) | | {spread(walls)} |",
             f"| in-process sweep of {len(fits)} tiny jobs: wall time per job beyond its training ÷ its "
             f"training time | {beyond / statistics.mean(fits):.2f} | {beyond:.2f} vs {statistics.mean(fits):.2f} |"]
 
@@ -273,12 +336,27 @@ def machine() -> str:
             f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}")
 
 
+SECTIONS = {"throughput": "Training throughput", "options": "Options", "contractive": "Contractive penalty",
+            "startup": "Start-up and sweeps"}
+
+
+def _sections(text: str) -> dict[str, list[str]]:
+    """The `## ` sections of a RESULTS.md: title -> its lines after the heading."""
+    found: dict[str, list[str]] = {}
+    for part in text.split("\n## ")[1:]:
+        title, *lines = part.split("\n")
+        found[title] = lines
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks the script runs")
     parser.add_argument("--data-root", type=Path, default=REPOSITORY.parent / "shared" / "data",
                         help="folder holding mnist/ (default: ../shared/data)")
     parser.add_argument("--output", type=Path, default=REPOSITORY / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
+                        help="measure only these sections; the output's other sections are kept as they are")
     args = parser.parse_args()
     register_configs()
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -286,13 +364,13 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     images, source = mnist_sized(sizes.examples, args.data_root)
     began = time.time()
-    sections = {
-        "Training throughput": throughput(images, sizes, args.quick),
-        "Options": options(images, sizes, args.quick),
-        "Contractive penalty": contractive(sizes),
-        "Start-up and sweeps": startup_and_sweep(sizes),
-    }
+    measures = {"throughput": lambda: throughput(images, sizes, args.quick),
+                "options": lambda: options(images, sizes, args.quick),
+                "contractive": lambda: contractive(sizes), "startup": lambda: startup_and_sweep(sizes)}
+    sections = {SECTIONS[name]: measures[name]() for name in args.sections}
     command = "python benchmarks/run.py" + (" --quick" if args.quick else "")
+    if args.sections != list(SECTIONS):
+        command += " --sections " + " ".join(args.sections)
     text = [
         "# ae_lab benchmarks", "",
         f"Command: `{command}` ({time.time() - began:.0f} s). Machine: {machine()}.", "",
@@ -304,18 +382,29 @@ def main() -> None:
     notes = {
         "Training throughput": "ae_lab: `Trainer.fit` as `python -m ae_lab` runs it (Lightning, progress bar, "
         "W&B offline logger, in-memory batches sliced with one indexing operation). Hand-written loop: the same "
-        "module's forward and objective, Adam, batches sliced from an in-memory tensor, no framework. Per-item "
+        "module's forward and objective, Adam, batches sliced from an in-memory tensor, no framework. Bare "
+        "LightningModule: the same network, objective and batches in a module whose step only returns the loss, "
+        "under a Trainer without logger, progress bar or callbacks: what Lightning itself costs. Per-item "
         "DataLoader: the same Lightning run fed by a `Dataset` with one `__getitem__` per example and the "
         "default collate.",
         "Options": "The MLP VAE through ae_lab with the option against without it, same run.",
         "Contractive penalty": "Median time of one training step (batch of random inputs, MLP encoder with one "
         "hidden layer of 256) with the exact penalty (one vector-Jacobian product per latent unit) or the "
         "one-draw random-projection estimator, against the same step without the penalty.",
-        "Start-up and sweeps": "Wall-clock times of real `python -m ae_lab` processes on digits "
-        "(5 training batches per job).",
+        "Start-up and sweeps": "Wall-clock times of real `python -m ae_lab` processes on digits: the default "
+        "run (one epoch instead of 100, which changes nothing before its first step; `run.json`'s "
+        "`first_step_unix` less the launch time) and `--help`, each repeat beside a bare import of torch and "
+        "Lightning; the sweep's jobs train 5 batches.",
     }
-    for title, lines in sections.items():
-        text += [f"## {title}", "", notes[title], "", *lines, ""]
+    kept = _sections(args.output.read_text()) if args.output.exists() and args.sections != list(SECTIONS) else {}
+    if kept:  # the header of the run that measured the kept sections stays; this run's command is said per section
+        text = args.output.read_text().split("\n## ", 1)[0].splitlines()
+    for title in SECTIONS.values():
+        if title in sections:
+            measured = [f"Measured by `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).", ""] if kept else []
+            text += [f"## {title}", "", *measured, notes[title], "", *sections[title], ""]
+        elif title in kept:
+            text += [f"## {title}", *kept[title]]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(text))
     print(f"wrote {args.output}")
