@@ -14,7 +14,8 @@ same float32 arithmetic, with batched matrix products (`bmm`) where the single r
 sums are ordered differently. That holds only with TF32 off: TF32 rounds matmul inputs to 10 mantissa
 bits (relative 1e-3 per product), and cuDNN enables it for convolutions by default, so `deterministic_gpu`
 turns it off for matmuls and cuDNN and sets CUBLAS_WORKSPACE_CONFIG so that cuBLAS picks the same
-reduction order every call. A GPU run against the CPU run (the reference for the GPU run's numbers):
+reduction order every call. A GPU run against the CPU run (the reference for the GPU run's numbers;
+the AE, which draws nothing: a VAE draws its noise from the GPU's generator there, the CPU's here):
 relative 1e-3, because cuBLAS and oneDNN order every sum differently and Adam, which divides each step by
 the root of the squared gradients, turns rounding-level differences in near-zero gradients into
 whole-step differences (test_vectorized notes 1e-4 within one epoch on CPU alone); 20 steps stay far
@@ -24,6 +25,7 @@ rounding of 4e-3 per operation, over 20 steps), and not equal to it (the precisi
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -73,29 +75,32 @@ def close(ours: dict[str, float], reference: dict[str, float], rel: float) -> No
         assert ours[key] == pytest.approx(value, rel=rel, abs=max(1e-6, rel / 10 * scale)), key
 
 
+AE_MEMBERS = [["seed=0"], ["seed=1"]]  # the worker test's sweep `seed=0,1`
+VAE_MEMBERS = [[*VAE, "seed=0", "loss.beta=1"], [*VAE, "seed=1", "loss.beta=4"]]  # draw on the GPU's generator
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, tuple[Path, dict[str, float]]]:
-    """The digits VAE trained on the device (32-bit), and on the CPU: run folder and metrics each."""
-    folder = tmp_path_factory.mktemp("gpu")
-    made = {}
-    for name, accelerator in (("device", ACCELERATOR), ("cpu", "trainer.accelerator=cpu")):
-        made[name] = folder / name, train_in_process([*RUN, *VAE, accelerator], folder / name)
-    return made
+def separate_runs(tmp_path_factory) -> list[tuple[Path, dict[str, float]]]:
+    """Each AE then each VAE member trained as a separate 32-bit run on the device: folder and metrics."""
+    folder = tmp_path_factory.mktemp("separate")
+    return [(folder / str(i), train_in_process([*RUN, ACCELERATOR, *member], folder / str(i)))
+            for i, member in enumerate(AE_MEMBERS + VAE_MEMBERS)]
 
 
-def test_a_32_bit_run_on_the_gpu_trains_on_it_and_equals_the_cpu_run(runs):
-    run_dir, metrics = runs["device"]
-    record = read_json(run_dir / "run.json")
-    assert record["status"] == "completed"
+def test_a_32_bit_run_on_the_gpu_trains_on_it_and_equals_the_cpu_run(separate_runs, tmp_path):
+    """The AE (a VAE would draw its noise from the GPU's generator there and from the CPU's here)."""
+    run_dir, metrics = separate_runs[0]
+    assert read_json(run_dir / "run.json")["status"] == "completed"
     # the checkpoint Lightning wrote holds the weights as trained: on the device
     weights = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert {value.device.type for value in weights.values()} == {DEVICE.type}
-    close(metrics, runs["cpu"][1], rel=1e-3)
+    on_cpu = train_in_process([*RUN, *AE_MEMBERS[0], "trainer.accelerator=cpu"], tmp_path / "cpu")
+    close(metrics, on_cpu, rel=1e-3)
 
 
-def test_a_bf16_mixed_run_on_the_gpu_is_close_to_the_32_bit_run_but_not_equal(runs, tmp_path):
-    metrics = train_in_process([*RUN, *VAE, ACCELERATOR, "trainer.precision=bf16-mixed"], tmp_path / "bf16")
-    reference = runs["device"][1]
+def test_a_bf16_mixed_run_on_the_gpu_is_close_to_the_32_bit_run_but_not_equal(separate_runs, tmp_path):
+    metrics = train_in_process([*RUN, *AE_MEMBERS[0], ACCELERATOR, "trainer.precision=bf16-mixed"], tmp_path / "bf16")
+    reference = separate_runs[0][1]
     assert OmegaConf.load(tmp_path / "bf16" / ".hydra" / "config.yaml").trainer.precision == "bf16-mixed"
     assert metrics["train/loss"] != reference["train/loss"]  # the precision took effect
     close({key: metrics[key] for key in ("train/loss", "val/loss", "test/loss")},
@@ -129,38 +134,28 @@ def test_data_held_on_the_gpu_serve_batches_there_and_train_as_host_data_do(tmp_
     close(held, host, rel=1e-5)
 
 
-def test_ddp_on_one_gpu_initialises_nccl_and_equals_the_plain_run(runs, tmp_path):
+def test_ddp_on_one_gpu_initialises_nccl_and_equals_the_plain_run(separate_runs, tmp_path):
+    """The plain AE (its first separate run, seed 0): DDP reseeds the global generator after the model is
+    built (Lightning's `reset_seed`), so a VAE's draws would differ from the plain run's; an AE draws none."""
     run_dir = tmp_path / "ddp"
-    done = run_cli([*RUN, *VAE, "trainer=ddp", "trainer.devices=1", ACCELERATOR, "verbose=true",
+    done = run_cli([*RUN, *AE_MEMBERS[0], "trainer=ddp", "trainer.devices=1", ACCELERATOR, "verbose=true",
                     f"hydra.run.dir={run_dir}"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     backend = "nccl" if DEVICE.type == "cuda" else "gloo"
     assert f"distributed_backend={backend}" in (run_dir / "ae_lab.log").read_text()
-    close(read_json(run_dir / "metrics.json"), runs["device"][1], rel=1e-5)
+    close(read_json(run_dir / "metrics.json"), separate_runs[0][1], rel=1e-5)
 
 
-AE_MEMBERS = [["seed=0"], ["seed=1"]]  # the worker test's sweep `seed=0,1`
-VAE_MEMBERS = [[*VAE, "seed=0", "loss.beta=1"], [*VAE, "seed=1", "loss.beta=4"]]  # draw on the GPU's generator
-
-
-@pytest.fixture(scope="module")
-def separate_runs(tmp_path_factory) -> list[dict[str, float]]:
-    """The metrics of each AE then each VAE member trained as a separate run on the device."""
-    folder = tmp_path_factory.mktemp("separate")
-    return [train_in_process([*RUN, ACCELERATOR, *member], folder / str(i))
-            for i, member in enumerate(AE_MEMBERS + VAE_MEMBERS)]
-
-
-def test_a_vectorised_group_on_the_gpu_equals_separate_gpu_runs(separate_runs, tmp_path):
+def test_a_vectorised_group_on_the_gpu_equals_separate_gpu_runs(separate_runs, tmp_path, caplog):
     from ae_lab.ensemble.group import Member, run_group
 
     for name, variants, singles in (("ae", AE_MEMBERS, separate_runs[:2]), ("vae", VAE_MEMBERS, separate_runs[2:])):
         members = [Member(compose_config([*RUN, ACCELERATOR, *v]), tmp_path / name / str(i))
                    for i, v in enumerate(variants)]
-        run_group(members, name, tmp_path / f"{name}.pt")
-        for member, single in zip(members, singles):
-            log = (member.run_dir / "ae_lab.log").read_text()
-            assert f"2 members on {DEVICE.type}" in log
+        with caplog.at_level(logging.INFO, logger="ae_lab.ensemble.group"):
+            run_group(members, name, tmp_path / f"{name}.pt")
+        assert f"ensemble {name}: 2 members on {DEVICE.type}" in caplog.text
+        for member, (_, single) in zip(members, singles):
             close(read_json(member.run_dir / "metrics.json"), single, rel=1e-4)
 
 
@@ -173,18 +168,18 @@ def test_a_group_trains_in_a_worker_on_the_named_gpu_and_equals_separate_gpu_run
     assert re.search(r"worker \d+, CUDA_VISIBLE_DEVICES=0, 2 members", worker_log.read_text())
     members = sorted(path for path in sweep.iterdir() if path.is_dir() and not path.name.startswith("."))
     assert len(members) == 2
-    for member, single in zip(members, separate_runs[:2]):  # jobs 0 and 1: seed=0, seed=1 as AE_MEMBERS
+    for member, (_, single) in zip(members, separate_runs[:2]):  # jobs 0 and 1: seed=0, seed=1 as AE_MEMBERS
         assert read_json(member / "run.json")["ensemble"]["members"] == 2
         assert f"2 members on {DEVICE.type}" in (member / "ae_lab.log").read_text()
         close(read_json(member / "metrics.json"), single, rel=1e-4)
 
 
 @pytest.fixture(scope="module")
-def loaded(runs):
-    """The device run's model loaded on the device and on the CPU."""
+def loaded(separate_runs):
+    """The first VAE's separate device run (its score is -ELBO), loaded on the device and on the CPU."""
     import ae_lab
 
-    run_dir = runs["device"][0]
+    run_dir = separate_runs[2][0]
     return ae_lab.load(run_dir, device=ON), ae_lab.load(run_dir, device="cpu")
 
 
@@ -206,12 +201,12 @@ def test_apply_on_the_gpu_writes_what_it_writes_on_the_cpu(loaded, tmp_path):
 
     on_device, on_cpu = loaded
     np.save(tmp_path / "x.npy", on_cpu.split_inputs("test"))
-    for device in (ON, "cpu"):
+    for where, device in (("device", ON), ("cpu", "cpu")):
         for operation, options in (("encode", []), ("score", ["--fpr", "0.1"])):  # score: calibrated on val
             assert main([str(on_cpu.run_dir), operation, "--input", str(tmp_path / "x.npy"), "--device", device,
-                         "--output", str(tmp_path / f"{operation}-{device}.npy"), *options]) == 0
+                         "--output", str(tmp_path / f"{operation}-{where}.npy"), *options]) == 0
     for operation in ("encode", "score"):
-        np.testing.assert_allclose(np.load(tmp_path / f"{operation}-{ON}.npy"), np.load(tmp_path / f"{operation}-cpu.npy"),
+        np.testing.assert_allclose(np.load(tmp_path / f"{operation}-device.npy"), np.load(tmp_path / f"{operation}-cpu.npy"),
                                    rtol=1e-4, atol=1e-4, err_msg=operation)
 
 
