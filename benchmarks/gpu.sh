@@ -141,7 +141,8 @@ fi
 step gpu_step $([ $MODE = gpu ] && echo 100 || echo 300) "$PYTHON" benchmarks/gpu_step.py --device $DEVICE $QUICK --output "$WORK/gpu_step.md"
 [ "$MODE" = cpu-check ] && sed -i 's/^\(gpu_step\tdone\t[0-9]*\t\)ok$/\1ok on the CPU; CUDA graphs (reduce-overhead): skipped: no CUDA/' "$STEPS"
 
-"$PYTHON" benchmarks/gpu.py report --mode $MODE --steps "$STEPS" --sections "$WORK" --output benchmarks/GPU.md
+"$PYTHON" benchmarks/gpu.py report --mode $MODE --steps "$STEPS" --sections "$WORK" --output benchmarks/GPU.md \
+  --seconds $((SECONDS - BEGAN))
 echo "== benchmarks/GPU.md written ($((SECONDS - BEGAN)) s in all; logs in $WORK)"
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then  # the device machine's tool brings $OUT back
   cp benchmarks/GPU.md "$OUT/"
