@@ -73,7 +73,9 @@ def test_shown_output_must_come_whole_and_in_order():
 def test_the_pages_mark_commands_to_run_and_every_marker_is_read():
     for page in PAGES:
         text = page.read_text()
-        assert text.count("<!-- run") == len(marked_blocks(text)), f"{page}: a run marker not followed by a block"
+        markers = re.findall(r"^<!-- run", text, re.MULTILINE)  # a marker is a line of its own
+        assert len(markers) == len(marked_blocks(text)), f"{page}: a run marker that is not `<!-- run -->` or " \
+            "`<!-- run: exit N -->` right above a fenced block"
     assert {page.name for page in RUNNABLE} >= {"getting-started.md", "comparing.md"}
 
 
