@@ -67,6 +67,12 @@ def sweeps(args: argparse.Namespace) -> None:
             writeout, fit = vectorized.writeout_share(folders["vectorized"])
             rows.append((count, vectorised, basic_per_job * count, timed < count, fit, basic_fit * count, writeout))
             print(rows[-1], flush=True)
+            write_sweeps(args.output, name, overrides, rows)  # after each M: a step cut by its limit keeps these
+    print(args.output.read_text())
+
+
+def write_sweeps(output: Path, name: str, overrides: list[str], rows: list[tuple]) -> None:
+    """The sweep section, a row per M (members, the two wall times, scaled or not, the parts)."""
     lines = [f"Sweep: {name}; `{' '.join(overrides)}`, β × seed.", "",
              "| M | vs basic, wall | vectorised (s) | basic (s) | group training (s) | basic jobs' fit (s) | "
              "member write-out: mean (s), all M / group training |", "|---|---|---|---|---|---|---|"]
@@ -74,8 +80,7 @@ def sweeps(args: argparse.Namespace) -> None:
         lines.append(f"| {count} | **{basic / vectorised:.1f}x** | {vectorised:.1f} | {basic:.1f}"
                      f"{' (scaled)' if scaled else ''} | {fit:.1f} | {basic_fit:.1f}{' (scaled)' if scaled else ''} | "
                      f"{writeout:.2f}, {count * writeout / fit:.2f} |")
-    args.output.write_text("\n".join(lines) + "\n")
-    print(args.output.read_text())
+    output.write_text("\n".join(lines) + "\n")
 
 
 def machine() -> list[str]:

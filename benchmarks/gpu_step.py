@@ -143,10 +143,9 @@ def main() -> None:
     for count in members:
         results.append(measure(count, device, steps, repeats, compile_mode))
         print(results[-1], flush=True)
-    text = section(results, device, compile_mode)
-    if args.output:
-        args.output.write_text(text)
-    print(text)
+        if args.output:  # after each M: a run stopped by a time limit keeps the rows it finished
+            args.output.write_text(section(results, device, compile_mode))
+    print(section(results, device, compile_mode))
 
 
 if __name__ == "__main__":
