@@ -398,7 +398,7 @@ def main() -> None:
     }
     kept = _sections(args.output.read_text()) if args.output.exists() and args.sections != list(SECTIONS) else {}
     if kept:  # the header of the run that measured the kept sections stays; this run's command is said per section
-        text = args.output.read_text().split("\n## ", 1)[0].splitlines()
+        text = [*args.output.read_text().split("\n## ", 1)[0].splitlines(), ""]
     for title in SECTIONS.values():
         if title in sections:
             measured = [f"Measured by `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).", ""] if kept else []
