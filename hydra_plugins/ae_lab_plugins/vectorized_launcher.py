@@ -9,7 +9,7 @@ ensemble loop cannot run (`sequential_reason`: greedy pretraining, some trainer 
 jobs one by one, as single runs, with a log line saying why.
 
 Where: with GPU ids named (`hydra.launcher.gpus`, one or more), or with none named and several GPUs
-visible to torch, the groups queue for those GPUs as the `gpu_queue` launcher's jobs do (its queue):
+visible to torch, the groups queue for those GPUs as the `gpu_queue` launcher's jobs do (`gpu_queue.GpuQueue`):
 each group trains in its own worker process
 (`group_worker`) that sees exactly one GPU (CUDA_VISIBLE_DEVICES), its members' full configs handed
 over in `<sweep>/.ensembles/<group>.jobs.pkl`, its output in `<group>.log` there; a sequential group's
@@ -30,15 +30,18 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, filter_overrides, run_job
+from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from hydra_plugins.ae_lab_plugins.gpu_queue_launcher import GpuQueueLauncher, GpuQueueLauncherConf, _Job
+from hydra_plugins.ae_lab_plugins.gpu_queue import (ComposedOnce, GpuQueue, Job, SweepJobs, check_queue_keys, gpu_ids,
+                                                    start_single_run)
+from hydra_plugins.ae_lab_plugins.gpu_queue_launcher import GpuQueueLauncherConf
 
 if TYPE_CHECKING:  # (ae_lab is imported lazily: Hydra imports every plugin at start-up)
     from ae_lab.ensemble.group import Member
@@ -62,7 +65,7 @@ class _Group:
     (beside it: the worker's `<name>.jobs.pkl` and `<name>.log`)."""
 
     name: str
-    jobs: list[_Job]
+    jobs: list[Job]
     checkpoint: Path
     devices: int = 1  # GPUs it takes in the queue
 
@@ -71,22 +74,31 @@ class _Group:
         return self.checkpoint.with_suffix(".log")
 
 
-class VectorizedLauncher(GpuQueueLauncher):
-    """Reuses the per-GPU queue launcher's job composition, folder naming, queue and job returns."""
+class VectorizedLauncher(Launcher):
+    """The `gpu_queue` launcher's components (job composition, folder naming, returns, the GPU queue)
+    with the jobs trained as ensemble groups."""
 
-    def __init__(self, max_members: int = 64, **queue: Any) -> None:  # queue: GpuQueueLauncher's keys
-        super().__init__(**queue)
+    def __init__(self, gpus: list[int] | None = None, devices_key: str = "trainer.devices", poll_seconds: float = 0.5,
+                 max_members: int = 64) -> None:
+        self.gpus = gpus
+        self.devices_key = devices_key
+        self.poll_seconds = poll_seconds
         self.max_members = max_members
+        self.jobs: SweepJobs | None = None
+        self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        self.check_keys()
+        self.jobs = SweepJobs(hydra_context, config, self.devices_key)
+        ComposedOnce.install(hydra_context)
+        self.hydra_context = hydra_context
         self.task_function = task_function
 
     def check_keys(self) -> None:
         from ae_lab.errors import fail
 
-        super().check_keys()
+        check_queue_keys(self.gpus, self.poll_seconds)
         if not isinstance(self.max_members, int) or self.max_members < 1:
             fail(f"hydra.launcher.max_members={self.max_members!r} is not allowed: an integer >= 1")
 
@@ -96,23 +108,23 @@ class VectorizedLauncher(GpuQueueLauncher):
         from ae_lab.ensemble.grouping import group_jobs, group_key, sequential_reason
         from ae_lab.errors import ConfigError
 
-        jobs = self._composed_jobs(job_overrides, initial_job_idx)
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        jobs = self.jobs.compose(job_overrides, initial_job_idx)
+        sweep_dir = self.jobs.sweep_dir
         returns: dict[int, JobReturn] = {}
-        todo: list[_Job] = []
-        for job in self._jobs_to_run(jobs, returns):
+        todo: list[Job] = []
+        for job in self.jobs.to_run(jobs, returns):
             try:
                 for warning in validate(job.task_config, input_shape(job.task_config.dataset)):
                     log.warning(warning)
             except ConfigError as error:
-                returns[job.index] = self._failed(job, str(error))
+                returns[job.index] = self.jobs.failed(job, str(error))
                 continue
             todo.append(job)
         plain = [OmegaConf.to_container(job.task_config, resolve=True, enum_to_str=True) for job in todo]
         groups = group_jobs(plain, self.max_members)
         log.info(f"Vectorized launcher: {len(todo)} jobs to run in {len(groups)} groups "
                  f"({len(jobs) - len(todo)} completed or refused)")
-        work: list[_Group | _Job] = []  # in the order of the groups' first jobs
+        work: list[_Group | Job] = []  # in the order of the groups' first jobs
         for indices in groups:
             members = [todo[i] for i in indices]
             reason = sequential_reason(plain[indices[0]])
@@ -122,7 +134,7 @@ class VectorizedLauncher(GpuQueueLauncher):
             else:
                 name = self._group_name(members, group_key(plain[indices[0]]))
                 work.append(_Group(name, members, sweep_dir / ".ensembles" / f"{name}.pt"))
-        gpus = self._gpu_ids()
+        gpus = gpu_ids(self.gpus)
         if self.gpus or len(gpus) > 1:  # named ids: a worker sees its own (torch's cuda:0 may be another)
             self._on_gpus(work, gpus, returns)
         else:
@@ -134,14 +146,14 @@ class VectorizedLauncher(GpuQueueLauncher):
         return [returns[job.index] for job in jobs]
 
     @staticmethod
-    def _group_name(jobs: list[_Job], structure: str) -> str:
+    def _group_name(jobs: list[Job], structure: str) -> str:
         """The structure's key and a hash of the members' folders: the same group gets the same name
         (and finds its checkpoint) when the sweep runs again."""
         folders = "\n".join(job.folder.name for job in jobs)
         return f"{structure}-{hashlib.sha256(folders.encode()).hexdigest()[:8]}"
 
     @staticmethod
-    def members(jobs: list[_Job]) -> list["Member"]:
+    def members(jobs: list[Job]) -> list["Member"]:
         """The jobs as `ae_lab.ensemble.group.Member`s (in this process or in a group's worker)."""
         from ae_lab.ensemble.group import Member
 
@@ -158,26 +170,26 @@ class VectorizedLauncher(GpuQueueLauncher):
         try:
             outcomes = run_group(self.members(group.jobs), group.name, group.checkpoint)
         except KeyboardInterrupt:  # the members are recorded as interrupted; as for a single run in a sweep
-            self._interrupted(f"ensemble {group.name}")
+            self.jobs.interrupted(f"ensemble {group.name}")
         except Exception as error:  # noqa: BLE001 - each member's run.json holds it; the sweep goes on
             log.exception(f"ensemble {group.name} failed: {error}")
             # a member whose record was not written yet (the data could not be loaded) gets one now
-            return {job.index: self._failed(job, f"ensemble {group.name} failed: {error}") for job in group.jobs}
+            return {job.index: self.jobs.failed(job, f"ensemble {group.name} failed: {error}") for job in group.jobs}
         returns = {}
         for job, outcome in zip(group.jobs, outcomes):
             if outcome.metrics is None:
                 log.error(f"\t#{job.index} failed: {outcome.error}")
-            returns[job.index] = self._return(job, outcome.metrics)
+            returns[job.index] = self.jobs.returned(job, outcome.metrics)
         return returns
 
     @staticmethod
-    def _activate(job: _Job) -> None:
+    def _activate(job: Job) -> None:
         """Make `job` the current Hydra job, as Hydra does before it runs one."""
         with read_write(job.config.hydra.runtime), open_dict(job.config.hydra.runtime):
             job.config.hydra.runtime.output_dir = str(job.folder.resolve())
         HydraConfig.instance().set_config(job.config)
 
-    def _run_alone(self, job: _Job) -> JobReturn:
+    def _run_alone(self, job: Job) -> JobReturn:
         """One job in this process, as Hydra's basic launcher runs it."""
         log.info(f"\t#{job.index} : {' '.join(filter_overrides(job.overrides))}")
         HydraConfig.instance().set_config(job.config)
@@ -186,29 +198,30 @@ class VectorizedLauncher(GpuQueueLauncher):
 
     # ----- several GPUs: a worker process per group, queued over the GPUs
 
-    def _on_gpus(self, work: list[_Group | _Job], gpus: list[int], returns: dict[int, JobReturn]) -> None:
+    def _on_gpus(self, work: list[_Group | Job], gpus: list[int], returns: dict[int, JobReturn]) -> None:
         """Queue the groups (one GPU each) and the jobs that run alone (`trainer.devices` GPUs each) over
         `gpus`; their jobs' returns into `returns`."""
-        alone = [piece for piece in work if isinstance(piece, _Job)]
-        placeable = {job.index for job in self._placeable(alone, gpus, returns)}
+        alone = [piece for piece in work if isinstance(piece, Job)]
+        placeable = {job.index for job in self.jobs.placeable(alone, gpus, returns)}
         work = [piece for piece in work if isinstance(piece, _Group) or piece.index in placeable]
         groups = sum(isinstance(piece, _Group) for piece in work)
         log.info(f"Queueing {groups} groups and {len(work) - groups} single jobs on GPUs {gpus}")
+        queue = GpuQueue(gpus, self.poll_seconds, self.jobs.sweep_dir, Path(str(self.jobs.config.hydra.runtime.cwd)))
         try:
-            for piece, process in self._queue(work, gpus, self._start_work):
+            for piece, process in queue.run(work, lambda piece, gpus: self._start_work(queue, piece, gpus)):
                 if isinstance(piece, _Group):
                     returns.update(self._worker_ended(piece, process))
                 else:
-                    returns[piece.index] = self._finished(piece, process.returncode)
+                    returns[piece.index] = self.jobs.finished(piece, process.returncode)
         except KeyboardInterrupt:  # the workers got it too: members recorded interrupted, checkpoints kept
-            self._interrupted("its unfinished groups and jobs")
+            self.jobs.interrupted("its unfinished groups and jobs")
 
-    def _start_work(self, piece: _Group | _Job, gpus: list[int]) -> subprocess.Popen:
+    def _start_work(self, queue: GpuQueue, piece: _Group | Job, gpus: list[int]) -> subprocess.Popen:
         """A job as `gpu_queue` starts it; a group as its worker, its jobs handed over in a file."""
         from ae_lab.storage import atomic_write
 
-        if isinstance(piece, _Job):
-            return self._start(piece, gpus)
+        if isinstance(piece, Job):
+            return start_single_run(queue, piece, gpus)
         for job in piece.jobs:
             log.info(f"\t#{job.index} (ensemble {piece.name}, GPU {gpus[0]}) : "
                      f"{' '.join(filter_overrides(job.overrides))}")
@@ -216,7 +229,7 @@ class VectorizedLauncher(GpuQueueLauncher):
         handover = piece.checkpoint.with_suffix(".jobs.pkl")
         atomic_write(handover, lambda file: pickle.dump(piece, file))  # the configs keep Hydra's resolver cache
         command = [sys.executable, "-m", "hydra_plugins.ae_lab_plugins.group_worker", str(handover)]
-        return self._spawn(command, gpus, piece.worker_log)
+        return queue.spawn(command, gpus, piece.worker_log)
 
     def _worker_ended(self, group: _Group, process: subprocess.Popen) -> dict[int, JobReturn]:
         """Each member's return once its group's worker has ended: a member the worker wrote (its run.json
@@ -237,14 +250,14 @@ class VectorizedLauncher(GpuQueueLauncher):
                 record = {}
             written = record.get("pid") == process.pid
             if written and record["status"] == "completed":
-                returns[job.index] = self._return(job, json.loads((job.folder / "metrics.json").read_text()))
+                returns[job.index] = self.jobs.returned(job, json.loads((job.folder / "metrics.json").read_text()))
             elif written and record["status"] != "running":  # failed (NaN, the group's error) or interrupted
                 log.error(f"\t#{job.index} {record['status']}: {record.get('error')}")
-                returns[job.index] = self._return(job, None)
+                returns[job.index] = self.jobs.returned(job, None)
             else:
                 message = (f"the worker of ensemble {group.name} {ended} before writing this member "
                            f"(see {group.worker_log})")
                 if written:  # left `running` by the worker
                     record_lost(job.folder, message)
-                returns[job.index] = self._failed(job, message)
+                returns[job.index] = self.jobs.failed(job, message)
         return returns
