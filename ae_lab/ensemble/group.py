@@ -48,6 +48,7 @@ from ae_lab.history import STEP_LOSS, History, add_row, takes_step_loss
 from ae_lab.module import Autoencoder
 from ae_lab.nets import Latent
 from ae_lab.noise import KINDS
+from ae_lab.preemption import ClusterSignal, Requeued
 from ae_lab.run import write_results
 from ae_lab.storage import atomic_torch_save
 from ae_lab.tracking import (RunRecord, build_logger, finish_logger, job_sweep_identity, log_results, replay_sink,
@@ -270,6 +271,7 @@ class GroupTrainer:
         self.progress = Progress(history=[[] for _ in members])
         self.sums = EpochSums(self.ensemble.term_names, count, device)
         self.device = device
+        self.cluster_signal: ClusterSignal | None = None  # on a cluster: see `_requeue_if_signalled`
 
     # ----- data
     def _epoch_positions(self, epoch: int) -> torch.Tensor:
@@ -398,6 +400,8 @@ class GroupTrainer:
                         and self.progress.batch < batches:  # the epoch's end is saved after its validation
                     self.progress.fit_seconds = time.time() - started
                     self.save_checkpoint()
+                if self.progress.batch < batches:
+                    self._requeue_if_signalled(started)
             if self.progress.batch == batches:
                 self._validate(epoch)
                 losses = [history[-1]["val/loss"] for history, alive in
@@ -414,9 +418,21 @@ class GroupTrainer:
             self.save_checkpoint()
             if not bool(self.alive.any()):
                 break
+            self._requeue_if_signalled(started)
         if not any("val/loss" in entry for entry in self.progress.history[0]):  # as `ae_lab.run` then does
             log.warning("no validation ran before training stopped: val, test and evaluation use the final weights")
             self.best_params = self.ensemble.flat.detach().clone()
+
+    def _requeue_if_signalled(self, started: float) -> None:
+        """The cluster's signal hook (ae_lab.preemption.ClusterSignal), called between two steps: once the
+        signal has come, write the group checkpoint here and stop with `Requeued`. Any step boundary resumes
+        exactly (the checkpoint holds the epoch's position, its sums and every random stream); the loop calls
+        this only where the periodic checkpoint may be written too, not between an epoch's last step and
+        its validation. """
+        if self.cluster_signal is not None and self.cluster_signal.signalled:
+            self.progress.fit_seconds = time.time() - started
+            self.save_checkpoint()
+            raise self.cluster_signal.stop(self.checkpoint_path)
 
     # ----- group checkpoint
     def save_checkpoint(self) -> None:
@@ -470,14 +486,18 @@ def _save(path: Path, checkpoint: dict[str, Any]) -> None:
     atomic_torch_save(path, checkpoint)
 
 
-def run_group(members: list[Member], group: str, checkpoint_path: Path) -> list[Outcome]:
+def run_group(members: list[Member], group: str, checkpoint_path: Path,
+              cluster_signal: ClusterSignal | None = None) -> list[Outcome]:
     """Train the members (configs of one structure, already validated) as one ensemble, resuming from
-    `checkpoint_path` when it holds this group; write each member's run folder; return their outcomes."""
+    `checkpoint_path` when it holds this group; write each member's run folder; return their outcomes.
+    With `cluster_signal` (a group run as a SLURM job), the cluster's signal stops training at the next
+    step boundary with the group checkpoint written and the members recorded `requeued` (`Requeued`)."""
     first = members[0].cfg
     data = build_datamodule(first.dataset)
     accelerator = str(first.trainer.accelerator)
     device = torch.device("cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu")
     trainer = GroupTrainer(members, data, checkpoint_path, device)
+    trainer.cluster_signal = cluster_signal
     resumed = trainer.load_checkpoint()
     records, log_files = [], []
     for index, member in enumerate(members):
@@ -499,6 +519,10 @@ def run_group(members: list[Member], group: str, checkpoint_path: Path) -> list[
             trainer.fit()
         except KeyboardInterrupt:
             _record_interrupted(records, checkpoint_path)
+            raise
+        except Requeued as stop:  # the group checkpoint is written: the requeued job goes on from it
+            for record in records:
+                record.requeued(stop)
             raise
         except BaseException as error:
             for record in records:

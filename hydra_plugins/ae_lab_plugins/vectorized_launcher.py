@@ -20,17 +20,29 @@ in the terminal reaches the workers as it reaches `gpu_queue`'s jobs: each recor
 interrupted and keeps its group checkpoint, and the launcher waits for them before its summary.
 Otherwise (no ids named, at most one GPU visible) everything runs in this process, one group after
 another, on that GPU or the CPU.
+
+On a SLURM cluster (`hydra.launcher.backend=slurm`, the SLURM keys under `hydra.launcher.slurm`):
+every group is one SLURM job (submitit), one GPU each where `trainer.accelerator` asks for GPUs; its
+output is submitit's, `<group>.log` in `.ensembles/` links to it and `<group>.slurm.json` names the
+job. On SLURM's signal the group checkpoints at the next step boundary, records its members `requeued`
+and is requeued; the requeued job resumes from the checkpoint. Run again with the same
+`hydra.sweep.dir`, the sweep skips completed members and resumes unfinished groups, and refuses to
+start while a group's job from an earlier launch is still queued or running. Jobs that cannot train
+as an ensemble are recorded failed there: `hydra/launcher=slurm` runs them. See docs/cluster-ensembles.md.
 """
 
 import hashlib
 import json
 import logging
+import os
 import pickle
+import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -50,9 +62,39 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class SlurmGroupConf:
+    """What each group's SLURM job asks for: `hydra/launcher=slurm`'s keys (same names and defaults),
+    less those the launcher sets per group (one node, one task, one GPU where the trainer asks for GPUs)."""
+
+    submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"
+    timeout_min: int = 240
+    cpus_per_task: Optional[int] = 8
+    mem_gb: Optional[int] = 32
+    partition: Optional[str] = None
+    qos: Optional[str] = None
+    comment: Optional[str] = None
+    constraint: Optional[str] = None
+    exclude: Optional[str] = None
+    gres: Optional[str] = None
+    account: Optional[str] = None
+    mem_per_gpu: Optional[str] = None
+    mem_per_cpu: Optional[str] = None
+    signal_delay_s: int = 120  # USR2 this long before the time limit: time to reach a step end and checkpoint
+    max_num_timeout: int = 3  # requeues after reaching the time limit (a preemption's requeue does not count)
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    setup: Optional[list[str]] = None  # commands run in the job's script before the group starts
+    stderr_to_stdout: bool = True  # one output file per group, which `<group>.log` links to
+
+
+BACKENDS = ("local", "slurm")
+
+
+@dataclass
 class VectorizedLauncherConf(GpuQueueLauncherConf):
     _target_: str = "hydra_plugins.ae_lab_plugins.vectorized_launcher.VectorizedLauncher"
     max_members: int = 64  # members per ensemble at most (memory: M copies of weights and Adam state)
+    backend: str = "local"  # local: this machine's GPUs or CPU; slurm: each group one SLURM job
+    slurm: SlurmGroupConf = field(default_factory=SlurmGroupConf)  # with backend=slurm
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="vectorized", node=VectorizedLauncherConf,
@@ -79,17 +121,21 @@ class VectorizedLauncher(Launcher):
     with the jobs trained as ensemble groups."""
 
     def __init__(self, gpus: list[int] | None = None, devices_key: str = "trainer.devices", poll_seconds: float = 0.5,
-                 max_members: int = 64) -> None:
+                 max_members: int = 64, backend: str = "local", slurm: dict[str, Any] | None = None) -> None:
         self.gpus = gpus
         self.devices_key = devices_key
         self.poll_seconds = poll_seconds
         self.max_members = max_members
+        self.backend = backend
+        self.slurm = OmegaConf.to_container(slurm, resolve=True) if isinstance(slurm, DictConfig) else dict(slurm or {})
         self.jobs: SweepJobs | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.check_keys()
+        if self.backend == "slurm":  # before the sweeper writes anything into the sweep folder
+            self._refuse_while_jobs_live(Path(str(config.hydra.sweep.dir)))
         self.jobs = SweepJobs(hydra_context, config, self.devices_key)
         ComposedOnce.install(hydra_context)
         self.hydra_context = hydra_context
@@ -101,6 +147,8 @@ class VectorizedLauncher(Launcher):
         check_queue_keys(self.gpus, self.poll_seconds)
         if not isinstance(self.max_members, int) or self.max_members < 1:
             fail(f"hydra.launcher.max_members={self.max_members!r} is not allowed: an integer >= 1")
+        if self.backend not in BACKENDS:
+            fail(f"hydra.launcher.backend={self.backend!r} is not allowed: one of {', '.join(BACKENDS)}")
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from ae_lab.checks import validate
@@ -134,6 +182,9 @@ class VectorizedLauncher(Launcher):
             else:
                 name = self._group_name(members, group_key(plain[indices[0]]))
                 work.append(_Group(name, members, sweep_dir / ".ensembles" / f"{name}.pt"))
+        if self.backend == "slurm":
+            self._on_slurm(work, returns)
+            return [returns[job.index] for job in jobs]
         gpus = gpu_ids(self.gpus)
         if self.gpus or len(gpus) > 1:  # named ids: a worker sees its own (torch's cuda:0 may be another)
             self._on_gpus(work, gpus, returns)
@@ -218,46 +269,138 @@ class VectorizedLauncher(Launcher):
 
     def _start_work(self, queue: GpuQueue, piece: _Group | Job, gpus: list[int]) -> subprocess.Popen:
         """A job as `gpu_queue` starts it; a group as its worker, its jobs handed over in a file."""
-        from ae_lab.storage import atomic_write
-
         if isinstance(piece, Job):
             return start_single_run(queue, piece, gpus)
         for job in piece.jobs:
             log.info(f"\t#{job.index} (ensemble {piece.name}, GPU {gpus[0]}) : "
                      f"{' '.join(filter_overrides(job.overrides))}")
-        piece.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        handover = piece.checkpoint.with_suffix(".jobs.pkl")
-        atomic_write(handover, lambda file: pickle.dump(piece, file))  # the configs keep Hydra's resolver cache
-        command = [sys.executable, "-m", "hydra_plugins.ae_lab_plugins.group_worker", str(handover)]
+        command = [sys.executable, "-m", "hydra_plugins.ae_lab_plugins.group_worker", str(self._hand_over(piece))]
         return queue.spawn(command, gpus, piece.worker_log)
 
-    def _worker_ended(self, group: _Group, process: subprocess.Popen) -> dict[int, JobReturn]:
-        """Each member's return once its group's worker has ended: a member the worker wrote (its run.json
-        says so: the worker's pid) as it is, completed or failed; one it did not is recorded failed."""
-        from ae_lab.tracking import record_lost
+    @staticmethod
+    def _hand_over(group: _Group) -> Path:
+        """The group, its jobs' full configs included, in `<group>.jobs.pkl` for its worker (group_worker)."""
+        from ae_lab.storage import atomic_write
 
+        group.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        handover = group.checkpoint.with_suffix(".jobs.pkl")
+        atomic_write(handover, lambda file: pickle.dump(group, file))  # the configs keep Hydra's resolver cache
+        return handover
+
+    def _worker_ended(self, group: _Group, process: subprocess.Popen) -> dict[int, JobReturn]:
+        """Each member's return once its group's worker has ended (see `_group_ended`); the worker's
+        members' records carry its pid."""
         code = process.returncode
         if code < 0:
             ended = f"was killed (signal {-code})"
         else:  # a Python error's last line ends the log
             last = group.worker_log.read_text(errors="replace").strip().splitlines()[-1:]
             ended = f"ended (exit code {code}: {' '.join(last)})"
+        return self._group_ended(group, f"the worker of ensemble {group.name} {ended}",
+                                 lambda record: record.get("pid") == process.pid)
+
+    def _group_ended(self, group: _Group, ended: str, wrote: Callable[[dict[str, Any]], bool]
+                     ) -> dict[int, JobReturn]:
+        """Each member's return once its group's process has `ended`: a member it wrote (`wrote(its
+        run.json)`) as it is, completed or failed; one it did not is recorded failed."""
+        from ae_lab.tracking import record_lost
+
         returns = {}
         for job in group.jobs:
             try:
                 record = json.loads((job.folder / "run.json").read_text())
             except FileNotFoundError:
                 record = {}
-            written = record.get("pid") == process.pid
+            written = wrote(record)
             if written and record["status"] == "completed":
                 returns[job.index] = self.jobs.returned(job, json.loads((job.folder / "metrics.json").read_text()))
             elif written and record["status"] != "running":  # failed (NaN, the group's error) or interrupted
                 log.error(f"\t#{job.index} {record['status']}: {record.get('error')}")
                 returns[job.index] = self.jobs.returned(job, None)
             else:
-                message = (f"the worker of ensemble {group.name} {ended} before writing this member "
-                           f"(see {group.worker_log})")
+                message = f"{ended} before writing this member (see {group.worker_log})"
                 if written:  # left `running` by the worker
                     record_lost(job.folder, message)
                 returns[job.index] = self.jobs.failed(job, message)
         return returns
+
+    # ----- on a SLURM cluster: one SLURM job per group
+
+    def _on_slurm(self, work: list[_Group | Job], returns: dict[int, JobReturn]) -> None:
+        """Submit every group as a SLURM job, wait for them all (through their requeues), and put their
+        members' returns into `returns`. A job that cannot train as an ensemble is recorded failed."""
+        from hydra_plugins.ae_lab_plugins.group_worker import GroupJob
+        from hydra_plugins.ae_lab_plugins.slurm_launcher import group_request, job_states_from_squeue, slurm_executor
+
+        for job in (piece for piece in work if isinstance(piece, Job)):
+            returns[job.index] = self.jobs.failed(
+                job, "hydra.launcher.backend=slurm trains ensembles only and this job cannot be one (see the "
+                     "launcher's log line); run it with hydra/launcher=slurm")
+        groups = [piece for piece in work if isinstance(piece, _Group)]
+        if not groups:
+            return
+        executor = slurm_executor(self.slurm)
+        continued_by = self._command_that_continues()
+        launched = self._now()
+        submitted = []
+        with job_states_from_squeue():
+            for group in groups:
+                executor.update_parameters(**group_request(group.name, group.jobs[0].task_config.trainer.accelerator))
+                job = executor.submit(GroupJob(self._hand_over(group), continued_by))
+                self._link_output(group, job)
+                log.info(f"ensemble {group.name}: SLURM job {job.job_id}, jobs {[job.index for job in group.jobs]}")
+                submitted.append((group, job))
+            log.info(f"Submitted {len(groups)} ensemble groups as SLURM jobs; waiting for them")
+            pending = list(submitted)
+            while pending:
+                for group, job in list(pending):
+                    if job.done():
+                        pending.remove((group, job))
+                        returns.update(self._group_ended(group, f"the SLURM job {job.job_id} of ensemble {group.name} "
+                                                                f"ended ({job.state})",
+                                                         lambda record: record.get("started", "") >= launched))
+                time.sleep(self.poll_seconds)
+
+    @staticmethod
+    def _now() -> str:
+        """Now, as run.json's `started` says it (a record started later sorts after it)."""
+        from datetime import datetime, timezone
+
+        return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+    def _command_that_continues(self) -> str:
+        """The command that runs this sweep again into its folder (recorded in members whose group's
+        requeues are used up)."""
+        hydra = self.jobs.config.hydra
+        overrides = [str(o) for o in [*hydra.overrides.hydra, *hydra.overrides.task]
+                     if not str(o).startswith("hydra.sweep.dir=")]
+        return shlex.join(["python", "-m", "ae_lab", "-m", *overrides, f"hydra.sweep.dir={self.jobs.sweep_dir}"])
+
+    @staticmethod
+    def _link_output(group: _Group, job: Any) -> None:
+        """`<group>.slurm.json` names the group's SLURM job (a re-run checks it); `<group>.log` links to
+        the job's output, where submitit puts it."""
+        from ae_lab.storage import write_json
+
+        output = Path(job.paths.stdout)
+        write_json(group.checkpoint.with_suffix(".slurm.json"),
+                   {"job_id": str(job.job_id), "output": str(output), "errors": str(job.paths.stderr)})
+        group.worker_log.unlink(missing_ok=True)
+        group.worker_log.symlink_to(os.path.relpath(output, group.worker_log.parent))
+
+    @staticmethod
+    def _refuse_while_jobs_live(sweep_dir: Path) -> None:
+        """Refuse (one line, exit code 2) to launch into a sweep folder while a group's SLURM job from an
+        earlier launch is still queued, running or ending: the two would write the same members."""
+        from ae_lab.errors import fail
+        from hydra_plugins.ae_lab_plugins.slurm_launcher import live_jobs
+
+        named = {}
+        for path in sorted((sweep_dir / ".ensembles").glob("*.slurm.json")):
+            named[json.loads(path.read_text())["job_id"]] = path.name.removesuffix(".slurm.json")
+        live = live_jobs(list(named))
+        if live:
+            job_id, state = next(iter(live.items()))
+            fail(f"{sweep_dir}: SLURM job {job_id} of ensemble {named[job_id]}, from an earlier launch of this "
+                 f"sweep, is still {state.lower()} ({len(live)} such jobs): wait for it or scancel {job_id}, "
+                 "then run the sweep again")
