@@ -244,6 +244,17 @@ def _signal_group(cluster, job_id: str, member: Path, marker: Path) -> None:
     marker.unlink()
 
 
+def _launcher_output(launcher: subprocess.Popen, marker: Path, timeout: float = 300) -> str:
+    """The launcher's output once it has ended. Should a group stall again at step STALLED_AT (a requeued
+    job that started over instead of resuming from its checkpoint), at once an error saying so."""
+    deadline = time.time() + timeout
+    while launcher.poll() is None:
+        assert not marker.exists(), f"a requeued group reached step {STALLED_AT} again: it did not resume"
+        assert time.time() < deadline, "timed out waiting for the launcher"
+        time.sleep(0.2)
+    return launcher.stdout.read()
+
+
 def _assert_equal_to(sweep: Path, local: Path) -> None:
     """The same member folders as the local vectorised sweep: configs byte for byte, metrics within the
     tolerance of the member tests (tests/test_vectorized.py), every member completed."""
@@ -280,7 +291,7 @@ def test_a_vectorized_sweep_runs_each_group_as_a_slurm_job_and_a_signalled_group
         # its checkpoint of step 4 taken away: the group can then resume only from what it writes on the signal
         (sweep / ".ensembles" / f"{signalled}.pt").unlink()
         _signal_group(slurm_cluster, job_id, members[0], marker)
-        output, _ = launcher.communicate(timeout=300)
+        output = _launcher_output(launcher, marker)
         assert launcher.returncode == 0, output[-3000:] + _task_logs(sweep)[-3000:]
 
     _assert_equal_to(sweep, local_groups)
@@ -315,7 +326,7 @@ def test_a_group_whose_requeues_are_used_up_is_interrupted_and_its_recorded_comm
         groups = _groups(sweep)
         signalled, (job_id, members) = sorted(groups.items())[0]
         _signal_group(slurm_cluster, job_id, members[0], marker)  # (with a 10-minute limit, a time-out)
-        output, _ = launcher.communicate(timeout=300)
+        output = _launcher_output(launcher, marker)
     assert launcher.returncode == 1 and "4 of 8 jobs did not complete" in output, output[-3000:]
     commands = set()
     for member in members:
