@@ -3,11 +3,12 @@
     python benchmarks/cluster_scale.py compose [--jobs 1000]
     python benchmarks/cluster_scale.py member --preset mnist_vae|conv_beta_vae --members M
 
-`compose`: what the vectorized launcher does per job before any training, timed over `--jobs` jobs of a
-β × seed sweep: Hydra's `load_sweep_config` (the sweep's config for one job, as the launcher composes
-it), the task config without its `hydra` node (`Job.task_config`), the resolved plain dict the grouping
-reads, and `group_jobs` over all of them; the memory the launcher holds for the composed jobs (the
-growth of its resident set). `member`: the peak resident memory of a process that builds a group of M members and
+`compose`: what the vectorized launcher does per job before any training, timed (wall clock, and this
+process's CPU time for the composition) over `--jobs` jobs of a β × seed sweep: Hydra's
+`load_sweep_config` (the sweep's config for one job, as the launcher composes it), the task config
+without its `hydra` node (`Job.task_config`), the resolved plain dict the grouping reads, and
+`group_jobs` over all of them; the memory the launcher holds for the composed jobs (the growth of its
+resident set). `member`: the peak resident memory of a process that builds a group of M members and
 trains 3 steps (and validates one batch), above what it held with the data loaded (its resident set
 sampled every millisecond), to be differenced between two M for the memory per member.
 """
@@ -50,10 +51,10 @@ def compose(jobs: int) -> dict[str, float]:
         loader = GlobalHydra.instance().config_loader()
         master = loader.load_configuration("config", ["model=vae", "hydra.sweep.dir=/tmp/scale"], RunMode.MULTIRUN)
         resident = _resident_bytes()
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         configs = [loader.load_sweep_config(master, [f"loss.beta={1 + i % 10}", f"seed={i // 10}"])
                    for i in range(jobs)]
-        composed = time.perf_counter()
+        composed, composed_cpu = time.perf_counter(), time.process_time()
         tasks = [Job(i, [], config, Path("/tmp"), 1).task_config for i, config in enumerate(configs)]
         masked = time.perf_counter()
         plain = [OmegaConf.to_container(task, resolve=True, enum_to_str=True) for task in tasks]
@@ -62,6 +63,7 @@ def compose(jobs: int) -> dict[str, float]:
         groups = group_jobs(plain, 64)
         grouped = time.perf_counter()
     return {"jobs": jobs, "compose_ms_per_job": 1000 * (composed - started) / jobs,
+            "compose_cpu_ms_per_job": 1000 * (composed_cpu - started_cpu) / jobs,
             "task_config_ms_per_job": 1000 * (masked - composed) / jobs,
             "plain_ms_per_job": 1000 * (resolved - masked) / jobs,
             "group_jobs_s": grouped - resolved, "groups": len(groups),

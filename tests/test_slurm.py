@@ -187,7 +187,8 @@ GROUPS = ["model=vae", "noise=masking", "model.hidden_dims=[16]", "model.latent_
           "trainer.limit_test_batches=2", "checkpoint_every_n_steps=4", "eval=minimal", "logger=none",
           "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 ON_SLURM = ["hydra/launcher=vectorized", "hydra.launcher.backend=slurm", "hydra.launcher.poll_seconds=0.2",
-            "hydra.launcher.slurm.cpus_per_task=1", "hydra.launcher.slurm.mem_gb=1", "hydra.launcher.slurm.timeout_min=10"]
+            "hydra.launcher.slurm.cpus_per_task=1", "hydra.launcher.slurm.mem_gb=1",
+            "hydra.launcher.slurm.timeout_min=10"]
 STALLED_AT = 4
 
 
@@ -322,7 +323,8 @@ def test_a_vectorized_sweep_runs_each_group_as_a_slurm_job_and_a_signalled_group
 def test_a_group_whose_requeues_are_used_up_is_interrupted_and_its_recorded_command_finishes_the_sweep(
         slurm_cluster, local_groups, tmp_path):
     sweep = tmp_path / "sweep"
-    with _stalled_groups(slurm_cluster, sweep, tmp_path, ["hydra.launcher.slurm.max_num_timeout=0"]) as (launcher, marker):
+    no_requeue = ["hydra.launcher.slurm.max_num_timeout=0"]
+    with _stalled_groups(slurm_cluster, sweep, tmp_path, no_requeue) as (launcher, marker):
         groups = _groups(sweep)
         signalled, (job_id, members) = sorted(groups.items())[0]
         _signal_group(slurm_cluster, job_id, members[0], marker)  # (with a 10-minute limit, a time-out)

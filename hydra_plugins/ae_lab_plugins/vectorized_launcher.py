@@ -184,10 +184,8 @@ class VectorizedLauncher(Launcher):
                 work.append(_Group(name, members, sweep_dir / ".ensembles" / f"{name}.pt"))
         if self.backend == "slurm":
             self._on_slurm(work, returns)
-            return [returns[job.index] for job in jobs]
-        gpus = gpu_ids(self.gpus)
-        if self.gpus or len(gpus) > 1:  # named ids: a worker sees its own (torch's cuda:0 may be another)
-            self._on_gpus(work, gpus, returns)
+        elif self.gpus or len(gpu_ids(self.gpus)) > 1:  # named ids: a worker sees its own (torch's cuda:0 may differ)
+            self._on_gpus(work, gpu_ids(self.gpus), returns)
         else:
             for piece in work:
                 if isinstance(piece, _Group):
