@@ -59,7 +59,7 @@ def test_an_optuna_search_trains_each_batch_of_n_jobs_trials_as_ensembles(tmp_pa
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     sweep = tmp_path / "study"
     done = run_cli(["-m", "hparams_search=vae_elbo", "hydra/launcher=vectorized", "hydra.sweeper.n_jobs=4",
-                    "hydra.sweeper.n_trials=8", "hydra.sweeper.params.model.latent_dim=choice(2,3)",
+                    "hydra.sweeper.n_trials=8", "hydra.sweeper.params={model.latent_dim:'choice(2,3)'}",
                     "model.hidden_dims=[16]", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
                     "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "eval=minimal", "logger=none",
                     "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)

@@ -295,21 +295,18 @@ class VectorizedLauncher(Launcher):
             last = group.worker_log.read_text(errors="replace").strip().splitlines()[-1:]
             ended = f"ended (exit code {code}: {' '.join(last)})"
         return self._group_ended(group, f"the worker of ensemble {group.name} {ended}",
-                                 lambda record: record.get("pid") == process.pid)
+                                 lambda job, record: record.get("pid") == process.pid)
 
-    def _group_ended(self, group: _Group, ended: str, wrote: Callable[[dict[str, Any]], bool]
+    def _group_ended(self, group: _Group, ended: str, wrote: Callable[[Job, dict[str, Any]], bool]
                      ) -> dict[int, JobReturn]:
-        """Each member's return once its group's process has `ended`: a member it wrote (`wrote(its
-        run.json)`) as it is, completed or failed; one it did not is recorded failed."""
+        """Each member's return once its group's process has `ended`: a member it wrote (`wrote(the job,
+        its run.json)`) as it is, completed or failed; one it did not is recorded failed."""
         from ae_lab.tracking import record_lost
 
         returns = {}
         for job in group.jobs:
-            try:
-                record = json.loads((job.folder / "run.json").read_text())
-            except FileNotFoundError:
-                record = {}
-            written = wrote(record)
+            record = _record(job)
+            written = wrote(job, record)
             if written and record["status"] == "completed":
                 returns[job.index] = self.jobs.returned(job, json.loads((job.folder / "metrics.json").read_text()))
             elif written and record["status"] != "running":  # failed (NaN, the group's error) or interrupted
@@ -327,8 +324,7 @@ class VectorizedLauncher(Launcher):
     def _on_slurm(self, work: list[_Group | Job], returns: dict[int, JobReturn]) -> None:
         """Submit every group as a SLURM job, wait for them all (through their requeues), and put their
         members' returns into `returns`. A job that cannot train as an ensemble is recorded failed."""
-        from hydra_plugins.ae_lab_plugins.group_worker import GroupJob
-        from hydra_plugins.ae_lab_plugins.slurm_launcher import group_request, job_states_from_squeue, slurm_executor
+        from hydra_plugins.ae_lab_plugins.slurm_launcher import job_states_from_squeue
 
         for job in (piece for piece in work if isinstance(piece, Job)):
             returns[job.index] = self.jobs.failed(
@@ -337,34 +333,42 @@ class VectorizedLauncher(Launcher):
         groups = [piece for piece in work if isinstance(piece, _Group)]
         if not groups:
             return
+        earlier = {job.index: _record(job).get("started") for group in groups for job in group.jobs}
+
+        def written_here(job: Job, record: dict[str, Any]) -> bool:  # not a record left by an earlier launch
+            return record.get("started") not in (None, earlier[job.index])
+
+        with job_states_from_squeue():
+            pending = self._submit(groups)
+            log.info(f"Submitted {len(groups)} ensemble groups as SLURM jobs; waiting for them")
+            try:
+                while pending:
+                    for group, slurm_job in list(pending):
+                        if slurm_job.done():
+                            pending.remove((group, slurm_job))
+                            ended = f"the SLURM job {slurm_job.job_id} of ensemble {group.name} ended " \
+                                    f"({slurm_job.state})"
+                            returns.update(self._group_ended(group, ended, written_here))
+                    time.sleep(self.poll_seconds)
+            except KeyboardInterrupt:  # the jobs are the cluster's: they go on
+                ids = ", ".join(str(slurm_job.job_id) for _, slurm_job in pending)
+                self.jobs.interrupted(f"once its groups' SLURM jobs ({ids}) have ended: they go on without it")
+
+    def _submit(self, groups: list[_Group]) -> list[tuple[_Group, Any]]:
+        """Each group as a SLURM job (submitit's `GroupJob`), its job named beside it; the submitit jobs."""
+        from hydra_plugins.ae_lab_plugins.group_worker import GroupJob
+        from hydra_plugins.ae_lab_plugins.slurm_launcher import group_request, slurm_executor
+
         executor = slurm_executor(self.slurm)
         continued_by = self._command_that_continues()
-        launched = self._now()
         submitted = []
-        with job_states_from_squeue():
-            for group in groups:
-                executor.update_parameters(**group_request(group.name, group.jobs[0].task_config.trainer.accelerator))
-                job = executor.submit(GroupJob(self._hand_over(group), continued_by))
-                self._link_output(group, job)
-                log.info(f"ensemble {group.name}: SLURM job {job.job_id}, jobs {[job.index for job in group.jobs]}")
-                submitted.append((group, job))
-            log.info(f"Submitted {len(groups)} ensemble groups as SLURM jobs; waiting for them")
-            pending = list(submitted)
-            while pending:
-                for group, job in list(pending):
-                    if job.done():
-                        pending.remove((group, job))
-                        returns.update(self._group_ended(group, f"the SLURM job {job.job_id} of ensemble {group.name} "
-                                                                f"ended ({job.state})",
-                                                         lambda record: record.get("started", "") >= launched))
-                time.sleep(self.poll_seconds)
-
-    @staticmethod
-    def _now() -> str:
-        """Now, as run.json's `started` says it (a record started later sorts after it)."""
-        from datetime import datetime, timezone
-
-        return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        for group in groups:
+            executor.update_parameters(**group_request(group.name, group.jobs[0].task_config.trainer.accelerator))
+            slurm_job = executor.submit(GroupJob(self._hand_over(group), continued_by))
+            self._link_output(group, slurm_job)
+            log.info(f"ensemble {group.name}: SLURM job {slurm_job.job_id}, jobs {[job.index for job in group.jobs]}")
+            submitted.append((group, slurm_job))
+        return submitted
 
     def _command_that_continues(self) -> str:
         """The command that runs this sweep again into its folder (recorded in members whose group's
@@ -402,3 +406,11 @@ class VectorizedLauncher(Launcher):
             fail(f"{sweep_dir}: SLURM job {job_id} of ensemble {named[job_id]}, from an earlier launch of this "
                  f"sweep, is still {state.lower()} ({len(live)} such jobs): wait for it or scancel {job_id}, "
                  "then run the sweep again")
+
+
+def _record(job: Job) -> dict[str, Any]:
+    """The job's run.json as it is now (empty when there is none)."""
+    try:
+        return json.loads((job.folder / "run.json").read_text())
+    except FileNotFoundError:
+        return {}
