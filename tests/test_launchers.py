@@ -64,7 +64,7 @@ def test_an_optuna_search_trains_each_batch_of_n_jobs_trials_as_ensembles(tmp_pa
                     "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "eval=minimal", "logger=none",
                     "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stderr.count("Vectorized launcher: 4 jobs to run in ") == 2  # once per batch
+    assert (done.stdout + done.stderr).count("Vectorized launcher: 4 jobs to run in ") == 2  # once per batch
     trials = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(trials) == 8
     groups: dict[str, list[tuple[int, int]]] = {}  # group -> (batch, latent size) of each member
