@@ -428,7 +428,7 @@ class GroupTrainer:
         signal has come, write the group checkpoint here and stop with `Requeued`. Any step boundary resumes
         exactly (the checkpoint holds the epoch's position, its sums and every random stream); the loop calls
         this only where the periodic checkpoint may be written too, not between an epoch's last step and
-        its validation. """
+        its validation."""
         if self.cluster_signal is not None and self.cluster_signal.signalled:
             self.progress.fit_seconds = time.time() - started
             self.save_checkpoint()
