@@ -130,12 +130,15 @@ def first_losses(trainer: GroupTrainer, hand: HandStep, x: torch.Tensor) -> tupl
 
 
 def block_seconds(step: Callable[[], object], steps: int, device: torch.device) -> float:
+    """Seconds a step over a block of `steps`: on a CPU the process's CPU time (what a step costs, without
+    the waits of a machine shared with other work; one torch thread, see `--threads`), on a GPU wall time."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     synchronize(device)
-    started = time.perf_counter()
+    started = clock()
     for _ in range(steps):
         step()
     synchronize(device)
-    return (time.perf_counter() - started) / steps
+    return (clock() - started) / steps
 
 
 def bmm_roofline(shapes: list[tuple[int, int]], members: int, batch: int, device: torch.device,
@@ -200,7 +203,7 @@ def measure(case: Case, members: int, device: torch.device, data_root: Path, ste
                 "ensemble_gflops": flops / ms["ensemble"] / 1e6, "hand_gflops": flops / ms["hand"] / 1e6,
                 "roofline_gflops": bmm_roofline(shapes, members, batch, device, repeats),
                 "first_loss_gap": float(((ours - theirs).abs() / theirs.abs()).max()),
-                "path": getattr(trainer.ensemble, "path", "vmap"), "load": os.getloadavg()[0]}
+                "path": trainer.ensemble.path, "load": os.getloadavg()[0]}
 
 
 def report(rows: list[tuple[Case, int, dict[str, float]]], device: torch.device, args: argparse.Namespace,
@@ -211,8 +214,9 @@ def report(rows: list[tuple[Case, int, dict[str, float]]], device: torch.device,
         SECTION, "",
         f"Command: `python benchmarks/ensemble_step.py --device {device.type}{' --quick' if args.quick else ''}` "
         f"({seconds:.0f} s). Machine: {machine}; torch {torch.__version__}. Load average (1 min) when each row "
-        f"was measured in the last column: the machine is shared, so ratios (both steps timed alternately, "
-        f"{args.repeats} blocks of {args.steps} steps each, medians) are the figures to read, not the times.", "",
+        f"was measured in the last column. Both steps are timed alternately, {args.repeats} blocks of "
+        f"{args.steps} steps each, medians; on a CPU in process CPU time (a shared machine's waits left out)"
+        f", on a GPU in wall time.", "",
         "Hand-written: weights as (M, in, out) tensors, `torch.baddbmm`, ReLU, BCE with logits (+ KL), "
         "`torch.optim.Adam(fused=True)`; its first step's loss equals the ensemble's for every member (largest "
         "relative gap in the `gap` column). Speed = hand ms / ensemble ms (goal >= 0.8). GFLOP/s: matrix "
@@ -247,17 +251,21 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="M = 4 only, few steps: checks the script runs")
     parser.add_argument("--data-root", type=Path, default=repository.parent / "shared" / "data")
-    parser.add_argument("--steps", type=int, default=None, help="steps a timed block (default 10, quick 2)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed blocks of each step (default 7, quick 1)")
+    parser.add_argument("--steps", type=int, default=None, help="steps a timed block (default 3, quick 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed blocks of each step (default 15, quick 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads on a CPU (default 1: CPU time then measures a step's work)")
     parser.add_argument("--members", type=int, nargs="+", default=None, help="M values (default 4 16 64)")
     parser.add_argument("--output", type=Path, default=None, help="a Markdown file to write the section into")
     args = parser.parse_args()
-    args.steps = args.steps or (2 if args.quick else 10)
-    args.repeats = args.repeats or (1 if args.quick else 7)
+    args.steps = args.steps or (2 if args.quick else 3)
+    args.repeats = args.repeats or (1 if args.quick else 15)
     counts = args.members or ([4] if args.quick else [4, 16, 64])
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     register_configs()
     began = time.perf_counter()
     rows = []
