@@ -43,6 +43,7 @@ from ae_lab.checkpoints import random_state, set_random_state
 from ae_lab.data import ArrayDataModule, Split, build_datamodule
 from ae_lab.ensemble.logs import MemberLogs, job_log_file
 from ae_lab.ensemble.optim import StackedOptimizer, clip_gradients
+from ae_lab.ensemble.stacked import STACKED, StackedMLP, choose_path
 from ae_lab.ensemble.streams import Draw, MemberStreams, Replay
 from ae_lab.history import STEP_LOSS, History, add_row, takes_step_loss
 from ae_lab.module import Autoencoder
@@ -121,6 +122,10 @@ class Ensemble:
         self.fixed_weights = None
         if not any(module.objective.scheduled_names for module in self.modules):
             self.fixed_weights = self.weights(0)
+        # the step's path: batched products on the stacked MLP where it applies, else vmap (ensemble/stacked.py)
+        self.path, reason = choose_path(configs[0], self.base)
+        self.stacked = StackedMLP(self.base, self.unflatten(self._gradient)) if self.path == STACKED else None
+        log.debug("ensemble step: %s path (%s)", self.path, reason)
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """The named, stacked parameters (M, *shape) as views of the rows of `flat` (M, P)."""
@@ -187,6 +192,8 @@ class Ensemble:
                 first, x[0] if per_member_x else x, {k: v[0] for k, v in weights.items()}, self.strength[0], train))
         plan = self._plans[key]
         draws = self.streams.draw(plan, range(len(self.modules)))
+        if self.stacked is not None:
+            return self.stacked.terms(params, x, weights, plan, draws, per_member_x, train)
         terms = vmap(partial(self._terms, plan=plan, train=train), in_dims=(0, 0 if per_member_x else None, 0, 0, 0),
                      randomness="different", chunk_size=self.chunk)
         return terms(params, x, weights, self.strength, draws)
@@ -197,9 +204,13 @@ class Ensemble:
         return self._vmapped_terms(params, x, step, train=True), params
 
     def gradient(self, loss: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """d loss / d flat, (M, P). Taken with respect to the parameter views, then copied into the rows
-        of one buffer kept for every step (the optimiser uses it within the step only): autograd's own way
-        back through the views (reshape, then concatenate) copies it twice."""
+        """d loss / d flat, (M, P), in the rows of one buffer kept for every step (the optimiser uses it
+        within the step only). The stacked path's backward writes it there itself; the vmap path's is taken
+        with respect to the parameter views, then copied there: autograd's own way back through the views
+        (reshape, then concatenate) copies it twice."""
+        if self.stacked is not None:
+            torch.autograd.backward(loss, inputs=[self.flat])  # flat's own .grad stays None (see _Linear)
+            return self._gradient
         grads = torch.autograd.grad(loss, list(params.values()))
         for row_part, grad in zip(self._gradient_parts, grads):
             row_part.copy_(grad)
