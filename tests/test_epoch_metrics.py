@@ -84,6 +84,10 @@ def test_epoch_terms_are_means_over_the_examples_whatever_the_batch_sizes_and_th
         for name, value in expected.items():
             assert logged[f"{stage}/{name}"] == pytest.approx(value, rel=1e-5), f"{stage}/{name}"
     assert set(trainer.progress_bar_metrics) == {"train/loss", "val/loss"}
+    test = batches([3, 2], seed=2)
+    trainer.test(module, dataloaders=loader(test), verbose=False)
+    tested = {key: value for key, value in recorder.rows[-1].items() if key.startswith("test/")}
+    assert tested == pytest.approx({f"test/{name}": value for name, value in by_hand(test).items()}, rel=1e-5)
 
 
 def test_the_scheduled_beta_logged_at_an_epochs_end_is_the_closed_form_at_its_last_step():
@@ -147,10 +151,32 @@ def test_epoch_sums_restored_from_a_mid_epoch_checkpoint_continue_the_epochs_mea
 
 
 def test_a_non_finite_training_loss_stops_the_step_naming_the_non_finite_terms():
-    module = module_of([])
+    """A NaN pixel makes both terms of a sparse autoencoder NaN: both are named; a beta beyond float32's
+    range makes the weighted sum infinite with every term finite: none is named."""
     x = torch.rand(2, *SHAPE)
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError) as error:
-        module.training_step({"x": x}, 0)
-    message = str(error.value)
-    assert "recon=nan" in message and "loss=nan" not in message
+        module_of(["loss=sparse_l1"]).training_step({"x": x}, 0)
+    assert "recon=nan, sparsity=nan" in str(error.value) and "loss=nan" not in str(error.value)
+    with pytest.raises(FloatingPointError) as error:
+        module_of(["model=vae", "loss.beta=1e39"]).training_step({"x": torch.rand(2, *SHAPE)}, 0)
+    assert "none (their sum overflowed)" in str(error.value) and "kl=" not in str(error.value)
+
+
+def test_a_greedy_phase_stops_on_a_non_finite_training_error_and_evaluates_on_the_clean_input():
+    """Layer 1's phase (epoch 0): a NaN pixel stops training naming the layer, while validation reports
+    the NaN; the validation error with masking noise configured is the one without noise (the input is
+    corrupted in training only)."""
+    greedy = ["model.pretrain=greedy", "model.epochs_per_layer=1", "model.hidden_dims=[6,5]"]
+    x = torch.rand(3, *SHAPE)
+    broken = x.clone()
+    broken[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="pretraining loss of layer 1"):
+        module_of(greedy).training_step({"x": broken}, 0)
+    evaluated = module_of(greedy)
+    evaluated.validation_step({"x": broken}, 0)
+    assert math.isnan(float(evaluated.epoch_values("val")["pretrain/layer1_val"]))
+    noisy, clean = module_of([*greedy, "noise=masking", "noise.p=0.5"]), module_of(greedy)
+    for module in (noisy, clean):
+        module.validation_step({"x": x}, 0)
+    assert noisy.epoch_values("val") == clean.epoch_values("val") != {}
