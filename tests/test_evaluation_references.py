@@ -52,7 +52,7 @@ def test_a_vaes_anomaly_scores_are_its_reconstruction_error_and_its_elbo_by_hand
     torch.testing.assert_close(alone["elbo"], scores["elbo"][1:2], rtol=1e-5, atol=1e-5)
 
 
-def test_elbo_draws_are_standard_normal_repeat_with_their_seed_and_leave_the_global_generator_alone():
+def test_the_elbo_noise_is_standard_normal_repeats_with_its_seed_and_leaves_the_global_generator_alone():
     torch.manual_seed(5)
     before = torch.get_rng_state()
     draws = elbo_noise(20_000, 2, seed=3)
@@ -102,3 +102,48 @@ def test_a_unit_whose_posterior_mean_variance_equals_the_threshold_is_not_active
     count, variance = active_units(mean, threshold=0.25)
     assert count == 1
     torch.testing.assert_close(variance, torch.tensor([0.25, 1.0, 0.0]))
+
+
+def test_evaluation_of_a_denoising_sparse_autoencoder_matches_references_on_its_reconstructions(tmp_path):
+    """`evaluate` on an untrained sparse denoising autoencoder (digits) whose noise blanks every pixel
+    (masking with p = 1, so the corrupted test input is known: zeros), against values computed here:
+    the PSNRs of the corrupted input and of its reconstruction by torchmetrics, the code statistics and
+    the encoder Jacobian's squared norm on the first 20 test images by brute-force autograd."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    from ae_lab.data import build_datamodule
+    from ae_lab.evaluation.evaluate import evaluate
+
+    cfg = compose_config(["logger=none", "loss=sparse_l1", "noise=masking", "noise.p=1.0", "model.hidden_dims=[16]",
+                          "model.latent_dim=5", "eval=minimal", "eval.jacobian_examples=20", "eval.near_zero=0.5"])
+    data = build_datamodule(cfg.dataset)
+    torch.manual_seed(0)
+    module = Autoencoder.from_config(cfg, data.input_shape)
+    evaluation = evaluate(module, data, cfg, tmp_path)
+    metrics = evaluation.metrics
+
+    x = data.splits["test"].batch(torch.arange(len(data.splits["test"])))["x"]
+    with torch.no_grad():
+        codes = module.head.linear(module.encoder(x))
+        blank = torch.sigmoid(module.decoder(module.head.linear(module.encoder(torch.zeros_like(x)))))
+
+    def image_psnr(images: torch.Tensor) -> float:
+        return float(peak_signal_noise_ratio(images, x, data_range=1.0, reduction="none", dim=(1, 2, 3)).mean())
+
+    def jacobian_norm(example: torch.Tensor) -> torch.Tensor:
+        jacobian = torch.autograd.functional.jacobian(
+            lambda v: module.head.linear(module.encoder(v.unsqueeze(0)))[0], example)
+        return jacobian.pow(2).sum()
+
+    silent = codes.abs() < 0.5
+    expected = {"psnr_corrupted": image_psnr(torch.zeros_like(x)), "psnr_denoised": image_psnr(blank),
+                "jacobian_frobenius_sq": float(torch.stack([jacobian_norm(e) for e in x[:20]]).mean()),
+                "code_mean_activation": float(codes.abs().mean()),
+                "code_near_zero_fraction": float(silent.float().mean()), "code_dead_units": float(silent.all(0).sum())}
+    expected["psnr_gain"] = expected["psnr_denoised"] - expected["psnr_corrupted"]
+    assert 0 < expected["code_near_zero_fraction"] < 1  # the threshold splits the activations
+    for name, value in expected.items():
+        assert metrics[f"eval/{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert evaluation.details["resolution"]["eval/code_near_zero_fraction"] == pytest.approx(1 / codes.numel())
+    assert evaluation.details["code_variance_per_unit"] == pytest.approx(codes.var(0, unbiased=False).tolist(),
+                                                                         rel=1e-5)
