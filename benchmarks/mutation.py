@@ -245,8 +245,7 @@ def rerun(module: Module, work: Path, statuses: tuple[str, ...], budget: float) 
     if changed or len(module_files(module, where)) != len(module_files(module, ROOT)):
         sys.exit(f"{module.name}: its code changed since the run in {where} ({changed or 'files added or removed'}):"
                  f" measure it afresh (without --resume or --rerun-survivors)")
-    shutil.rmtree(where / "tests")
-    shutil.copytree(ROOT / "tests", where / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    refresh_copy(module, where)
     # the present test selection, and which tests call which function collected afresh (mutmut keeps the
     # verdicts when it has no earlier settings to compare with)
     write_settings(module, where)
@@ -270,6 +269,22 @@ def rerun(module: Module, work: Path, statuses: tuple[str, ...], budget: float) 
     (where / "run.json").write_text(json.dumps(run))
     (where / "rechecked").touch()
     return collect(module, where)
+
+
+def refresh_copy(module: Module, where: Path) -> None:
+    """The checkout's present code, config and tests in scratch copy `where`, but for the mutated files, which
+    keep their time stamps (a newer one makes mutmut generate their mutants again, forgetting the outcomes)."""
+    kept = where / "kept"
+    shutil.rmtree(kept, ignore_errors=True)
+    for path in module_files(module, where):
+        (kept / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(where / path, kept / path)
+    for folder in ("ae_lab", "conf", "hydra_plugins", "tests"):
+        shutil.rmtree(where / folder)
+        shutil.copytree(ROOT / folder, where / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for path in module_files(module, kept):
+        shutil.copy2(kept / path, where / path)
+    shutil.rmtree(kept)
 
 
 def module_files(module: Module, where: Path) -> list[str]:
