@@ -120,6 +120,22 @@ def test_exact_contractive_penalty_equals_one_layer_closed_form():
     slope = code * (1 - code)
     closed_form = (slope.pow(2) * weight.pow(2).sum(1)).sum(1)
     assert torch.allclose(contractive_penalty(code, x, "exact"), closed_form, rtol=1e-12)
+    assert torch.allclose(contractive_penalty(code, x), closed_form, rtol=1e-12)  # exact is the default
+
+
+def test_the_projection_estimate_takes_one_draw_by_default():
+    """One v ~ N(0, I) per example by default: ||v^T J||^2 with J in closed form (z = sigmoid(W x + b):
+    J = diag(s'(a)) W) and v the draw torch's generator gives from the same seed."""
+    torch.manual_seed(0)
+    weight = torch.randn(6, 10, dtype=torch.float64)
+    x = torch.rand(3, 10, dtype=torch.float64, requires_grad=True)
+    code = torch.sigmoid(x @ weight.T)
+    jacobians = (code * (1 - code)).detach()[:, :, None] * weight  # (batch, 6, 10)
+    torch.manual_seed(4)
+    penalty = contractive_penalty(code, x, "projection", create_graph=False)
+    torch.manual_seed(4)
+    v = torch.randn(1, 3, 6, dtype=torch.float64)[0]
+    torch.testing.assert_close(penalty, torch.einsum("bz,bzd->bd", v, jacobians).pow(2).sum(1), rtol=1e-12, atol=0)
 
 
 def test_projection_estimator_is_unbiased():
