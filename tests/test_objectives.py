@@ -164,3 +164,23 @@ def test_contractive_penalty_trains_the_encoder():
     x = torch.rand(5, 4, requires_grad=True)
     contractive_penalty(torch.sigmoid(layer(x)), x, "exact").sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_the_contractive_term_takes_the_jacobian_rows_it_is_given():
+    """The vectorised ensemble hands the objective its own vector-Jacobian products: given rows v^T M of a
+    fixed matrix M, the contractive term is ||M||_F^2 (exact estimator), not the encoder's own norm."""
+    from ae_lab.module import Autoencoder
+
+    cfg = compose_config(["logger=none", "loss=contractive", "model.arch=mlp", "model.hidden_dims=[5]",
+                          "model.latent_dim=3"])
+    torch.manual_seed(0)
+    module = Autoencoder.from_config(cfg, (1, 2, 3))
+    x = torch.rand(4, 1, 2, 3, requires_grad=True)
+    logits, latent = module(x)
+    matrix = torch.randn(3, 1, 2, 3)
+    weights = module.objective.weights(0)
+    given = module.objective(logits, x, latent, x, weights, create_graph=False,
+                             jacobian_rows=lambda directions: torch.einsum("kbz,zchw->kbchw", directions, matrix))
+    assert float(given["contractive"]) == pytest.approx(float(matrix.pow(2).sum()), rel=1e-6)
+    by_autograd = module.objective(logits, x, latent, x, weights, create_graph=False)
+    assert float(by_autograd["contractive"]) != pytest.approx(float(matrix.pow(2).sum()), rel=1e-2)
