@@ -250,7 +250,9 @@ def rerun(module: Module, work: Path, statuses: tuple[str, ...], budget: float) 
     # verdicts when it has no earlier settings to compare with)
     write_settings(module, where)
     (where / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
-    again = [mutant["key"] for mutant in collect(module, where)["mutants"] if mutant["status"] in statuses]
+    # the survivors first: a budget that runs out leaves unchecked mutants, not unrechecked survivors
+    mutants = collect(module, where)["mutants"]
+    again = [mutant["key"] for status in statuses for mutant in mutants if mutant["status"] == status]
     started, cpu, finished = time.monotonic(), 0.0, True
     if again:
         with open(where / "mutmut-rerun.log", "a") as output:
