@@ -89,12 +89,13 @@ MODULES = [
     # take 30 s a mutant) are outside this selection
     Module("evaluation", tuple(f"ae_lab/evaluation/{name}.py" for name in (
         "reconstruction", "codes", "likelihood", "anomaly", "downstream", "frechet", "evaluate")), [
-        "tests/test_evaluation.py", "tests/test_evaluation_references.py", "-k",
-        "not run and not draw and not probe_on_digits and not repeatable and not held_out"],
+        "tests/test_evaluation.py", "tests/test_evaluation_references.py", "tests/test_samplers.py", "-k",
+        "not run and not draw and not probe_on_digits and not repeatable and not held_out "
+        "and (not test_samplers or frechet_distance_of)"],
            note="its files are the definitions of the evaluation's numbers (the figures, the Fréchet distance's "
                 "feature classifier and the disentanglement metrics are not measured); its selection is "
                 "tests/test_evaluation.py's unit tests, the reference test of `evaluate` and "
-                "tests/test_evaluation_references.py"),
+                "tests/test_evaluation_references.py and tests/test_samplers.py's Fréchet distance tests"),
     Module("greedy", ("ae_lab/greedy.py",), GREEDY_UNITS),
     Module("ensemble_optim", ("ae_lab/ensemble/optim.py",),
            ["tests/test_vectorized.py", "tests/test_stacked_optimizer.py", "-k", "stacked_optimizer or frozen_member"],

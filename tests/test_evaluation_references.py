@@ -147,3 +147,24 @@ def test_evaluation_of_a_denoising_sparse_autoencoder_matches_references_on_its_
     assert evaluation.details["resolution"]["eval/code_near_zero_fraction"] == pytest.approx(1 / codes.numel())
     assert evaluation.details["code_variance_per_unit"] == pytest.approx(codes.var(0, unbiased=False).tolist(),
                                                                          rel=1e-5)
+
+
+def test_each_probe_input_gets_its_own_fit_and_the_same_input_its_kept_result():
+    """The probe keeps its accuracy per input (a sweep fits the raw-pixel probe once): two different
+    inputs get the accuracies scikit-learn's pipeline gives each, fitted here; the same input again the
+    same accuracy."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from ae_lab.evaluation.downstream import probe_accuracy
+
+    x, y = load_digits(return_X_y=True)
+    train, test = slice(0, 300), slice(300, 500)
+    for features in (x[:, :20], x[:, 20:44]):
+        fitted = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(features[train], y[train])
+        expected = fitted.score(features[test], y[test])
+        assert probe_accuracy(features[train], y[train], features[test], y[test]) == expected
+    assert probe_accuracy(x[train, :20], y[train], x[test, :20], y[test]) == make_pipeline(
+        StandardScaler(), LogisticRegression(max_iter=1000)).fit(x[train, :20], y[train]).score(x[test, :20], y[test])
