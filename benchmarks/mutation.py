@@ -86,7 +86,7 @@ MODULES = [
                 "they call in its own process, not in the runs they start"),
     # the files that define the evaluation's numbers; its figures (visual.py), the Fréchet distance's
     # feature classifier (classifier.py, sample_quality.py) and the disentanglement metrics (their tests
-    # take 30 s a mutant) are outside this selection
+    # take about 25 s a mutant) are outside this selection
     Module("evaluation", tuple(f"ae_lab/evaluation/{name}.py" for name in (
         "reconstruction", "codes", "likelihood", "anomaly", "downstream", "frechet", "evaluate")), [
         "tests/test_evaluation.py", "tests/test_evaluation_references.py", "tests/test_samplers.py", "-k",
@@ -94,7 +94,7 @@ MODULES = [
         "and (not test_samplers or frechet_distance_of)"],
            note="its files are the definitions of the evaluation's numbers (the figures, the Fréchet distance's "
                 "feature classifier and the disentanglement metrics are not measured); its selection is "
-                "tests/test_evaluation.py's unit tests, the reference test of `evaluate` and "
+                "tests/test_evaluation.py's unit tests and reference tests of `evaluate`, "
                 "tests/test_evaluation_references.py and tests/test_samplers.py's Fréchet distance tests"),
     Module("greedy", ("ae_lab/greedy.py",), GREEDY_UNITS),
     Module("ensemble_optim", ("ae_lab/ensemble/optim.py",),
