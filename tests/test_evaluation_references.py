@@ -168,3 +168,19 @@ def test_each_probe_input_gets_its_own_fit_and_the_same_input_its_kept_result():
         assert probe_accuracy(features[train], y[train], features[test], y[test]) == expected
     assert probe_accuracy(x[train, :20], y[train], x[test, :20], y[test]) == make_pipeline(
         StandardScaler(), LogisticRegression(max_iter=1000)).fit(x[train, :20], y[train]).score(x[test, :20], y[test])
+
+
+def test_the_frechet_distance_of_float32_features_is_computed_in_float64():
+    """A classifier's features come as float32: the distance is the float64 one (pytorch-fid's formula with
+    scipy's sqrtm on the float64 statistics, well conditioned here), not float32 arithmetic's."""
+    from scipy.linalg import sqrtm
+
+    from ae_lab.evaluation.frechet import feature_frechet_distance
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 6)).astype(np.float32)
+    b = (rng.normal(size=(400, 6)) * 1.1 + 0.05).astype(np.float32)
+    mean_a, mean_b = a.astype(np.float64).mean(0), b.astype(np.float64).mean(0)
+    cov_a, cov_b = np.cov(a.astype(np.float64), rowvar=False), np.cov(b.astype(np.float64), rowvar=False)
+    expected = ((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * sqrtm(cov_a @ cov_b).real)
+    assert feature_frechet_distance(a, b) == pytest.approx(expected, rel=1e-10)
