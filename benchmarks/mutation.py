@@ -3,7 +3,14 @@
     PYTHONPATH=$PWD nice python benchmarks/mutation.py                      # every module below, in order
     PYTHONPATH=$PWD nice python benchmarks/mutation.py objectives noise     # some of them (by short name)
     PYTHONPATH=$PWD nice python benchmarks/mutation.py nets --rerun-survivors  # after adding tests for them
+    PYTHONPATH=$PWD nice python benchmarks/mutation.py nets --resume        # go on where a budget cut it short
     PYTHONPATH=$PWD python benchmarks/mutation.py --report                  # only rewrite the report
+
+Budget: each module's run stops after `--budget` wall-clock seconds (default 1200, 20 minutes; every
+process it started is stopped with it) and records what it checked, so a module is measured in several
+bounded runs (`--resume`); one module at a time, on one worker, so it takes one of the machine's cores.
+On the shared 2-core machine a module's clean run (its selected tests once, with mutmut's tracing) takes
+10-60 s and a mutant 1-5 s: 300 mutants are 5 to 25 minutes.
 
 mutmut (3.x) plants one small change at a time in a module (an operator, a constant, a dropped argument)
 and runs the tests that call the changed function (it records which tests call which function in a first,
@@ -24,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -42,7 +50,9 @@ REGIME_UNITS = [f"tests/test_regimes.py::test_{name}" for name in (
     "free_bits_take_the_max_per_unit_and_a_unit_below_them_gets_no_gradient",
     "capacity_loss_is_gamma_times_the_distance_of_the_kl_to_the_capacity",
     "free_bits_loss_by_hand_and_the_true_kl_still_reported",
-    "tc_terms_sum_to_the_sampled_kl_and_mss_matches_a_brute_force_aggregate",
+    "tc_terms_sum_to_the_sampled_kl_and_match_a_brute_force_aggregate",
+    "stratified_estimates_of_the_aggregate_posterior_are_unbiased_over_every_batch",
+    "each_estimators_weight_matrix_is_the_one_its_definition_gives",
     "tc_is_near_zero_for_independent_codes_and_the_gaussian_value_for_duplicated_ones",
     "mws_bias_is_the_documented_constant_when_the_batch_is_the_whole_set", "tc_objective_weights_its_three_terms",
     "tc_terms_of_a_batch_of_one_and_the_default_estimator", "gaussian_log_density_matches_torch_distributions")]
@@ -55,41 +65,42 @@ GREEDY_UNITS = [f"tests/test_greedy.py::test_{name}" for name in (
 @dataclass(frozen=True)
 class Module:
     name: str
-    path: str
+    paths: tuple[str, ...]  # the files mutated (glob patterns from the checkout's root)
     tests: list[str]  # pytest arguments selecting the tests that cover it
     note: str = ""  # what the report should say about the selection
 
 
 # in the order of importance (issue 29): a run cut short has measured the first ones
 MODULES = [
-    Module("objectives", "ae_lab/objectives.py",
-           ["tests/test_objectives.py", "tests/test_reference_step.py", *REGIME_UNITS]),
-    Module("kl_forms", "ae_lab/kl_forms.py", REGIME_UNITS),
-    Module("nets", "ae_lab/nets.py", ["tests/test_nets.py", "tests/test_reference_step.py"]),
-    Module("noise", "ae_lab/noise.py", ["tests/test_noise.py"]),
-    Module("schedules", "ae_lab/schedules.py", REGIME_UNITS),
-    Module("module", "ae_lab/module.py", ["tests/test_reference_step.py", *GREEDY_UNITS],
-           note="its selection is the whole-step reference, the optimiser and the greedy phases: the epoch "
-                "logging (`_log_epoch`, `on_train_epoch_end`) and the mid-epoch checkpoint sums are checked by "
-                "tests that train from the command line (tests/test_regimes.py, tests/test_greedy.py, "
-                "tests/test_resume.py), outside it, so their mutants survive or reach no test here; which metric the "
-                "progress bar shows (`prog_bar`) no test checks"),
-    # its unit tests and the one evaluating a module against references, not the ones that train runs
-    Module("evaluation", "ae_lab/evaluation/*.py", [
-        "tests/test_evaluation.py", "-k", "not run and not draw and not probe_on_digits and not repeatable "
-        "and not held_out"],
-           note="its selection is tests/test_evaluation.py's unit tests and the reference test of `evaluate`; the "
-                "disentanglement metrics' input checks (most of its survivors) are tested in "
-                "tests/test_disentanglement.py, outside it; its survivors are not yet judged (listed as not "
-                "equivalent) and most of its 1,491 mutants were not checked"),
-    Module("greedy", "ae_lab/greedy.py", GREEDY_UNITS),
-    Module("ensemble_optim", "ae_lab/ensemble/optim.py",
-           ["tests/test_vectorized.py", "-k", "stacked_optimizer or frozen_member"],
-           note="its selection is the optimiser's unit tests against torch.optim; gradient clipping, the lr "
-                "milestones' scale and the state kept in a group checkpoint are exercised by "
-                "tests/test_vectorized.py's equality and resume tests, outside it; its survivors are not yet "
-                "judged (listed as not equivalent; its device= and dtype= ones are of the kind judged "
-                "equivalent on the CPU elsewhere)"),
+    Module("objectives", ("ae_lab/objectives.py",),
+           ["tests/test_objectives.py", "tests/test_reference_step.py", *REGIME_UNITS, "tests/test_epoch_metrics.py"]),
+    Module("kl_forms", ("ae_lab/kl_forms.py",), REGIME_UNITS),
+    Module("nets", ("ae_lab/nets.py",), ["tests/test_nets.py", "tests/test_reference_step.py"]),
+    Module("noise", ("ae_lab/noise.py",), ["tests/test_noise.py"]),
+    Module("schedules", ("ae_lab/schedules.py",), REGIME_UNITS),
+    Module("module", ("ae_lab/module.py",),
+           ["tests/test_reference_step.py", *GREEDY_UNITS, "tests/test_epoch_metrics.py"],
+           note="its selection is the whole-step reference, the optimiser, the greedy phases and the epoch metrics "
+                "trained in process (tests/test_epoch_metrics.py); the tests that train from the command line "
+                "(tests/test_regimes.py, tests/test_resume.py) cannot count: mutmut maps tests to the functions "
+                "they call in its own process, not in the runs they start"),
+    # the files that define the evaluation's numbers; its figures (visual.py), the Fréchet distance's
+    # feature classifier (classifier.py, sample_quality.py) and the disentanglement metrics (their tests
+    # take about 25 s a mutant) are outside this selection
+    Module("evaluation", tuple(f"ae_lab/evaluation/{name}.py" for name in (
+        "reconstruction", "codes", "likelihood", "anomaly", "downstream", "frechet", "evaluate")), [
+        "tests/test_evaluation.py", "tests/test_evaluation_references.py", "tests/test_samplers.py", "-k",
+        "not run and not draw and not probe_on_digits and not repeatable and not held_out "
+        "and (not test_samplers or frechet_distance_of)"],
+           note="its files are the definitions of the evaluation's numbers (the figures, the Fréchet distance's "
+                "feature classifier and the disentanglement metrics are not measured); its selection is "
+                "tests/test_evaluation.py's unit tests and reference tests of `evaluate`, "
+                "tests/test_evaluation_references.py and tests/test_samplers.py's Fréchet distance tests"),
+    Module("greedy", ("ae_lab/greedy.py",), GREEDY_UNITS),
+    Module("ensemble_optim", ("ae_lab/ensemble/optim.py",),
+           ["tests/test_vectorized.py", "tests/test_stacked_optimizer.py", "-k", "stacked_optimizer or frozen_member"],
+           note="its selection is the optimiser's and the clipping's unit tests against torch.optim and "
+                "torch.nn.utils (tests/test_stacked_optimizer.py, tests/test_vectorized.py's)"),
 ]
 STATUS = {1: "killed", 3: "killed", 0: "survived", 36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout",
           255: "timeout", 33: "no tests", 5: "no tests", None: "not checked"}
@@ -116,7 +127,7 @@ def scratch_copy(module: Module, work: Path) -> Path:
 
 def write_settings(module: Module, where: Path) -> None:
     """The scratch copy's pyproject.toml: the checkout's, with mutmut's settings for `module`."""
-    settings = {"source_paths": ["ae_lab"], "only_mutate": [module.path], "also_copy": ["conf", "hydra_plugins"],
+    settings = {"source_paths": ["ae_lab"], "only_mutate": list(module.paths), "also_copy": ["conf", "hydra_plugins"],
                 "pytest_add_cli_args": ["-p", "no:cacheprovider", "-q"],
                 "pytest_add_cli_args_test_selection": module.tests, "process_isolation": "forkserver"}
     lines = [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
@@ -170,50 +181,124 @@ def describe(where: Path, keys: list[str]) -> dict[str, dict]:
 def measure(module: Module, work: Path, budget: float) -> dict:
     """Run mutmut over one module (at most `budget` seconds) and collect every mutant's outcome."""
     where = scratch_copy(module, work)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           # the runs a test starts (python -m ae_lab) import the mutated copy too
-           "PYTHONPATH": str(where / "mutants")}
     started = time.monotonic()
     with open(where / "mutmut.log", "w") as output:
-        try:
-            done = subprocess.run(["mutmut", "run", "--max-children", "1"], cwd=where, env=env, stdout=output,
-                                  stderr=subprocess.STDOUT, timeout=budget)
-            finished = done.returncode == 0
-        except subprocess.TimeoutExpired:
-            finished = False
-    (where / "run.json").write_text(json.dumps({"seconds": round(time.monotonic() - started), "finished": finished}))
+        finished, cpu = run_mutmut(["run", "--max-children", "1"], where, output, budget)
+    (where / "run.json").write_text(json.dumps({"seconds": round(time.monotonic() - started), "finished": finished,
+                                                "cpu_seconds": round(cpu)}))
     return collect(module, where)
 
 
-def rerun_survivors(module: Module, work: Path) -> dict:
-    """Check an earlier run's survivors (and mutants no test reached) again against the checkout's present
-    tests, after tests were added for them, in that run's scratch copy; the other mutants keep their outcome."""
+def mutmut_env(where: Path) -> dict[str, str]:
+    # one thread; the runs a test starts (python -m ae_lab) import the mutated copy too
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(where / "mutants")}
+
+
+def run_mutmut(arguments: list[str], where: Path, output, budget: float) -> tuple[bool, float]:
+    """`mutmut ARGUMENTS` in scratch copy `where`, stopped (with every process it started: its own session)
+    after `budget` seconds; whether it finished, and the CPU seconds it and its processes used."""
+    before = os.times()
+    process = subprocess.Popen(["mutmut", *arguments], cwd=where, env=mutmut_env(where), stdout=output,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        finished, stopped = process.wait(timeout=budget) == 0, 0.0
+    except subprocess.TimeoutExpired:
+        # the processes killed with mutmut are not reaped by it, so their CPU time is read before
+        stopped = session_cpu_seconds(process.pid) - process_cpu_seconds(process.pid)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        finished = False
+    after = os.times()
+    return finished, (after.children_user - before.children_user + after.children_system - before.children_system
+                      + stopped)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds of process `pid` and of its children it has waited for (Linux's /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
+
+
+def session_cpu_seconds(session: int) -> float:
+    """CPU seconds of the live processes of session `session` (and of their waited-for children)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[3]) == session:  # field 6 of stat, the session id
+            total += process_cpu_seconds(int(stat.parent.name))
+    return total
+
+
+def rerun(module: Module, work: Path, statuses: tuple[str, ...], budget: float) -> dict:
+    """Run again, against the checkout's present tests and selection, the mutants of an earlier run (in its
+    scratch copy) whose outcome is in `statuses`: its survivors (and mutants no test reached) after tests
+    were added for them, or also those a run cut short left unchecked (`--resume`); the others keep their
+    outcome. Refused if the module's code changed since that run (its mutants would be stale)."""
     where = work / module.name
-    shutil.rmtree(where / "tests")
-    shutil.copytree(ROOT / "tests", where / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    changed = [path for path in module_files(module, ROOT)
+               if not (where / path).exists() or (where / path).read_bytes() != (ROOT / path).read_bytes()]
+    if changed or len(module_files(module, where)) != len(module_files(module, ROOT)):
+        sys.exit(f"{module.name}: its code changed since the run in {where} ({changed or 'files added or removed'}):"
+                 f" measure it afresh (without --resume or --rerun-survivors)")
+    refresh_copy(module, where)
     # the present test selection, and which tests call which function collected afresh (mutmut keeps the
     # verdicts when it has no earlier settings to compare with)
     write_settings(module, where)
     (where / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
-    survivors = [mutant["key"] for mutant in collect(module, where)["mutants"]
-                 if mutant["status"] in ("survived", "no tests")]
-    if survivors:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(where / "mutants")}
-        with open(where / "mutmut-rerun.log", "w") as output:
+    # the survivors first: a budget that runs out leaves unchecked mutants, not unrechecked survivors
+    mutants = collect(module, where)["mutants"]
+    again = [mutant["key"] for status in statuses for mutant in mutants if mutant["status"] == status]
+    started, cpu, finished = time.monotonic(), 0.0, True
+    if again:
+        with open(where / "mutmut-rerun.log", "a") as output:
             # the test mapping first, by itself: a `mutmut run` that collects it ran the named mutants with the
             # mapping it had before (mutmut 3.8.1; measured: survivors a second run killed)
             for command in (["print-time-estimates"], ["run", "--max-children", "1"]):
-                subprocess.run(["mutmut", *command, *survivors], cwd=where, env=env, stdout=output,
-                               stderr=subprocess.STDOUT)
+                left = budget - (time.monotonic() - started)
+                done, used = run_mutmut([*command, *again], where, output, max(left, 1))
+                cpu += used
+                finished = finished and done
+    run = json.loads((where / "run.json").read_text())
+    run["seconds"] += round(time.monotonic() - started)
+    run["cpu_seconds"] = run.get("cpu_seconds", 0) + round(cpu)
+    # a resumed run has finished once no mutant is left unchecked
+    run["finished"] = run["finished"] or ("not checked" in statuses and finished)
+    (where / "run.json").write_text(json.dumps(run))
     (where / "rechecked").touch()
     return collect(module, where)
+
+
+def refresh_copy(module: Module, where: Path) -> None:
+    """The checkout's present code, config and tests in scratch copy `where`, but for the mutated files, which
+    keep their time stamps (a newer one makes mutmut generate their mutants again, forgetting the outcomes)."""
+    kept = where / "kept"
+    shutil.rmtree(kept, ignore_errors=True)
+    for path in module_files(module, where):
+        (kept / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(where / path, kept / path)
+    for folder in ("ae_lab", "conf", "hydra_plugins", "tests"):
+        shutil.rmtree(where / folder)
+        shutil.copytree(ROOT / folder, where / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for path in module_files(module, kept):
+        shutil.copy2(kept / path, where / path)
+    shutil.rmtree(kept)
+
+
+def module_files(module: Module, where: Path) -> list[str]:
+    return sorted(str(path.relative_to(where)) for pattern in module.paths for path in where.glob(pattern))
 
 
 def collect(module: Module, where: Path) -> dict:
     """The outcome of every mutant of a run in scratch copy `where` (its run.json: time and whether it
     finished within the budget)."""
     mutants = []
-    for meta in sorted((where / "mutants").glob(module.path + ".meta")):
+    for meta in sorted(meta for pattern in module.paths for meta in (where / "mutants").glob(pattern + ".meta")):
         source_file = str(meta.relative_to(where / "mutants").with_suffix(""))
         for key, code in json.loads(meta.read_text())["exit_code_by_key"].items():
             mutants.append({"key": key, "file": source_file, "status": STATUS.get(code, "suspicious")})
@@ -223,10 +308,14 @@ def collect(module: Module, where: Path) -> dict:
     for mutant in mutants:
         mutant.update(described.get(mutant["key"], {}))
     log = (where / "mutmut.log").read_text() if (where / "mutmut.log").exists() else ""
-    return {"module": module.name, "path": module.path, "tests": module.tests,
+    return {"module": module.name, "paths": list(module.paths), "tests": module.tests,
             **json.loads((where / "run.json").read_text()), "rechecked": (where / "rechecked").exists(),
             "mutants": mutants,
             "log_tail": "" if mutants else log[-1500:]}
+
+
+def files(module: Module) -> str:
+    return ", ".join(f"`{path}`" for path in module.paths)
 
 
 def equivalents() -> list[dict]:
@@ -246,52 +335,60 @@ def report() -> str:
     known = equivalents()
     measured = {path.stem: json.loads(path.read_text()) for path in RESULTS.glob("*.json")}
     rows, survivors = [], []
-    totals = {"killed": 0, "equivalent": 0, "non-equivalent": 0}
+    totals = {"killed": 0, "equivalent": 0, "not killed": 0, "not checked": 0, "cpu": 0}
     for module in MODULES:
         result = measured.get(module.name)
         if result is None:
-            rows.append(f"| {module.name} | `{module.path}` | not yet measured | | | | | |")
+            rows.append(f"| {module.name} | {files(module)} | not yet measured | | | | | | | |")
             continue
         counts: dict[str, int] = {}
         equivalent = 0
         for mutant in result["mutants"]:
             counts[mutant["status"]] = counts.get(mutant["status"], 0) + 1
-            if mutant["status"] in ("killed", "not checked"):
+            if mutant["status"] in ("killed", "timeout", "not checked"):
                 continue
             why = why_equivalent(mutant, known)
-            equivalent += why is not None and mutant["status"] == "survived"
+            equivalent += why is not None
             survivors.append((module.name, mutant, why))
-        live = counts.get("survived", 0) - equivalent
         killed = counts.get("killed", 0) + counts.get("timeout", 0)
+        # a survivor, a mutant no test reaches and a suspicious one are not killed, unless judged equivalent
+        live = sum(count for status, count in counts.items()
+                   if status not in ("killed", "timeout", "not checked")) - equivalent
         totals["killed"] += killed
         totals["equivalent"] += equivalent
-        totals["non-equivalent"] += live
+        totals["not killed"] += live
+        totals["not checked"] += counts.get("not checked", 0)
+        totals["cpu"] += result.get("cpu_seconds", 0)
         score = f"{100 * killed / (killed + live):.0f} %" if killed + live else "-"
-        rest = sum(count for status, count in counts.items() if status not in ("killed", "survived", "timeout"))
-        state = ("" if result["finished"] else " (cut short)") + (", survivors rechecked" if result.get("rechecked")
-                                                                 else "")
-        rows.append(f"| {module.name} | `{module.path}` | {result['seconds']} s{state} | {counts.get('killed', 0)} | "
-                    f"{counts.get('timeout', 0)} | {counts.get('survived', 0)} ({equivalent} equivalent) | {rest} "
-                    f"| {score} |")
-    overall = totals["killed"] + totals["non-equivalent"]
+        state = ("" if result["finished"] else " (cut short)") + (", rechecked" if result.get("rechecked") else "")
+        cpu = f"{result['cpu_seconds']} s" if "cpu_seconds" in result else "-"
+        rows.append(f"| {module.name} | {files(module)} | {result['seconds']} s{state} | {cpu} | "
+                    f"{counts.get('killed', 0)} | {counts.get('timeout', 0)} | {counts.get('survived', 0)} | "
+                    f"{counts.get('no tests', 0) + counts.get('suspicious', 0)} | {equivalent} | "
+                    f"{counts.get('not checked', 0)} | {score} |")
+    overall = totals["killed"] + totals["not killed"]
     lines = [
         "# Mutation testing",
         "",
         "Made by `benchmarks/mutation.py` (mutmut 3; see its docstring and the README's Tests section): each module",
         "mutated in a scratch copy, against the tests named in `MODULES` only, one worker, under `nice`. A timed-",
-        "out mutant counts as killed (the mutant made the tests hang or loop). *Other*: not checked (the run's",
-        "budget ran out), no test calls the function, or suspicious. Score: killed / (killed + non-equivalent",
-        "survivors). Equivalent survivors are judged by hand in `benchmarks/mutation_equivalent.toml`. *Time*:",
-        "the module's run, cut short where its budget ran out; *survivors rechecked*: its survivors (and the",
-        "mutants no test reached) run again, with `--rerun-survivors`, against the tests added for them since.",
+        "out mutant counts as killed (the mutant made the tests hang or loop). *No tests*: no selected test calls",
+        "the mutated function in the test process (or mutmut found the outcome suspicious); these count as not",
+        "killed. *Equivalent*: survivors and untested mutants judged by hand, with the reason, in",
+        "`benchmarks/mutation_equivalent.toml`. Score: killed / (killed + the survivors and untested mutants not",
+        "judged equivalent). *Not checked*: left when the run's budget ran out (not in the score). *Time*: the",
+        "module's runs in wall-clock seconds on the shared 2-core machine, cut short where a budget ran out;",
+        "*rechecked*: its survivors (and, with `--resume`, its unchecked mutants) run again against the present",
+        "tests. *CPU*: the CPU seconds of those runs (recorded from this round on; `-` for older runs).",
         "",
-        "| module | file | time | killed | timeout | survived | other | score |",
-        "|---|---|---|---|---|---|---|---|",
+        "| module | files | time | CPU | killed | timeout | survived | no tests | equivalent | not checked | score |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        f"Over the measured modules: {totals['killed']} killed, {totals['non-equivalent']} non-equivalent survivors, "
-        f"{totals['equivalent']} equivalent: "
-        + (f"{100 * totals['killed'] / overall:.1f} % of the non-equivalent mutants killed." if overall else "-"),
+        f"Over the measured modules: {totals['killed']} killed, {totals['not killed']} not killed and not "
+        f"equivalent, {totals['equivalent']} equivalent, {totals['not checked']} not checked: "
+        + (f"{100 * totals['killed'] / overall:.1f} % of the non-equivalent mutants killed" if overall else "-")
+        + f"; {totals['cpu']} CPU seconds recorded.",
         "",
         *(f"- {module.name}: {module.note}." for module in MODULES if module.note and module.name in measured),
         *([f"- Not yet measured: {', '.join(module.name for module in MODULES if module.name not in measured)}."]
@@ -322,6 +419,8 @@ def main() -> None:
                         help="read the outcomes of the modules' earlier runs in --work instead of running mutmut")
     parser.add_argument("--rerun-survivors", action="store_true",
                         help="check the survivors of the modules' earlier runs in --work against the present tests")
+    parser.add_argument("--resume", action="store_true",
+                        help="as --rerun-survivors, and also the mutants a run cut short left unchecked")
     args = parser.parse_args()
     by_name = {module.name: module for module in MODULES}
     unknown = [name for name in args.modules if name not in by_name]
@@ -333,8 +432,9 @@ def main() -> None:
             module = by_name[name]
             if args.collect:
                 result = collect(module, args.work / name)
-            elif args.rerun_survivors:
-                result = rerun_survivors(module, args.work)
+            elif args.rerun_survivors or args.resume:
+                statuses = ("survived", "no tests") + (("not checked",) if args.resume else ())
+                result = rerun(module, args.work, statuses, args.budget)
             else:
                 result = measure(module, args.work, args.budget)
             (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -248,7 +248,6 @@ def test_disentanglement_metrics_is_deterministic_per_seed() -> None:
     first = disentanglement_metrics(codes, factors, np.random.default_rng(20))
     assert set(first) == {"mig", "factor_vae", "dci_disentanglement", "dci_completeness",
                           "dci_informativeness", "sap"}
-    assert all(0.0 <= value <= 1.0 for value in first.values())
     # same seed, same numbers, with DCI's trees fitted in parallel or not
     assert first == disentanglement_metrics(codes, factors, np.random.default_rng(20), n_jobs=2)
     assert first != disentanglement_metrics(codes, factors, np.random.default_rng(21))

@@ -33,6 +33,8 @@ def test_presets_exist():
 @needs_shared
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_trains(name, tmp_path):
+    """A smoke test: each preset composes, trains a few batches and reports finite numbers (the presets'
+    networks are checked against their papers below)."""
     data_root = [f"dataset.root={SHARED}"] if "root" in compose_config([f"experiment={name}"]).dataset else []
     metrics = train_in_process([f"experiment={name}", *data_root, *SMOKE], tmp_path)
     assert np.isfinite(metrics["test/loss"]) and np.isfinite(metrics["eval/psnr"])

@@ -102,3 +102,15 @@ def test_mlp_layers_follow_hidden_dims_and_the_decoder_mirrors_them():
 
     assert (shapes(encoder), features) == ([(64, 20), (20, 10)], 10)
     assert shapes(decoder) == [(3, 10), (10, 20), (20, 64)]
+
+
+def test_the_conv_decoder_is_its_encoders_mirror_with_an_activation_between_levels_and_logits_out():
+    """Locatello et al. (2019), Table 1's decoder: FC, then 4x4 stride-2 up-convolutions 64, 32, 32 and the
+    image's channels, ReLU after each but the last, whose outputs are the logits."""
+    cfg = OmegaConf.create(dict(arch="conv", latent="gaussian", latent_dim=10, hidden_dims=[], fc_dims=[256],
+                                channels=[32, 32, 64, 64], kernel_size=4, activation="relu"))
+    decoder = build_decoder(cfg, (1, 64, 64))
+    convs = [i for i, m in enumerate(decoder) if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [(decoder[i].in_channels, decoder[i].out_channels) for i in convs] == [(64, 64), (64, 32), (32, 32), (32, 1)]
+    assert convs[-1] == len(decoder) - 1  # nothing after the last up-convolution
+    assert all(isinstance(decoder[i + 1], torch.nn.ReLU) for i in convs[:-1])

@@ -120,6 +120,22 @@ def test_exact_contractive_penalty_equals_one_layer_closed_form():
     slope = code * (1 - code)
     closed_form = (slope.pow(2) * weight.pow(2).sum(1)).sum(1)
     assert torch.allclose(contractive_penalty(code, x, "exact"), closed_form, rtol=1e-12)
+    assert torch.allclose(contractive_penalty(code, x), closed_form, rtol=1e-12)  # exact is the default
+
+
+def test_the_projection_estimate_takes_one_draw_by_default():
+    """One v ~ N(0, I) per example by default: ||v^T J||^2 with J in closed form (z = sigmoid(W x + b):
+    J = diag(s'(a)) W) and v the draw torch's generator gives from the same seed."""
+    torch.manual_seed(0)
+    weight = torch.randn(6, 10, dtype=torch.float64)
+    x = torch.rand(3, 10, dtype=torch.float64, requires_grad=True)
+    code = torch.sigmoid(x @ weight.T)
+    jacobians = (code * (1 - code)).detach()[:, :, None] * weight  # (batch, 6, 10)
+    torch.manual_seed(4)
+    penalty = contractive_penalty(code, x, "projection", create_graph=False)
+    torch.manual_seed(4)
+    v = torch.randn(1, 3, 6, dtype=torch.float64)[0]
+    torch.testing.assert_close(penalty, torch.einsum("bz,bzd->bd", v, jacobians).pow(2).sum(1), rtol=1e-12, atol=0)
 
 
 def test_projection_estimator_is_unbiased():
@@ -148,3 +164,23 @@ def test_contractive_penalty_trains_the_encoder():
     x = torch.rand(5, 4, requires_grad=True)
     contractive_penalty(torch.sigmoid(layer(x)), x, "exact").sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_the_contractive_term_takes_the_jacobian_rows_it_is_given():
+    """The vectorised ensemble hands the objective its own vector-Jacobian products: given rows v^T M of a
+    fixed matrix M, the contractive term is ||M||_F^2 (exact estimator), not the encoder's own norm."""
+    from ae_lab.module import Autoencoder
+
+    cfg = compose_config(["logger=none", "loss=contractive", "model.arch=mlp", "model.hidden_dims=[5]",
+                          "model.latent_dim=3"])
+    torch.manual_seed(0)
+    module = Autoencoder.from_config(cfg, (1, 2, 3))
+    x = torch.rand(4, 1, 2, 3, requires_grad=True)
+    logits, latent = module(x)
+    matrix = torch.randn(3, 1, 2, 3)
+    weights = module.objective.weights(0)
+    given = module.objective(logits, x, latent, x, weights, create_graph=False,
+                             jacobian_rows=lambda directions: torch.einsum("kbz,zchw->kbchw", directions, matrix))
+    assert float(given["contractive"]) == pytest.approx(float(matrix.pow(2).sum()), rel=1e-6)
+    by_autograd = module.objective(logits, x, latent, x, weights, create_graph=False)
+    assert float(by_autograd["contractive"]) != pytest.approx(float(matrix.pow(2).sum()), rel=1e-2)

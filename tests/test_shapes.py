@@ -279,6 +279,8 @@ def test_shapes_data_module_serves_rendered_images_with_their_factors():
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
 def test_models_train_on_shapes(arch, tmp_path):
+    """A smoke test: both architectures train on the shapes images and report a finite loss (the images
+    themselves are checked above)."""
     from conftest import QUICK, train_in_process
 
     metrics = train_in_process(["dataset=shapes", "dataset.subsample=500", f"model.arch={arch}",
