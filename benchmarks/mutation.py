@@ -370,7 +370,7 @@ def report() -> str:
     lines = [
         "# Mutation testing",
         "",
-        "Made by `benchmarks/mutation.py` (mutmut 3; see its docstring and the README's Tests section): each module",
+        "Made by `benchmarks/mutation.py` (mutmut 3; see its docstring and docs/contributing.md): each module",
         "mutated in a scratch copy, against the tests named in `MODULES` only, one worker, under `nice`. A timed-",
         "out mutant counts as killed (the mutant made the tests hang or loop). *No tests*: no selected test calls",
         "the mutated function in the test process (or mutmut found the outcome suspicious); these count as not",
