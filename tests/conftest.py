@@ -112,7 +112,8 @@ def run_cli(args: Sequence[str], cwd: Path, timeout: float = 300) -> subprocess.
                           capture_output=True, text=True, timeout=timeout)
 
 
-def run_cli_many(cases: Sequence[tuple[Sequence[str], Path]], timeout: float = 300) -> list[subprocess.CompletedProcess]:
+def run_cli_many(cases: Sequence[tuple[Sequence[str], Path]],
+                 timeout: float = 300) -> list[subprocess.CompletedProcess]:
     """`run_cli(ARGS, cwd=CWD)` for each (ARGS, CWD) of `cases`, each a process of its own forked from one
     that has imported ae_lab once (tests/forked_cli.py): for command lines that end before training (a
     refusal) most of a process's time is its start-up, paid here once. Each result as `run_cli`'s (its

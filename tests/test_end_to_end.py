@@ -150,7 +150,8 @@ def test_epoch_metrics_weight_every_example_equally(compose_config):
     assert float(module.epoch_means["val__recon"].compute()) == pytest.approx(float(per_example.mean()), rel=1e-6)
 
 
-def test_a_job_that_stops_before_training_starts_makes_no_wandb_run(tmp_path, monkeypatch, quick, read_json, train_in_process):
+def test_a_job_that_stops_before_training_starts_makes_no_wandb_run(tmp_path, monkeypatch, quick, read_json,
+                                                                    train_in_process):
     """The W&B run starts with training: a job that fails after its run folder is made but before its
     first step (here as its fit is set up, after its logger is built) leaves no wandb/ folder and no W&B id
     in run.json."""

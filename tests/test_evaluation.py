@@ -367,7 +367,8 @@ def test_code_scatter_legend_has_one_entry_per_value_in_its_colour(tmp_path, mon
     plt.close(drawn[0])
 
 
-def test_autoencoder_run_evaluates_and_draws_labels_with_a_glyph_for_every_character(tmp_path, monkeypatch, quick, read_json, train_in_process):
+def test_autoencoder_run_evaluates_and_draws_labels_with_a_glyph_for_every_character(tmp_path, monkeypatch, quick,
+                                                                                     read_json, train_in_process):
     """Which metrics and figures a denoising run's evaluation gives and where they go (a smoke test of their
     values, checked against references above)."""
     drawn = _record_drawn_text(monkeypatch)
@@ -415,7 +416,8 @@ def test_vae_run_reports_likelihood_metrics(tmp_path, quick, read_json, train_in
     _assert_drawn(tmp_path / "figures" / "traversals.png", count=9, rows=4)
 
 
-def test_held_out_class_is_left_out_of_training_and_scored_as_the_anomaly(tmp_path, compose_config, quick, train_in_process):
+def test_held_out_class_is_left_out_of_training_and_scored_as_the_anomaly(tmp_path, compose_config, quick,
+                                                                          train_in_process):
     from ae_lab.data import build_datamodule
 
     cfg = compose_config([*quick, "dataset.held_out_class=3"])

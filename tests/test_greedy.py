@@ -124,7 +124,8 @@ def _history(run_dir: Path) -> list[dict[str, str]]:
     return list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
 
 
-def test_a_run_killed_in_phase_two_resumes_in_phase_two_and_ends_as_an_uninterrupted_run(tmp_path, kill_after_step, read_json, run_cli):
+def test_a_run_killed_in_phase_two_resumes_in_phase_two_and_ends_as_an_uninterrupted_run(tmp_path, kill_after_step,
+                                                                                         read_json, run_cli):
     args = [*GREEDY, "logger=csv", "checkpoint_every_n_steps=2"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     done = run_cli([*args, f"hydra.run.dir={reference}"], cwd=tmp_path)

@@ -62,7 +62,8 @@ def test_sequences_through_the_command_line_conv_vae_with_val_and_test_files(tmp
 
 @pytest.mark.parametrize("shape,suffix,arch,model", [((60, 5), ".npz", "mlp", "vae"), ((60, 3, 8, 8), ".npy", "conv", "vae"),
                                                      ((60, 1, 16), ".npz", "conv", "ae"), ((60, 2, 6, 6), ".npz", "mlp", "ae")])
-def test_each_rank_and_format_trains_and_records_the_file_checksum(tmp_path, shape, suffix, arch, model, read_json, train_in_process, quick):
+def test_each_rank_and_format_trains_and_records_the_file_checksum(tmp_path, shape, suffix, arch, model, read_json,
+                                                                   train_in_process, quick):
     rng = np.random.default_rng(1)
     x, labels = rng.uniform(0, 1, shape).astype(np.float32), rng.integers(0, 3, shape[0])
     path = tmp_path / f"data{suffix}"
@@ -214,16 +215,31 @@ def test_bad_combinations_with_the_data_are_refused(tmp_path, array_config):
     check(array_config(tmp_path / "d.npz", "dataset.normalize=minmax"))  # the fix the message offers
 
 
-@pytest.mark.parametrize("overrides,key", [
+BAD_DATA = [
     (["dataset.path=nan.npy", "loss.recon=mse"], "dataset.path='nan.npy' is not allowed: x holds 1 NaN"),
     (["dataset.path=big.npy"], "loss.recon='bce' is not allowed"),
-])
-def test_the_command_line_refuses_bad_data_before_training(tmp_path, overrides, key, run_cli):
-    x = np.full((20, 3), 7.0)
-    np.save(tmp_path / "big.npy", x)
-    x[2, 2] = np.nan
-    np.save(tmp_path / "nan.npy", x)
-    done = run_cli(["dataset=array", *overrides, "logger=none"], cwd=tmp_path)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_data_refusals(tmp_path_factory, run_cli_many) -> dict[tuple[str, ...], tuple]:
+    """Each command line of BAD_DATA run in a folder of its own, which holds big.npy (values 7, beyond what
+    a BCE loss takes) and nan.npy (one NaN): its result and folder, by its overrides (each a process of its
+    own, forked after one start-up: `run_cli_many`)."""
+    folders = [tmp_path_factory.mktemp("bad_data") for _ in BAD_DATA]
+    for folder in folders:
+        x = np.full((20, 3), 7.0)
+        np.save(folder / "big.npy", x)
+        x[2, 2] = np.nan
+        np.save(folder / "nan.npy", x)
+    results = run_cli_many([(["dataset=array", *overrides, "logger=none"], folder)
+                            for (overrides, _), folder in zip(BAD_DATA, folders)])
+    return {tuple(overrides): (done, folder) for (overrides, _), done, folder in zip(BAD_DATA, results, folders)}
+
+
+@pytest.mark.parametrize("overrides,key", BAD_DATA)
+def test_the_command_line_refuses_bad_data_before_training(overrides, key, bad_data_refusals):
+    done, tmp_path = bad_data_refusals[tuple(overrides)]
     assert done.returncode == 2
     assert key in done.stderr and "Traceback" not in done.stderr + done.stdout
     assert len(done.stderr.strip().splitlines()) == 1
@@ -267,7 +283,8 @@ def test_image_folder_classes_resize_and_cache_that_notices_a_changed_file(tmp_p
     assert (pixels[:, 1] == 1).all(1).all(1).sum() == 1  # the green cat is there
 
 
-def test_rgb_image_folder_trains_a_colourisation_conv_net_with_colour_figures(tmp_path, caplog, read_json, train_in_process, quick):
+def test_rgb_image_folder_trains_a_colourisation_conv_net_with_colour_figures(tmp_path, caplog, read_json,
+                                                                              train_in_process, quick):
     folder = tmp_path / "mixed"
     for index in range(10):
         write_png(folder / f"{index}.png", (index * 20, 100, 50))
@@ -316,7 +333,8 @@ def test_bad_image_folders_are_refused_naming_the_key(tmp_path, folder_config):
             check(folder_config(tmp_path / name, tmp_path))
 
 
-def test_target_loader_returns_a_data_module_that_trains(tmp_path, monkeypatch, compose_config, read_json, train_in_process, quick):
+def test_target_loader_returns_a_data_module_that_trains(tmp_path, monkeypatch, compose_config, read_json,
+                                                         train_in_process, quick):
     (tmp_path / "my_data.py").write_text(
         "import torch\n"
         "from ae_lab.data import ArrayDataModule, Split\n\n"

@@ -73,7 +73,8 @@ def _logged(run_dir: Path, key: str) -> dict[int, float]:
     return {int(row["epoch"]): float(row[key]) for row in rows if row.get(key)}
 
 
-def test_scheduled_beta_is_logged_per_epoch_and_continues_exactly_after_a_resume_mid_cycle(tmp_path, kill_after_step, read_json, run_cli):
+def test_scheduled_beta_is_logged_per_epoch_and_continues_exactly_after_a_resume_mid_cycle(tmp_path, kill_after_step,
+                                                                                           read_json, run_cli):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     done = run_cli([*FIT, f"hydra.run.dir={reference}"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -330,7 +331,9 @@ KL_FORMS = {
 
 
 @pytest.mark.parametrize("form", sorted(KL_FORMS))
-def test_every_kl_form_trains_and_reports_a_loss_that_is_the_weighted_sum_of_its_terms(form, tmp_path, compose_config, train_in_process):
+def test_every_kl_form_trains_and_reports_a_loss_that_is_the_weighted_sum_of_its_terms(form, tmp_path,
+                                                                                       compose_config,
+                                                                                       train_in_process):
 
     overrides = ["model=vae", "trainer=debug", "trainer.limit_test_batches=1", "logger=none", "eval=minimal",
                  "model.hidden_dims=[16]", "model.latent_dim=3", *KL_FORMS[form][0]]

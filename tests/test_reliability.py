@@ -167,7 +167,8 @@ def test_a_run_submitit_does_not_requeue_is_recorded_interrupted(tmp_path, compo
     assert "timed-out too many times" in saved["error"] and f"resume={tmp_path}" in saved["error"]
 
 
-def test_a_run_whose_loss_turns_nan_keeps_its_earlier_checkpoints_as_they_were(tmp_path, monkeypatch, read_json, train_in_process):
+def test_a_run_whose_loss_turns_nan_keeps_its_earlier_checkpoints_as_they_were(tmp_path, monkeypatch, read_json,
+                                                                               train_in_process):
     """The docs' promise (docs/reproducing.md): the batch of step 4 is made NaN, after the
     checkpoints of steps 2 and 4; the run fails naming the step, and the checkpoint folder holds the same
     files with the same bytes as when step 4 began."""

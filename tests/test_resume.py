@@ -326,7 +326,8 @@ def _wandb_values(run_dir: Path) -> list[tuple[int, str, float]]:
 
 
 @pytest.mark.slow
-def test_a_killed_and_resumed_run_holds_every_value_once_in_wandb_and_in_its_history(tmp_path, kill_after_step, run_cli, train_in_process):
+def test_a_killed_and_resumed_run_holds_every_value_once_in_wandb_and_in_its_history(tmp_path, kill_after_step,
+                                                                                     run_cli, train_in_process):
     """Killed 10 steps into the last of 3 epochs (its checkpoint: epoch 1's end, step 40), with the W&B
     records not yet written lost (W&B writes its file every 15 s, and a block when it fills; here only the
     latter, so that the loss does not depend on the machine's speed), then resumed: the attempts'

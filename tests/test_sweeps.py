@@ -157,7 +157,8 @@ def test_failed_job_is_recorded_the_sweep_goes_on_and_a_rerun_resumes(tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_sweep_run_again_resumes_a_cut_off_job_from_its_checkpoint(tmp_path, kill_after_step, read_json, run_cli, quick):
+def test_a_sweep_run_again_resumes_a_cut_off_job_from_its_checkpoint(tmp_path, kill_after_step, read_json, run_cli,
+                                                                     quick):
     """A sweep killed (SIGKILL) in the middle of its job, run again into its folder: the job goes on from
     its step checkpoint, in its folder, and ends with the metrics of an uninterrupted run."""
     run = ["model=vae", "noise=masking", "model.hidden_dims=[32]", "model.latent_dim=4", *quick,

@@ -191,7 +191,8 @@ def _equal(mine: dict[str, float], single: dict[str, float]) -> None:
 
 
 @pytest.mark.parametrize("max_steps", [47, 13])
-def test_max_steps_stops_a_member_where_a_single_run_stops(tmp_path, max_steps, compose_config, read_json, train_in_process, plain, quick):
+def test_max_steps_stops_a_member_where_a_single_run_stops(tmp_path, max_steps, compose_config, read_json,
+                                                           train_in_process, plain, quick):
     """digits: 20 batches an epoch. 47 steps: two whole epochs and 7 steps of a third, which Lightning
     trains but does not validate; 13 steps: no validation at all (final weights, no best.ckpt).
     Every epoch's losses, every final metric, `epochs` and the best epoch equal the single run's."""
@@ -290,7 +291,8 @@ def test_a_contractive_sweep_trains_as_one_ensemble(tmp_path, read_json, run_cli
 
 # ----- faults
 
-def test_a_nan_member_is_recorded_failed_and_frozen_the_others_train_on(tmp_path, compose_config, read_json, train_in_process, quick):
+def test_a_nan_member_is_recorded_failed_and_frozen_the_others_train_on(tmp_path, compose_config, read_json,
+                                                                        train_in_process, quick):
     base = [*quick, *WHOLE_EPOCHS, "logger=none", "optim.name=sgd"]
     members = [Member(compose_config(base + [f"optim.lr={lr}"]), tmp_path / str(i))
                for i, lr in enumerate([0.01, 1e4, 0.02])]
@@ -308,7 +310,8 @@ def test_a_nan_member_is_recorded_failed_and_frozen_the_others_train_on(tmp_path
     assert outcomes[0].metrics["test/loss"] == pytest.approx(alone["test/loss"], rel=1e-4)
 
 
-def test_a_member_failing_after_training_leaves_the_others_written(tmp_path, monkeypatch, compose_config, read_json, quick):
+def test_a_member_failing_after_training_leaves_the_others_written(tmp_path, monkeypatch, compose_config, read_json,
+                                                                   quick):
     """An error while one member's results are written fails that member only; a Ctrl-C there records it
     and the members after it interrupted."""
     members = [Member(compose_config([*quick, *WHOLE_EPOCHS, "logger=none", f"seed={seed}"]), tmp_path / str(seed))
@@ -339,7 +342,8 @@ def test_a_member_failing_after_training_leaves_the_others_written(tmp_path, mon
     assert not (tmp_path / "g.pt").exists()
 
 
-def test_a_killed_group_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatch, compose_config, read_json, run_cli, quick):
+def test_a_killed_group_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatch, compose_config, read_json,
+                                                            run_cli, quick):
     """A VAE with noise: the resumed group's numbers equal an uninterrupted group's exactly (the RNG
     state and the place in the epoch come back)."""
     base = [*quick, *WHOLE_EPOCHS, "model=vae", "noise=gaussian", "logger=none", "eval.figures=false",
@@ -565,7 +569,8 @@ STEPPED = ["trainer.max_epochs=1", "logger=none", "eval=minimal", "trainer.enabl
 
 
 @pytest.mark.slow
-def test_a_killed_worker_leaves_its_members_failed_and_a_rerun_resumes_its_group(tmp_path, read_json, run_cli, sweep_stalled_after_step_5):
+def test_a_killed_worker_leaves_its_members_failed_and_a_rerun_resumes_its_group(tmp_path, read_json, run_cli,
+                                                                                 sweep_stalled_after_step_5):
     """The worker of a group is SIGKILLed after its group checkpoint at step 5: the sweep ends with the
     members recorded failed (the worker's end in their run.json); run again, the group goes on
     from that checkpoint and completes."""
@@ -592,7 +597,8 @@ def test_a_killed_worker_leaves_its_members_failed_and_a_rerun_resumes_its_group
 
 
 @pytest.mark.slow
-def test_ctrl_c_interrupts_every_worker_and_the_sweep_ends_with_its_summary(tmp_path, read_json, sweep_stalled_after_step_5):
+def test_ctrl_c_interrupts_every_worker_and_the_sweep_ends_with_its_summary(tmp_path, read_json,
+                                                                            sweep_stalled_after_step_5):
     """Ctrl-C (SIGINT to the terminal's process group) while two groups train in their workers: each
     worker records its members interrupted and keeps its group checkpoint; the launcher waits for them,
     writes the summary and exits with 130 and one line, no traceback."""
