@@ -17,6 +17,7 @@ fixtures; new tests take the fixtures.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -208,11 +209,26 @@ CLI_RUN = ["trainer.max_epochs=1", "model.latent_dim=12"]
 
 
 @pytest.fixture(scope="session")
-def cli_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    """`python -m ae_lab CLI_RUN` as a user runs it, once per test process (per pytest-xdist worker), shared
-    by the tests that read a run made from the command line (not to be changed): its output and folder."""
-    cwd = tmp_path_factory.mktemp("cli_run")
-    done = run_cli(CLI_RUN, cwd=cwd)
-    assert done.returncode == 0, done.stderr[-3000:]
+def cli_run(tmp_path_factory, worker_id) -> tuple[subprocess.CompletedProcess, Path]:
+    """`python -m ae_lab CLI_RUN` as a user runs it, once per test session (the pytest-xdist workers share it,
+    the first to ask makes it), for the tests that read a run made from the command line (not to be changed):
+    its output and folder."""
+    if worker_id == "master":  # no pytest-xdist: this process is the session
+        return _cli_run(tmp_path_factory.mktemp("cli_run"))
+    shared = tmp_path_factory.getbasetemp().parent  # this session's, above each worker's own
+    with open(shared / "cli_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _cli_run(shared / "cli_run")
+
+
+def _cli_run(cwd: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """`cli_run` in `cwd`: made there, or read back from there when an earlier caller made it."""
+    result = cwd / "cli_run.json"
+    if not result.exists():
+        cwd.mkdir(exist_ok=True)
+        done = run_cli(CLI_RUN, cwd=cwd)
+        assert done.returncode == 0, done.stderr[-3000:]
+        result.write_text(json.dumps({"args": done.args, "returncode": done.returncode, "stdout": done.stdout,
+                                      "stderr": done.stderr}))
     [run_dir] = (cwd / "outputs" / "runs").iterdir()
-    return done, run_dir
+    return subprocess.CompletedProcess(**read_json(result)), run_dir

@@ -39,7 +39,7 @@ def files_of(job: Path) -> set[str]:
 
 
 def test_two_by_two_sweep_with_summary(tmp_path, read_json, run_cli, quick):
-    done = run_cli(["-m", "model=vae", "loss.beta=1,4", "model.latent_dim=2,8", *quick, "logger=csv"],
+    done = run_cli(["-m", "model=vae", "loss.beta=1,4", "model.latent_dim=2,8", *quick, "logger=csv", "eval=minimal"],
                    cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     sweep = sweep_folder(tmp_path)
@@ -122,7 +122,7 @@ def test_joblib_launcher_with_ddp_jobs(tmp_path, run_cli, quick):
 
 
 def test_jobs_leak_nothing_into_the_next(tmp_path, read_json, run_cli, quick):
-    done = run_cli(["-m", "model.latent_dim=3,5", "model=vae", *quick], cwd=tmp_path)
+    done = run_cli(["-m", "model.latent_dim=3,5", "model=vae", *quick, "eval=minimal"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     jobs = job_folders(sweep_folder(tmp_path))
     for job, latent_dim in zip(jobs, (3, 5)):
@@ -137,7 +137,8 @@ def test_jobs_leak_nothing_into_the_next(tmp_path, read_json, run_cli, quick):
 
 def test_failed_job_is_recorded_the_sweep_goes_on_and_a_rerun_resumes(tmp_path, read_json, run_cli, quick):
     sweep_dir = tmp_path / "outputs" / "sweeps" / "resumable"
-    args = ["-m", "optim.name=sgd", "optim.lr=0.01,1e30", *quick, "logger=none", f"hydra.sweep.dir={sweep_dir}"]
+    args = ["-m", "optim.name=sgd", "optim.lr=0.01,1e30", *quick, "logger=none", "eval=minimal",
+            f"hydra.sweep.dir={sweep_dir}"]
     first = run_cli(args, cwd=tmp_path)
     assert first.returncode == 1
     assert "1 of 2 jobs did not complete" in first.stderr
@@ -191,7 +192,8 @@ def test_optuna_search_stores_its_study_and_continues(tmp_path, read_json, run_c
     import optuna
 
     sweep_dir = tmp_path / "study"
-    args = ["-m", "hparams_search=vae_elbo", *quick, "logger=none", f"hydra.sweep.dir={sweep_dir}"]
+    args = ["-m", "hparams_search=vae_elbo", *quick, "logger=none", "eval=minimal",
+            f"hydra.sweep.dir={sweep_dir}"]
     first = run_cli([*args, "hydra.sweeper.n_trials=3"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     storage = f"sqlite:///{sweep_dir / 'optuna.db'}"
