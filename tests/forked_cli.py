@@ -25,6 +25,7 @@ def run_child(args: list[str], cwd: str) -> int:
     os.chdir(cwd)
     for fd, name in ((1, STDOUT), (2, STDERR)):
         os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+    sys.path[0] = cwd  # as `python -m` has it: the working folder first, not tests/
     sys.argv = ["-m", *args]  # runpy sets argv[0] to the module's file, as `python -m` does
     try:
         runpy.run_module("ae_lab", run_name="__main__", alter_sys=True)  # what `python -m ae_lab` runs
