@@ -65,8 +65,9 @@ if _WORKERS > 1:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """A test marked `gpu` is skipped, with the reason, where torch sees no CUDA device."""
-    if item.get_closest_marker("gpu") is not None:
+    """A test marked `gpu` is skipped, with the reason, where torch sees no CUDA device, unless
+    AE_LAB_GPU_TESTS_DEVICE=cpu asks for the GPU tests on the CPU (tests/test_gpu.py, benchmarks/gpu.sh)."""
+    if item.get_closest_marker("gpu") is not None and os.environ.get("AE_LAB_GPU_TESTS_DEVICE", "cuda") == "cuda":
         import torch
 
         if not torch.cuda.is_available():

@@ -571,6 +571,7 @@ def _write_member(trainer: GroupTrainer, index: int, member: Member, record: Run
             best_checkpoint = folder / "best.ckpt"
             _save(best_checkpoint, _checkpoint(module, best, trainer.best_epoch[index], step))
         module.load_state_dict(best)
+        module.to(trainer.device)  # evaluated where the group trained (its modules were built on the CPU)
         figures = write_results(module, data, cfg, run_dir, metrics, history, best_checkpoint)
         wandb_run = log_results(logger, cfg, run_dir, metrics, figures, history.sink)
         seconds = time.time() - started
