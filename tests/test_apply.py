@@ -12,13 +12,12 @@ import pytest
 from PIL import Image
 
 from ae_lab.apply import calibrate, main, read_inputs
-from conftest import train_and_load
 
 AE = ["model.hidden_dims=[32]", "model.latent_dim=4", "trainer=debug", "logger=none", "eval=minimal"]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model(tmp_path_factory, train_and_load):
     return train_and_load(AE, tmp_path_factory.mktemp("apply") / "run")
 
 

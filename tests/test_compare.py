@@ -10,22 +10,20 @@ import sys
 
 import pytest
 
-from conftest import read_json, run_cli
 from wandb_records import read_records, run_contents
 
-QUICK = ["trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.enable_progress_bar=false",
-         "trainer.enable_model_summary=false"]
+TWO_EPOCHS = ["trainer.max_epochs=2", "trainer.limit_train_batches=3"]  # on top of `quick`: learning curves
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory, run_cli, quick):
     """A real 2x2 sweep of VAEs over beta and seed, plus a job that fails (its loss turns NaN)."""
     cwd = tmp_path_factory.mktemp("compare")
     sweep_dir = cwd / "outputs" / "sweeps" / "beta_seed"
-    done = run_cli(["-m", "model=vae", "loss.beta=1,4", "seed=0,1", *QUICK, f"hydra.sweep.dir={sweep_dir}"],
+    done = run_cli(["-m", "model=vae", "loss.beta=1,4", "seed=0,1", *quick, *TWO_EPOCHS, f"hydra.sweep.dir={sweep_dir}"],
                    cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]
-    failing = run_cli(["-m", "model=vae", "loss.beta=2", "optim.name=sgd", "optim.lr=1e30", *QUICK,
+    failing = run_cli(["-m", "model=vae", "loss.beta=2", "optim.name=sgd", "optim.lr=1e30", *quick, *TWO_EPOCHS,
                        "logger=none", f"hydra.sweep.dir={cwd / 'outputs' / 'sweeps' / 'broken'}"], cwd=cwd)
     assert failing.returncode == 1
     return {"cwd": cwd, "dir": sweep_dir, "stdout": done.stdout}
@@ -40,7 +38,7 @@ def jobs(sweep_dir):
     return sorted(p for p in sweep_dir.iterdir() if p.is_dir())
 
 
-def test_each_job_is_one_wandb_run_in_the_sweeps_group(sweep):
+def test_each_job_is_one_wandb_run_in_the_sweeps_group(sweep, read_json):
     runs = []
     for job in jobs(sweep["dir"]):
         wandb = run_contents(job)
@@ -89,7 +87,7 @@ def test_table_numbers_equal_the_jobs_metrics(sweep):
         assert row["status"] == "completed"
 
 
-def test_seeds_are_aggregated_as_mean_std_and_count(sweep):
+def test_seeds_are_aggregated_as_mean_std_and_count(sweep, read_json):
     done = compare(str(sweep["dir"]), "--format", "json", "--metrics", "test/loss")
     rows = json.loads(done.stdout)
     assert len(rows) == 2 and all("seed" not in row for row in rows)
@@ -124,7 +122,7 @@ def test_plots_are_written(sweep, tmp_path):
         assert path.stat().st_size > 5000 and path.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_heat_map_over_two_swept_keys(tmp_path):
+def test_heat_map_over_two_swept_keys(tmp_path, run_cli):
     done = run_cli(["-m", "loss.beta=0,1", "model.latent_dim=2,4", "trainer=debug", "logger=none"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     plots = tmp_path / "plots"
@@ -139,7 +137,7 @@ def test_bad_arguments_get_one_clear_line(tmp_path):
     assert empty.returncode == 2 and "no run folders" in empty.stderr
 
 
-def test_runs_measured_on_different_sample_sizes_are_flagged(sweep, tmp_path):
+def test_runs_measured_on_different_sample_sizes_are_flagged(sweep, tmp_path, read_json):
     # two completed runs whose SAP was fitted on 1,333 and on 10,000 codes (their records edited so)
     first, second = (tmp_path / name for name in ("a", "b"))
     for folder, size in ((first, 1333), (second, 10000)):
@@ -216,7 +214,7 @@ def test_an_unknown_metric_is_refused_naming_the_closest(sweep):
         "--metrics 'test/elbow' is not a metric of these runs (did you mean test/elbo?)")
 
 
-def test_plot_of_a_single_run_draws_its_curves_and_says_why_nothing_else(sweep, tmp_path):
+def test_plot_of_a_single_run_draws_its_curves_and_says_why_nothing_else(sweep, tmp_path, read_json):
     single = tmp_path / "single"
     subprocess.run(["cp", "-r", str(jobs(sweep["dir"])[0]), str(single)], check=True)
     metrics = {key: value for key, value in read_json(single / "metrics.json").items() if not key.endswith("/kl")}

@@ -12,21 +12,21 @@ from omegaconf import OmegaConf
 from ae_lab.checks import validate
 from ae_lab.config import TrainerConfig
 from ae_lab.errors import ConfigError
-from conftest import CONF, compose_config, run_cli
+from paths import CONF
 
 GROUP_OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
                  for group in ("model", "loss", "noise", "dataset", "trainer", "logger")}
 
 
 @pytest.mark.parametrize("group", sorted(GROUP_OPTIONS))
-def test_sweep_keys_exist_in_every_composition(group):
+def test_sweep_keys_exist_in_every_composition(group, compose_config):
     for option in GROUP_OPTIONS[group]:
         cfg = compose_config([f"{group}={option}"])
         for key in ("model.latent_dim", "loss.beta", "loss.sparsity_weight", "seed"):
             assert OmegaConf.select(cfg, key) is not None, f"{key} missing with {group}={option}"
 
 
-def test_vae_sets_gaussian_head_and_beta():
+def test_vae_sets_gaussian_head_and_beta(compose_config):
     assert compose_config([]).loss.beta == 0
     vae = compose_config(["model=vae"])
     assert vae.model.latent == "gaussian" and vae.loss.beta == 1
@@ -42,7 +42,7 @@ def test_every_trainer_key_is_a_lightning_trainer_argument():
         assert key in arguments, f"trainer.{key} is not a pytorch_lightning.Trainer argument"
 
 
-def test_trainer_settings_reach_the_trainer():
+def test_trainer_settings_reach_the_trainer(compose_config):
     cfg = compose_config(["trainer.gradient_clip_val=0.5", "trainer.precision=bf16-mixed",
                           "trainer.limit_train_batches=3", "trainer.accumulate_grad_batches=2",
                           "trainer.max_epochs=7", "trainer.accelerator=cpu"])
@@ -82,7 +82,7 @@ BAD_VALUES = [
 
 
 @pytest.mark.parametrize("overrides,key", BAD_VALUES)
-def test_bad_values_are_refused_naming_the_key(overrides, key):
+def test_bad_values_are_refused_naming_the_key(overrides, key, compose_config):
     with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}="):
         validate(compose_config(overrides), (1, 8, 8))
 
@@ -100,41 +100,41 @@ LIGHTNING_REFUSES = [
 
 
 @pytest.mark.parametrize("overrides,message", LIGHTNING_REFUSES)
-def test_values_lightning_refuses_are_refused_naming_the_key(overrides, message):
+def test_values_lightning_refuses_are_refused_naming_the_key(overrides, message, compose_config):
     with pytest.raises(ConfigError, match=f"^{message}"):
         validate(compose_config(overrides), (1, 8, 8))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a machine with a GPU, accelerator=gpu is allowed")
-def test_a_gpu_accelerator_without_a_gpu_blames_the_accelerator_not_the_devices():
+def test_a_gpu_accelerator_without_a_gpu_blames_the_accelerator_not_the_devices(compose_config):
     for overrides in (["trainer=gpu"], ["trainer.accelerator=gpu", "trainer.devices=2"]):
         with pytest.raises(ConfigError, match=r"^trainer[.]accelerator='gpu' is not allowed .*available on this "
                                               r"machine: auto, cpu\)$"):
             validate(compose_config(overrides), (1, 8, 8))
 
 
-def test_a_precision_lightning_substitutes_is_said():
+def test_a_precision_lightning_substitutes_is_said(compose_config):
     notes = validate(compose_config(["trainer.precision=16", "trainer.accelerator=cpu"]), (1, 8, 8))
     assert notes == ["trainer.precision=16 runs as bf16-mixed on this machine's CPU "
                      "(Lightning's substitute: it has no 16-mixed there)"]
     assert validate(compose_config(["trainer.precision=bf16-mixed", "trainer.accelerator=cpu"]), (1, 8, 8)) == []
 
 
-def test_conv_deeper_than_the_image_allows_is_refused():
+def test_conv_deeper_than_the_image_allows_is_refused(compose_config):
     cfg = compose_config(["model.arch=conv", "model.channels=[8,8,8,8]"])
     with pytest.raises(ConfigError, match="at most 3 stride-2 conv layers with kernel_size=3 for 8x8"):
         validate(cfg, (1, 8, 8))
     validate(cfg, (1, 28, 28))  # four halvings of 28 are fine
 
 
-def test_online_wandb_without_a_key_is_refused(monkeypatch, tmp_path):
+def test_online_wandb_without_a_key_is_refused(monkeypatch, tmp_path, compose_config):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     with pytest.raises(ConfigError, match="logger.mode='online'.*wandb login"):
         validate(compose_config(["logger.mode=online"]), (1, 8, 8))
 
 
-def test_beta_without_gaussian_head_is_allowed_but_warned():
+def test_beta_without_gaussian_head_is_allowed_but_warned(compose_config):
     warnings = validate(compose_config(["loss.beta=2"]), (1, 8, 8))
     assert any("loss.beta" in warning and "model.latent=gaussian" in warning for warning in warnings)
     assert validate(compose_config(["model=vae", "loss.beta=2"]), (1, 8, 8)) == []
@@ -160,18 +160,31 @@ CLI_BAD_INPUTS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory, run_cli_many) -> dict[tuple[str, ...], tuple]:
+    """Each command line of CLI_BAD_INPUTS run in a folder of its own, which holds a file where a run
+    folder's parent should be: its result and folder, by its overrides. Each is a process of its own, all
+    forked after one start-up (`run_cli_many`); `test_cli_refuses_a_folder_that_already_holds_a_run` runs
+    `python -m ae_lab` itself."""
+    folders = [tmp_path_factory.mktemp("refused") for _ in CLI_BAD_INPUTS]
+    for folder in folders:
+        (folder / "a_file").write_text("a file where a run folder's parent should be\n")
+    results = run_cli_many([(overrides, folder) for (overrides, _), folder in zip(CLI_BAD_INPUTS, folders)])
+    return {tuple(overrides): (done, folder)
+            for (overrides, _), done, folder in zip(CLI_BAD_INPUTS, results, folders)}
+
+
 @pytest.mark.parametrize("overrides,key", CLI_BAD_INPUTS)
-def test_cli_refuses_bad_input_before_training(overrides, key, tmp_path):
-    (tmp_path / "a_file").write_text("a file where a run folder's parent should be\n")
-    done = run_cli(overrides, cwd=tmp_path)
+def test_cli_refuses_bad_input_before_training(overrides, key, refusals):
+    done, folder = refusals[tuple(overrides)]
     assert done.returncode == 2
     assert key in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
     assert len(done.stderr.strip().splitlines()) <= 12  # a message, not a wall
-    assert not (tmp_path / "outputs").exists(), "a refused run must not create a run folder"
+    assert not (folder / "outputs").exists(), "a refused run must not create a run folder"
 
 
-def test_cli_refuses_a_folder_that_already_holds_a_run(tmp_path):
+def test_cli_refuses_a_folder_that_already_holds_a_run(tmp_path, run_cli):
     run_dir = tmp_path / "earlier"
     run_dir.mkdir()
     (run_dir / "run.json").write_text('{"status": "completed"}')
@@ -182,3 +195,10 @@ def test_cli_refuses_a_folder_that_already_holds_a_run(tmp_path):
     assert done.returncode == 2
     assert "already holds a run" in done.stderr
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_quick_is_the_debug_trainer_written_as_keys(compose_config, quick):
+    """The suite's smallest run (conftest.QUICK) is `trainer=debug`, as keys that hold under any trainer group."""
+    assert compose_config(quick).trainer == compose_config(["trainer=debug"]).trainer
+    assert compose_config(["trainer=ddp", *quick]).trainer == {**compose_config(["trainer=debug"]).trainer,
+                                                              "devices": 2, "strategy": "ddp"}

@@ -10,18 +10,19 @@ import subprocess
 import pytest
 
 from ae_lab.report import format_value, metrics_tables
-from conftest import CLI_RUN, ROOT, read_json, run_cli
+from paths import ROOT
 
 # what libraries say that a user cannot act on: on the console only with verbose=true
 NOISE = ("litlogger", "anonymous setting", "was configured so", "srun", "GPU available")
 
 
-def test_default_run_shows_config_progress_and_results_only(cli_run):
+def test_default_run_shows_config_progress_and_results_only(cli_run, read_json):
     done, run_dir = cli_run
     metrics = read_json(run_dir / "metrics.json")
     console = done.stdout + done.stderr
     assert "config: " in done.stdout and "model=ae" in done.stdout and "dataset=digits" in done.stdout
-    assert f"overrides: {' '.join(CLI_RUN)}" in done.stdout
+    overrides = done.args[3:]  # [python, -m, ae_lab, *overrides]
+    assert f"overrides: {' '.join(overrides)}" in done.stdout
     assert f"run folder: {run_dir}" in done.stdout
     assert "evaluation (test split)" in done.stdout
     for key in ("eval/bce", "eval/psnr", "eval/probe_accuracy"):  # each value as the table writes it
@@ -32,7 +33,7 @@ def test_default_run_shows_config_progress_and_results_only(cli_run):
     assert "litlogger" in log and log.count("was configured so") == 4
 
 
-def test_verbose_brings_library_messages_back(tmp_path):
+def test_verbose_brings_library_messages_back(tmp_path, run_cli):
     done = run_cli(["trainer=debug", "logger=none", "eval=minimal", "verbose=true"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "litlogger" in done.stdout and "was configured so" in done.stdout
@@ -55,9 +56,18 @@ ERRORS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def composition_errors(tmp_path_factory, run_cli_many) -> dict[tuple[str, ...], tuple]:
+    """Each command line of ERRORS run in a folder of its own: its result and folder, by its overrides (each a
+    process of its own, forked after one start-up: `run_cli_many`)."""
+    folders = [tmp_path_factory.mktemp("refused") for _ in ERRORS]
+    results = run_cli_many([(overrides, folder) for (overrides, _), folder in zip(ERRORS, folders)])
+    return {tuple(overrides): (done, folder) for (overrides, _), done, folder in zip(ERRORS, results, folders)}
+
+
 @pytest.mark.parametrize("overrides,message", ERRORS)
-def test_composition_errors_are_one_line_that_points_at_the_fix(overrides, message, tmp_path):
-    done = run_cli(overrides, cwd=tmp_path)
+def test_composition_errors_are_one_line_that_points_at_the_fix(overrides, message, composition_errors):
+    done, tmp_path = composition_errors[tuple(overrides)]
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) <= 2 and message in lines[0], done.stderr
@@ -110,11 +120,10 @@ def test_schemas_are_not_offered_as_options():
             assert loader.get_group_options(group) == sorted(path.stem for path in (ROOT / "conf" / group).glob("*.yaml"))
 
 
-def test_help_is_ae_labs_own_page_generated_from_the_config_folder(tmp_path):
+def test_help_is_ae_labs_own_page_generated_from_the_config_folder(tmp_path, compose_config, run_cli):
     from omegaconf import OmegaConf
 
     from ae_lab.help import MOST_USED
-    from conftest import compose_config
 
     done = run_cli(["--help"], cwd=tmp_path, timeout=120)  # walking .git, .venv or outputs/ took minutes
     assert done.returncode == 0 and "schema" not in done.stdout and "Powered by Hydra" not in done.stdout
@@ -140,12 +149,11 @@ def test_help_is_ae_labs_own_page_generated_from_the_config_folder(tmp_path):
     assert all(OmegaConf.select(config, key, default="absent") != "absent" for key in MOST_USED)
 
 
-def test_the_resolution_of_an_accuracy_is_one_test_example(cli_run):
+def test_the_resolution_of_an_accuracy_is_one_test_example(cli_run, compose_config, read_json):
     _, run_dir = cli_run
     resolution = read_json(run_dir / "evaluation.json")["resolution"]
     accuracy = read_json(run_dir / "metrics.json")["eval/probe_accuracy"]
     from ae_lab.data import build_datamodule
-    from conftest import compose_config
 
     tested = len(build_datamodule(compose_config([]).dataset).splits["test"])  # digits: no class held out
     assert resolution["eval/probe_accuracy"] == resolution["eval/probe_accuracy_pixels"] == 1 / tested

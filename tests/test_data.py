@@ -19,15 +19,19 @@ import torch
 from ae_lab.data import build_datamodule
 from ae_lab.data.files import DataError, ensure_file, read_idx
 from ae_lab.data.mnist import FILES, read_arrays
-from conftest import SHARED, compose_config, needs_shared
+from paths import SHARED, needs_shared
 
 
-def mnist_config(*overrides: str, name: str = "mnist", root: Path = SHARED):
-    return compose_config([f"dataset={name}", f"dataset.root={root}", *overrides]).dataset
+@pytest.fixture(scope="session")
+def mnist_config(compose_config):
+    def mnist_config(*overrides: str, name: str = "mnist", root: Path = SHARED):
+        return compose_config([f"dataset={name}", f"dataset.root={root}", *overrides]).dataset
+
+    return mnist_config
 
 
 @needs_shared
-def test_mnist_files_decode_to_the_published_counts_and_statistics():
+def test_mnist_files_decode_to_the_published_counts_and_statistics(mnist_config):
     arrays, _ = read_arrays(mnist_config())
     assert arrays["train_images"].shape == (60000, 28, 28) and arrays["train_images"].dtype == np.uint8
     assert arrays["test_images"].shape == (10000, 28, 28)
@@ -41,7 +45,7 @@ def test_mnist_files_decode_to_the_published_counts_and_statistics():
 
 
 @needs_shared
-def test_fashion_mnist_files_decode_to_balanced_classes():
+def test_fashion_mnist_files_decode_to_balanced_classes(mnist_config):
     arrays, _ = read_arrays(mnist_config(name="fashion_mnist"))
     assert arrays["train_images"].shape == (60000, 28, 28)
     assert np.bincount(arrays["train_labels"]).tolist() == [6000] * 10
@@ -49,7 +53,7 @@ def test_fashion_mnist_files_decode_to_balanced_classes():
 
 
 @needs_shared
-def test_validation_split_is_seeded_and_disjoint():
+def test_validation_split_is_seeded_and_disjoint(mnist_config):
     first = build_datamodule(mnist_config("dataset.val_size=1000"))
     again = build_datamodule(mnist_config("dataset.val_size=1000"))
     other = build_datamodule(mnist_config("dataset.val_size=1000", "dataset.split_seed=1"))
@@ -64,7 +68,7 @@ def test_validation_split_is_seeded_and_disjoint():
 
 
 @needs_shared
-def test_binarisation_modes():
+def test_binarisation_modes(mnist_config):
     grey = build_datamodule(mnist_config()).splits["train"].batch(torch.arange(2000))["x"]
     static = build_datamodule(mnist_config("dataset.binarize=static"))
     static_again = build_datamodule(mnist_config("dataset.binarize=static"))
@@ -86,7 +90,7 @@ def test_binarisation_modes():
 
 
 @needs_shared
-def test_decoded_cache_is_reused_and_tied_to_the_source(tmp_path):
+def test_decoded_cache_is_reused_and_tied_to_the_source(tmp_path, mnist_config):
     shutil.copytree(SHARED / "mnist", tmp_path / "mnist")
     first = build_datamodule(mnist_config(root=tmp_path))
     [cache] = (tmp_path / "mnist").glob("decoded-*")
@@ -164,7 +168,7 @@ def _closed_port_url() -> str:
     return f"http://127.0.0.1:{port}"  # nothing listens there once the probe is closed
 
 
-def test_download_verifies_and_does_not_repeat(mirror, tmp_path):
+def test_download_verifies_and_does_not_repeat(mirror, tmp_path, mnist_config):
     cfg = mnist_config(f"dataset.mirrors=[{mirror.url}]", "dataset.download_timeout=10", root=tmp_path)
     data = build_datamodule(cfg)
     assert len(mirror.requests) == 4
@@ -209,8 +213,7 @@ def test_corrupt_local_file_is_reported_not_used(tmp_path):
         ensure_file(remote, tmp_path, [], download=False, timeout=5)
 
 
-def test_a_missing_data_file_refuses_the_run_and_leaves_no_run_folder(tmp_path):
-    from conftest import run_cli
+def test_a_missing_data_file_refuses_the_run_and_leaves_no_run_folder(tmp_path, run_cli):
 
     (tmp_path / "data").mkdir()
     done = run_cli(["dataset=mnist", f"dataset.root={tmp_path / 'data'}", "dataset.download=false", "logger=none"],
@@ -231,7 +234,7 @@ def _write_small_dsprites(path: Path) -> dict[str, np.ndarray]:
     return {"imgs": imgs, "latents_values": values, "latents_classes": classes}
 
 
-def test_dsprites_download_and_reader(tmp_path):
+def test_dsprites_download_and_reader(tmp_path, compose_config):
     served = tmp_path / "served"
     served.mkdir()
     from ae_lab.data.dsprites import FILE_NAME
@@ -268,13 +271,12 @@ def test_dsprites_file_without_its_arrays_is_refused(tmp_path):
 
 @needs_shared
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
-def test_models_train_on_mnist(arch, tmp_path):
-    from conftest import QUICK, read_json, train_in_process
+def test_models_train_on_mnist(arch, tmp_path, quick, read_json, train_in_process):
     from ae_lab.data.files import combined_sha256
 
     metrics = train_in_process(["dataset=mnist", f"dataset.root={SHARED}", f"model.arch={arch}",
                                 "model=vae", "dataset.binarize=dynamic", "dataset.on_device=true",
-                                "eval.fd_samples=0", *QUICK, "logger=none"], tmp_path)  # no FD classifier to train
+                                "eval.fd_samples=0", *quick, "logger=none"], tmp_path)  # no FD classifier to train
     assert np.isfinite(metrics["test/elbo"])
     expected = combined_sha256({remote.name: remote.sha256 for remote in FILES["mnist"].values()})
     assert read_json(tmp_path / "run.json")["data"] == {"name": "mnist", "sha256": expected}

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ae_lab.data.base import ArrayDataModule, BatchedTensors, ShardSampler, Split, keep_batch
-from conftest import ROOT
+from paths import ROOT
 
 
 class PerItem(Dataset):
@@ -73,6 +73,7 @@ def test_data_module_uses_distributed_samplers_under_ddp(split):
     assert isinstance(val.sampler, ShardSampler) and len(val.sampler) == 388
 
 
+@pytest.mark.slow
 def test_benchmark_quick_mode_writes_its_results_table(tmp_path):
     output = tmp_path / "RESULTS.md"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--output", str(output)],

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from paths import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 MARKED = re.compile(r"^<!-- run(?:: exit (?P<exit>\d+))? -->\n```(?P<language>[a-z]+)\n(?P<body>.*?)\n```$",

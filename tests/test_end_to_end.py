@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from conftest import QUICK, compose_config, read_json, run_cli, train_in_process
 from wandb_records import run_contents
 
 VARIANTS = {
@@ -34,8 +33,8 @@ EXPECTED_TERMS = {"sparse_l1": "sparsity", "sparse_kl": "sparsity", "contractive
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_every_variant_trains(variant, arch, tmp_path):
-    overrides = [*VARIANTS[variant], f"model.arch={arch}", *QUICK, "logger=none"]
+def test_every_variant_trains(variant, arch, tmp_path, compose_config, quick, read_json, train_in_process):
+    overrides = [*VARIANTS[variant], f"model.arch={arch}", *quick, "logger=none"]
     metrics = train_in_process(overrides, tmp_path)
     cfg = compose_config(overrides).loss
     assert all(math.isfinite(value) for value in metrics.values())
@@ -63,7 +62,7 @@ def _digits_checksum() -> str:
     return digest.hexdigest()
 
 
-def test_cli_run_folder_contract(cli_run):
+def test_cli_run_folder_contract(cli_run, read_json):
     done, run_dir = cli_run
     assert f"run folder: {run_dir}" in done.stdout
 
@@ -103,7 +102,7 @@ def test_git_state_is_recorded_when_the_source_is_a_checkout(tmp_path):
     assert len(state["commit"]) == 40 and isinstance(state["dirty"], bool)
 
 
-def test_same_seed_gives_identical_metrics_and_runs_keep_their_own_folders(tmp_path):
+def test_same_seed_gives_identical_metrics_and_runs_keep_their_own_folders(tmp_path, read_json, run_cli):
     args = ["trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.enable_progress_bar=false",
             "logger=csv", "model=vae", "noise=masking"]
     first = run_cli([*args, "seed=3"], cwd=tmp_path)
@@ -123,14 +122,14 @@ def test_same_seed_gives_identical_metrics_and_runs_keep_their_own_folders(tmp_p
     assert metrics[0]["test/loss"] != metrics[2]["test/loss"]  # the seed matters
 
 
-def test_training_stopped_by_max_steps_before_any_validation_is_still_evaluated(tmp_path):
+def test_training_stopped_by_max_steps_before_any_validation_is_still_evaluated(tmp_path, read_json, train_in_process):
     metrics = train_in_process(["trainer.max_steps=1", "trainer.limit_train_batches=5",
                                 "trainer.enable_progress_bar=false", "logger=none", "eval=minimal"], tmp_path)
     assert np.isfinite(metrics["val/loss"]) and np.isfinite(metrics["test/loss"])
     assert read_json(tmp_path / "run.json")["best_checkpoint"] is None
 
 
-def test_epoch_metrics_weight_every_example_equally():
+def test_epoch_metrics_weight_every_example_equally(compose_config):
     """A split served in batches of 3 and 1: the epoch's reconstruction error is the mean over the 4
     examples, not the mean of the two batch means."""
     import torch
@@ -151,7 +150,8 @@ def test_epoch_metrics_weight_every_example_equally():
     assert float(module.epoch_means["val__recon"].compute()) == pytest.approx(float(per_example.mean()), rel=1e-6)
 
 
-def test_a_job_that_stops_before_training_starts_makes_no_wandb_run(tmp_path, monkeypatch):
+def test_a_job_that_stops_before_training_starts_makes_no_wandb_run(tmp_path, monkeypatch, quick, read_json,
+                                                                    train_in_process):
     """The W&B run starts with training: a job that fails after its run folder is made but before its
     first step (here as its fit is set up, after its logger is built) leaves no wandb/ folder and no W&B id
     in run.json."""
@@ -162,7 +162,7 @@ def test_a_job_that_stops_before_training_starts_makes_no_wandb_run(tmp_path, mo
 
     monkeypatch.setattr(ae_lab.run, "_fit_and_test", no_trainer)
     with pytest.raises(RuntimeError, match="no Trainer today"):
-        train_in_process(list(QUICK), tmp_path)
+        train_in_process(list(quick), tmp_path)
     record = read_json(tmp_path / "run.json")
     assert record["status"] == "failed" and "wandb_run_id" not in record
     assert not (tmp_path / "wandb").exists()

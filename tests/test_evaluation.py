@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
-from conftest import QUICK, read_json, train_in_process
 from wandb_records import run_contents
 from ae_lab.evaluation.codes import encoder_jacobian_norm, sparse_code_statistics
 from ae_lab.evaluation.downstream import anomaly_auroc
@@ -186,7 +185,7 @@ def test_encoder_jacobian_norm_matches_autograd_jacobian():
     torch.testing.assert_close(encoder_jacobian_norm(encoder, x), expected)
 
 
-def test_evaluation_metrics_of_a_vae_match_references_on_its_own_reconstructions(tmp_path):
+def test_evaluation_metrics_of_a_vae_match_references_on_its_own_reconstructions(tmp_path, compose_config):
     """`evaluate` on a small untrained VAE (digits, class 3 held out) against metrics computed here from the
     reconstructions sigmoid(decoder(posterior mean)): mse by scikit-learn, psnr by torchmetrics, bce and
     the closed-form KL by hand, and both anomaly AUROCs by roc_auc_score on those scores (the ELBO's:
@@ -197,7 +196,6 @@ def test_evaluation_metrics_of_a_vae_match_references_on_its_own_reconstructions
     from ae_lab.data import build_datamodule
     from ae_lab.evaluation.evaluate import evaluate
     from ae_lab.module import Autoencoder
-    from conftest import compose_config
 
     latent = 4
     cfg = compose_config(["model=vae", "model.hidden_dims=[16]", f"model.latent_dim={latent}", "logger=none",
@@ -376,11 +374,12 @@ def test_code_scatter_legend_has_one_entry_per_value_in_its_colour(tmp_path, mon
     plt.close(drawn[0])
 
 
-def test_autoencoder_run_evaluates_and_draws_labels_with_a_glyph_for_every_character(tmp_path, monkeypatch):
+def test_autoencoder_run_evaluates_and_draws_labels_with_a_glyph_for_every_character(tmp_path, monkeypatch, quick,
+                                                                                     read_json, train_in_process):
     """Which metrics and figures a denoising run's evaluation gives and where they go (a smoke test of their
     values, checked against references above)."""
     drawn = _record_drawn_text(monkeypatch)
-    metrics = train_in_process([*QUICK, "noise=masking", "eval.num_reconstructions=6"], tmp_path)
+    metrics = train_in_process([*quick, "noise=masking", "eval.num_reconstructions=6"], tmp_path)
     _assert_no_missing_glyph(drawn)
     for key in ("mse", "bce", "psnr", "psnr_corrupted", "psnr_denoised", "psnr_gain", "probe_accuracy",
                 "probe_accuracy_pixels", "jacobian_frobenius_sq"):
@@ -403,7 +402,7 @@ def test_autoencoder_run_evaluates_and_draws_labels_with_a_glyph_for_every_chara
     assert {key.split("/")[1] for key in summary if key.startswith("figures/") and key.endswith("/_type")} == drawn
 
 
-def test_probe_on_digits_is_far_above_chance_and_above_an_untrained_encoders(tmp_path):
+def test_probe_on_digits_is_far_above_chance_and_above_an_untrained_encoders(tmp_path, train_in_process):
     """A 4-unit code: 10 classes, chance is 0.1; the code of the same encoder untrained (optim.lr=1e-12)
     gives 0.49 (measured), trained for 5 epochs 0.69."""
     metrics = train_in_process(["trainer.max_epochs=5", "trainer.enable_progress_bar=false", "logger=none",
@@ -412,8 +411,8 @@ def test_probe_on_digits_is_far_above_chance_and_above_an_untrained_encoders(tmp
     assert metrics["eval/probe_accuracy_pixels"] > 0.9
 
 
-def test_vae_run_reports_likelihood_metrics(tmp_path):
-    metrics = train_in_process([*QUICK, "model=vae", "eval.iw_samples=50", "model.latent_dim=4"], tmp_path)
+def test_vae_run_reports_likelihood_metrics(tmp_path, quick, read_json, train_in_process):
+    metrics = train_in_process([*quick, "model=vae", "eval.iw_samples=50", "model.latent_dim=4"], tmp_path)
     # the IW bound is tighter than the ELBO: -log p(x) <= iw_nll <= -elbo
     assert metrics["eval/iw_nll"] < -metrics["eval/elbo"]
     assert metrics["eval/elbo"] == pytest.approx(-(metrics["eval/elbo_recon_nll"] + metrics["eval/kl"]), rel=1e-5)
@@ -424,26 +423,26 @@ def test_vae_run_reports_likelihood_metrics(tmp_path):
     _assert_drawn(tmp_path / "figures" / "traversals.png", count=9, rows=4)
 
 
-def test_held_out_class_is_left_out_of_training_and_scored_as_the_anomaly(tmp_path):
-    from conftest import compose_config
+def test_held_out_class_is_left_out_of_training_and_scored_as_the_anomaly(tmp_path, compose_config, quick,
+                                                                          train_in_process):
     from ae_lab.data import build_datamodule
 
-    cfg = compose_config([*QUICK, "dataset.held_out_class=3"])
+    cfg = compose_config([*quick, "dataset.held_out_class=3"])
     data = build_datamodule(cfg.dataset)
     for name in ("train", "val"):
         split = data.splits[name]
         assert 3 not in split.batch(torch.arange(len(split)))["label"]
     test = data.splits["test"]
     assert 3 in test.batch(torch.arange(len(test)))["label"]
-    metrics = train_in_process([*QUICK, "dataset.held_out_class=3", "model=vae", "eval.figures=false"], tmp_path)
+    metrics = train_in_process([*quick, "dataset.held_out_class=3", "model=vae", "eval.figures=false"], tmp_path)
     # their values against roc_auc_score: test_evaluation_metrics_of_a_vae_match_references_on_its_own_reconstructions
     assert {"eval/anomaly_auroc_recon", "eval/anomaly_auroc_elbo"} <= set(metrics)
 
 
-def test_sparse_and_factor_data_runs(tmp_path):
+def test_sparse_and_factor_data_runs(tmp_path, quick, train_in_process):
     """A smoke test of the sparse-code and disentanglement metrics in a run (their values are checked in
     test_sparse_code_statistics_by_hand and tests/test_disentanglement.py), and of the sample sizes used."""
-    metrics = train_in_process([*QUICK, "loss=sparse_kl", "dataset=shapes", "dataset.subsample=2000",
+    metrics = train_in_process([*quick, "loss=sparse_kl", "dataset=shapes", "dataset.subsample=2000",
                                 "model.arch=conv", "model.latent_dim=6", "eval.disentanglement_train_size=300",
                                 "eval.disentanglement_test_size=100", "eval.dci=true"], tmp_path)
     for key in ("code_mean_activation", "code_near_zero_fraction", "mig", "factor_vae", "dci_disentanglement",
@@ -460,22 +459,21 @@ def test_sparse_and_factor_data_runs(tmp_path):
     assert _png(tmp_path / "figures" / "codes.png")[..., :3].std() > 0.05
 
 
-def test_evaluation_is_repeatable(tmp_path):
-    first = train_in_process([*QUICK, "noise=gaussian", "model=vae", "logger=none", "eval.figures=false"],
+def test_evaluation_is_repeatable(tmp_path, quick, train_in_process):
+    first = train_in_process([*quick, "noise=gaussian", "model=vae", "logger=none", "eval.figures=false"],
                              tmp_path / "a")
-    second = train_in_process([*QUICK, "noise=gaussian", "model=vae", "logger=none", "eval.figures=false"],
+    second = train_in_process([*quick, "noise=gaussian", "model=vae", "logger=none", "eval.figures=false"],
                               tmp_path / "b")
     assert first == second
 
 
-def test_disentanglement_pool_from_the_grid_reaches_the_asked_sizes():
+def test_disentanglement_pool_from_the_grid_reaches_the_asked_sizes(compose_config):
     """A 500-image shapes set has a test split of 50: too few for SAP's classifiers (skipped, not run
     on a handful of codes); a pool drawn from the whole grid gives the sizes asked for, recorded."""
     from ae_lab.data import build_datamodule
     from ae_lab.evaluation.disentanglement import sample_sizes
     from ae_lab.evaluation.evaluate import _disentanglement, _disentanglement_pool, encode_split
     from ae_lab.module import Autoencoder
-    from conftest import compose_config
     from omegaconf import OmegaConf
 
     overrides = ["dataset=shapes", "dataset.subsample=500", "model.latent_dim=4", "eval.disentanglement_pool=1500",

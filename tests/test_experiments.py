@@ -13,12 +13,10 @@ from omegaconf import OmegaConf
 
 from ae_lab.data import build_datamodule
 from ae_lab.module import Autoencoder
-from conftest import CONF, SHARED, compose_config, needs_shared, train_in_process
+from paths import CONF, SHARED, needs_shared
 
 PRESETS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml"))
-SMOKE = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-         "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "logger=none", "eval=minimal",
-         "eval.test_examples=64"]
+MINIMAL_EVAL = ["logger=none", "eval=minimal", "eval.test_examples=64"]  # on top of `quick`
 
 
 def _module(cfg, input_shape: tuple[int, ...] = (1, 28, 28)) -> Autoencoder:
@@ -32,11 +30,11 @@ def test_presets_exist():
 
 @needs_shared
 @pytest.mark.parametrize("name", PRESETS)
-def test_every_preset_trains(name, tmp_path):
+def test_every_preset_trains(name, tmp_path, compose_config, train_in_process, quick):
     """A smoke test: each preset composes, trains a few batches and reports finite numbers (the presets'
     networks are checked against their papers below)."""
     data_root = [f"dataset.root={SHARED}"] if "root" in compose_config([f"experiment={name}"]).dataset else []
-    metrics = train_in_process([f"experiment={name}", *data_root, *SMOKE], tmp_path)
+    metrics = train_in_process([f"experiment={name}", *data_root, *quick, *MINIMAL_EVAL], tmp_path)
     assert np.isfinite(metrics["test/loss"]) and np.isfinite(metrics["eval/psnr"])
 
 
@@ -44,7 +42,7 @@ def _parameters(module: Autoencoder) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def test_iwae_preset_is_burdas_784_200_200_50_tanh_network():
+def test_iwae_preset_is_burdas_784_200_200_50_tanh_network(compose_config):
     cfg = compose_config(["experiment=iwae_vae_mnist"])
     by_hand = (784 * 200 + 200) + (200 * 200 + 200) + (200 * 2 * 50 + 2 * 50) \
         + (50 * 200 + 200) + (200 * 200 + 200) + (200 * 784 + 784)
@@ -54,7 +52,7 @@ def test_iwae_preset_is_burdas_784_200_200_50_tanh_network():
     assert cfg.dataset.binarize == "dynamic" and cfg.dataset.batch_size == 20 and cfg.eval.iw_samples == 5000
 
 
-def test_pythae_preset_is_the_784_400_40_relu_network():
+def test_pythae_preset_is_the_784_400_40_relu_network(compose_config):
     cfg = compose_config(["experiment=pythae_vae_mnist"])
     by_hand = (784 * 400 + 400) + (400 * 80 + 80) + (40 * 400 + 400) + (400 * 784 + 784)
     assert _parameters(_module(cfg)) == by_hand
@@ -62,12 +60,12 @@ def test_pythae_preset_is_the_784_400_40_relu_network():
     assert cfg.trainer.max_epochs == 500 and cfg.eval.iw_samples == 200
 
 
-def test_classic_preset_is_a_one_layer_sigmoid_autoencoder():
+def test_classic_preset_is_a_one_layer_sigmoid_autoencoder(compose_config):
     cfg = compose_config(["experiment=classic_ae_mnist"])
     assert _parameters(_module(cfg)) == (784 * 1000 + 1000) + (1000 * 784 + 784)
 
 
-def test_locatello_preset_and_sweep():
+def test_locatello_preset_and_sweep(compose_config):
     cfg = compose_config(["experiment=locatello_beta_vae"])
     assert cfg.trainer.max_epochs == -1
     assert (cfg.model.latent_dim, cfg.dataset.batch_size, cfg.optim.lr, cfg.trainer.max_steps) == (10, 64, 1e-4, 300000)
@@ -86,7 +84,7 @@ class LearningRates(pl.Callback):
         self.by_epoch.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
-def test_iwae_preset_follows_burdas_learning_rate_schedule():
+def test_iwae_preset_follows_burdas_learning_rate_schedule(compose_config):
     """Burda et al., section 5: 'for i = 0..7, 3^i epochs with learning rate 0.001 * 10^(-i/7)'."""
     cfg = compose_config(["experiment=iwae_vae_mnist"])
     digits = compose_config(["trainer=debug"])
@@ -104,16 +102,16 @@ def test_iwae_preset_follows_burdas_learning_rate_schedule():
 
 
 @needs_shared
-def test_fidelity_report_shows_each_runs_recorded_command_and_numbers(tmp_path):
+def test_fidelity_report_shows_each_runs_recorded_command_and_numbers(tmp_path, read_json, run_cli, quick):
     """benchmarks/fidelity.py --report: the completed run is archived, and the report has a row per
     archived setting and budget, its figures from metrics.json and its command from the run's own record."""
     import subprocess
     import sys
 
-    from conftest import ROOT, read_json, run_cli
+    from paths import ROOT
 
     run = tmp_path / "runs" / "classic_dae"
-    done = run_cli(["experiment=classic_ae_mnist", f"dataset.root={SHARED}", "noise=masking", *SMOKE,
+    done = run_cli(["experiment=classic_ae_mnist", f"dataset.root={SHARED}", "noise=masking", *quick, *MINIMAL_EVAL,
                     f"hydra.run.dir={run}"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     output = tmp_path / "FIDELITY.md"
@@ -129,7 +127,7 @@ def test_fidelity_report_shows_each_runs_recorded_command_and_numbers(tmp_path):
         read_json(run / "metrics.json")
 
 
-def test_fidelity_report_puts_the_pythae_control_beside_our_run(tmp_path):
+def test_fidelity_report_puts_the_pythae_control_beside_our_run(tmp_path, read_json):
     """The control run (pythae's own trainer on our arrays, archived beside our full-budget run): its NLL
     and ours in one table, from the archived files, and the verdict follows their difference."""
     import json
@@ -137,7 +135,7 @@ def test_fidelity_report_puts_the_pythae_control_beside_our_run(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT, read_json
+    from paths import ROOT
 
     archive = tmp_path / "archive"
     shutil.copytree(ROOT / "benchmarks" / "fidelity" / "full" / "pythae_vae_mnist", archive / "full" / "pythae_vae_mnist")
@@ -164,7 +162,7 @@ def test_fidelity_report_puts_the_pythae_control_beside_our_run(tmp_path):
 def test_fidelity_sweep_section_says_whether_the_trend_appears_and_what_the_budget_would_cost():
     import sys
 
-    from conftest import ROOT
+    from paths import ROOT
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from fidelity import budget_lines

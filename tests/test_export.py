@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from ae_lab.export import PARTS, export, main, run_onnx
-from conftest import train_and_load
 
 # a digits VAE with a Bernoulli decoder: its score is -ELBO over fixed draws, the hardest part to export
 VAE = ["model=vae", "model.hidden_dims=[32]", "model.latent_dim=3", "trainer=debug", "logger=none",
@@ -16,7 +15,7 @@ VAE = ["model=vae", "model.hidden_dims=[32]", "model.latent_dim=3", "trainer=deb
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model(tmp_path_factory, train_and_load):
     return train_and_load(VAE, tmp_path_factory.mktemp("export") / "run")
 
 

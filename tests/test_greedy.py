@@ -14,7 +14,6 @@ import torch
 from ae_lab.data import build_datamodule
 from ae_lab.greedy import PhaseCheckpoints, pretraining_layer
 from ae_lab.module import Autoencoder
-from conftest import compose_config, kill_after_step, read_json, run_cli
 
 # three layers (two hidden and the code), one epoch each, then one epoch of fine-tuning; masking noise:
 # a stacked denoising autoencoder. digits, 3 training batches an epoch.
@@ -51,7 +50,7 @@ def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], la
     return [not torch.equal(before[name], after[name]) for name in names]
 
 
-def test_each_phase_trains_only_its_layer_and_fine_tuning_starts_from_the_pretrained_weights(tmp_path):
+def test_each_phase_trains_only_its_layer_and_fine_tuning_starts_from_the_pretrained_weights(tmp_path, compose_config):
     cfg = compose_config([*GREEDY, "logger=none"])
     assert [pretraining_layer(cfg.model, epoch) for epoch in range(5)] == [1, 2, 3, None, None]
     pl.seed_everything(0)
@@ -75,7 +74,7 @@ def test_each_phase_trains_only_its_layer_and_fine_tuning_starts_from_the_pretra
     assert all(all(_changed(snapshots.start[3], snapshots.end[3], layer)) for layer in LAYERS)
 
 
-def test_each_phase_trains_on_its_layers_error_for_the_corrupted_input_computed_by_hand(monkeypatch):
+def test_each_phase_trains_on_its_layers_error_for_the_corrupted_input_computed_by_hand(monkeypatch, compose_config):
     """The training loss of each phase against plain torch on the module's weights: layer 1 the Bernoulli
     error of the pixels (loss.recon=bce), layers 2 and 3 the squared error of the codes below them (sum
     over units), each layer's input corrupted (a fixed mask stands for the masking noise here) and its
@@ -107,7 +106,7 @@ def test_each_phase_trains_on_its_layers_error_for_the_corrupted_input_computed_
         assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-6), f"layer {layer}"
 
 
-def test_a_phase_checkpoint_is_written_at_the_last_epoch_of_its_phase_only(tmp_path):
+def test_a_phase_checkpoint_is_written_at_the_last_epoch_of_its_phase_only(tmp_path, compose_config):
     """Two layers, two epochs each, then fine-tuning: epochs 1 and 3 end a phase."""
     from types import SimpleNamespace
 
@@ -125,7 +124,8 @@ def _history(run_dir: Path) -> list[dict[str, str]]:
     return list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
 
 
-def test_a_run_killed_in_phase_two_resumes_in_phase_two_and_ends_as_an_uninterrupted_run(tmp_path):
+def test_a_run_killed_in_phase_two_resumes_in_phase_two_and_ends_as_an_uninterrupted_run(tmp_path, kill_after_step,
+                                                                                         read_json, run_cli):
     args = [*GREEDY, "logger=csv", "checkpoint_every_n_steps=2"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     done = run_cli([*args, f"hydra.run.dir={reference}"], cwd=tmp_path)

@@ -10,7 +10,6 @@ from ae_lab.module import Autoencoder
 from ae_lab.checks import validate
 from ae_lab.errors import ConfigError
 from ae_lab.noise import KINDS, LUMA, gaussian, grayscale, masking, occlusion, salt_pepper, watermark
-from conftest import compose_config
 
 N = 200_000
 
@@ -46,7 +45,7 @@ def test_salt_and_pepper_replaces_the_configured_fraction_with_0_or_1():
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 @pytest.mark.parametrize("noise", ["gaussian", "masking", "salt_pepper", "occlusion", "watermark"])
-def test_corruption_applies_in_training_only(noise):
+def test_corruption_applies_in_training_only(noise, compose_config):
     cfg = OmegaConf.to_container(compose_config([f"noise={noise}"]), resolve=True, enum_to_str=True)
     module = Autoencoder.from_config(cfg, (1, 8, 8))
     seen = []
@@ -106,7 +105,7 @@ def test_grayscale_gives_the_luma_in_every_channel():
     assert LUMA == (0.299, 0.587, 0.114)
 
 
-def test_grayscale_is_refused_on_data_without_three_channels():
+def test_grayscale_is_refused_on_data_without_three_channels(compose_config):
     cfg = compose_config(["noise=grayscale"])
     with pytest.raises(ConfigError, match=r"^noise='grayscale' is not allowed: only on RGB images"):
         validate(cfg, (1, 8, 8))

@@ -12,7 +12,6 @@ from sklearn.metrics import log_loss
 from ae_lab.nets import build_encoder, build_latent_head
 from ae_lab.objectives import (Objective, contractive_penalty, gaussian_kl, kl_sparsity, l1_sparsity,
                                reconstruction_error)
-from conftest import compose_config
 
 
 def test_gaussian_kl_matches_monte_carlo():
@@ -50,7 +49,7 @@ def test_kl_sparsity_stays_finite_for_dead_and_saturated_units():
     assert kl_sparsity(code, rho).item() == pytest.approx(expected, rel=1e-4)
 
 
-def test_the_tc_objective_needs_the_training_set_size():
+def test_the_tc_objective_needs_the_training_set_size(compose_config):
     loss = compose_config(["model=vae", "loss.kl=tc"]).loss
     message = r"^loss\.kl=tc needs the training set size \(Objective\(dataset_size=\.\.\.\)\)$"
     with pytest.raises(ValueError, match=message):

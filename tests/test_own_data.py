@@ -16,18 +16,21 @@ from ae_lab.checks import validate
 from ae_lab.data import build_datamodule, input_shape
 from ae_lab.data.arrays import MappedRows
 from ae_lab.errors import ConfigError
-from conftest import compose_config, read_json, run_cli, train_in_process
 
-QUICK = ["trainer=debug", "logger=none", "eval.jacobian_examples=8", "eval.num_reconstructions=3",
-         "eval.traversal_dims=2", "eval.traversal_steps=3", "eval.interpolation_steps=3"]
+SMALL_EVAL = ["logger=none", "eval.jacobian_examples=8", "eval.num_reconstructions=3",
+         "eval.traversal_dims=2", "eval.traversal_steps=3", "eval.interpolation_steps=3"]  # on top of `quick`
 
 
 def sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def array_config(path, *overrides: str):
-    return compose_config(["dataset=array", f"dataset.path={path}", *overrides])
+@pytest.fixture(scope="session")
+def array_config(compose_config):
+    def array_config(path, *overrides: str):
+        return compose_config(["dataset=array", f"dataset.path={path}", *overrides])
+
+    return array_config
 
 
 def check(cfg) -> list[str]:
@@ -35,7 +38,7 @@ def check(cfg) -> list[str]:
     return validate(cfg, input_shape(cfg.dataset))
 
 
-def test_sequences_through_the_command_line_conv_vae_with_val_and_test_files(tmp_path):
+def test_sequences_through_the_command_line_conv_vae_with_val_and_test_files(tmp_path, read_json, run_cli, quick):
     rng = np.random.default_rng(0)
     time = np.linspace(0, 6, 24, dtype=np.float32)
     signals = lambda n: np.sin(time + rng.uniform(0, 6, (n, 2, 1))).astype(np.float32)  # noqa: E731
@@ -45,7 +48,7 @@ def test_sequences_through_the_command_line_conv_vae_with_val_and_test_files(tmp
     run_dir = tmp_path / "run"
     done = run_cli(["dataset=array", "dataset.path=train.pt", "dataset.val_path=val.npy", "dataset.test_path=test.npz",
                     "dataset.normalize=standard", "loss.recon=mse", "model.output=linear", "model=vae",
-                    "model.arch=conv", "model.channels=[4,8]", *QUICK, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+                    "model.arch=conv", "model.channels=[4,8]", *quick, *SMALL_EVAL, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     record = read_json(run_dir / "run.json")
     assert record["status"] == "completed" and record["data"]["name"] == "array"
@@ -59,12 +62,13 @@ def test_sequences_through_the_command_line_conv_vae_with_val_and_test_files(tmp
 
 @pytest.mark.parametrize("shape,suffix,arch,model", [((60, 5), ".npz", "mlp", "vae"), ((60, 3, 8, 8), ".npy", "conv", "vae"),
                                                      ((60, 1, 16), ".npz", "conv", "ae"), ((60, 2, 6, 6), ".npz", "mlp", "ae")])
-def test_each_rank_and_format_trains_and_records_the_file_checksum(tmp_path, shape, suffix, arch, model):
+def test_each_rank_and_format_trains_and_records_the_file_checksum(tmp_path, shape, suffix, arch, model, read_json,
+                                                                   train_in_process, quick):
     rng = np.random.default_rng(1)
     x, labels = rng.uniform(0, 1, shape).astype(np.float32), rng.integers(0, 3, shape[0])
     path = tmp_path / f"data{suffix}"
     np.savez(path, x=x, labels=labels) if suffix == ".npz" else np.save(path, x)
-    overrides = [f"dataset.path={path}", f"model={model}", f"model.arch={arch}", "model.channels=[4,8]", *QUICK]
+    overrides = [f"dataset.path={path}", f"model={model}", f"model.arch={arch}", "model.channels=[4,8]", *quick, *SMALL_EVAL]
     metrics = train_in_process(["dataset=array", *overrides], tmp_path / "run")
     assert np.isfinite(metrics["test/loss"]) and np.isfinite(metrics["eval/bce"])
     assert ("eval/probe_accuracy" in metrics) == (suffix == ".npz")
@@ -72,7 +76,7 @@ def test_each_rank_and_format_trains_and_records_the_file_checksum(tmp_path, sha
     assert (tmp_path / "run" / "figures" / "reconstructions.png").is_file()
 
 
-def test_files_are_memory_mapped_not_copied(tmp_path):
+def test_files_are_memory_mapped_not_copied(tmp_path, array_config):
     np.save(tmp_path / "x.npy", np.zeros((20, 4), np.float32))
     np.savez(tmp_path / "x.npz", x=np.zeros((20, 4), np.float32), labels=np.arange(20) % 2)
     for name in ("x.npy", "x.npz"):
@@ -86,7 +90,7 @@ def test_files_are_memory_mapped_not_copied(tmp_path):
     np.testing.assert_array_equal(packed.splits["train"].batch(torch.arange(len(rows)))["x"].numpy(), x[rows.numpy()])
 
 
-def test_scaling_is_fitted_on_the_training_split_only(tmp_path):
+def test_scaling_is_fitted_on_the_training_split_only(tmp_path, read_json, train_in_process, array_config, quick):
     rng = np.random.default_rng(2)
     train = rng.normal([5.0, -2.0, 0.0], [2.0, 0.5, 10.0], (300, 3))
     val = rng.normal(50.0, 1.0, (40, 3))  # far from train: statistics over both would differ a lot
@@ -109,13 +113,13 @@ def test_scaling_is_fitted_on_the_training_split_only(tmp_path):
     assert minmax.splits["val"].batch(torch.arange(40))["x"].min() > 1  # val is scaled by train's range
     # the run records train's statistics
     train_in_process(["dataset=array", f"dataset.path={tmp_path / 'train.npy'}", "dataset.normalize=standard",
-                      *base, *QUICK, "eval.figures=false"], tmp_path / "run")
+                      *base, *quick, *SMALL_EVAL, "eval.figures=false"], tmp_path / "run")
     recorded = read_json(tmp_path / "run" / "scaling.json")
     np.testing.assert_allclose(recorded["shift"], train[train_rows].mean(0), rtol=1e-5)
     assert recorded["fitted_on"] == "train" and recorded["train_examples"] == len(train_rows)
 
 
-def test_scaling_is_fitted_without_the_held_out_class(tmp_path):
+def test_scaling_is_fitted_without_the_held_out_class(tmp_path, array_config):
     """The anomalies are not trained on, so they do not shape the scaling either."""
     rng = np.random.default_rng(3)
     labels = np.arange(200) % 4 == 0  # class 1: a quarter of the records, far from the others
@@ -130,7 +134,7 @@ def test_scaling_is_fitted_without_the_held_out_class(tmp_path):
     assert data.scaling.record()["train_examples"] == len(trained)
 
 
-def test_breast_cancer_anomaly_detection_as_in_the_readme(tmp_path):
+def test_breast_cancer_anomaly_detection_as_in_the_readme(tmp_path, train_in_process):
     """The example of docs/own-data.md: train on benign records only, score malignant ones by reconstruction error."""
     from sklearn.datasets import load_breast_cancer
 
@@ -183,7 +187,7 @@ def write_bad(path, content) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(BAD_ARRAYS))
-def test_bad_array_files_are_refused_naming_the_key(tmp_path, name):
+def test_bad_array_files_are_refused_naming_the_key(tmp_path, name, array_config):
     content, message = BAD_ARRAYS[name]
     write_bad(tmp_path / name, content)
     with pytest.raises(ConfigError, match=r"^dataset\.path=") as refused:
@@ -192,7 +196,7 @@ def test_bad_array_files_are_refused_naming_the_key(tmp_path, name):
     assert "\n" not in str(refused.value)
 
 
-def test_bad_combinations_with_the_data_are_refused(tmp_path):
+def test_bad_combinations_with_the_data_are_refused(tmp_path, array_config):
     rng = np.random.default_rng(3)
     np.savez(tmp_path / "d.npz", x=rng.normal(0, 3, (30, 4)), labels=np.arange(30) % 2)
     np.save(tmp_path / "other.npy", np.zeros((10, 5)))
@@ -211,16 +215,31 @@ def test_bad_combinations_with_the_data_are_refused(tmp_path):
     check(array_config(tmp_path / "d.npz", "dataset.normalize=minmax"))  # the fix the message offers
 
 
-@pytest.mark.parametrize("overrides,key", [
+BAD_DATA = [
     (["dataset.path=nan.npy", "loss.recon=mse"], "dataset.path='nan.npy' is not allowed: x holds 1 NaN"),
     (["dataset.path=big.npy"], "loss.recon='bce' is not allowed"),
-])
-def test_the_command_line_refuses_bad_data_before_training(tmp_path, overrides, key):
-    x = np.full((20, 3), 7.0)
-    np.save(tmp_path / "big.npy", x)
-    x[2, 2] = np.nan
-    np.save(tmp_path / "nan.npy", x)
-    done = run_cli(["dataset=array", *overrides, "logger=none"], cwd=tmp_path)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_data_refusals(tmp_path_factory, run_cli_many) -> dict[tuple[str, ...], tuple]:
+    """Each command line of BAD_DATA run in a folder of its own, which holds big.npy (values 7, beyond what
+    a BCE loss takes) and nan.npy (one NaN): its result and folder, by its overrides (each a process of its
+    own, forked after one start-up: `run_cli_many`)."""
+    folders = [tmp_path_factory.mktemp("bad_data") for _ in BAD_DATA]
+    for folder in folders:
+        x = np.full((20, 3), 7.0)
+        np.save(folder / "big.npy", x)
+        x[2, 2] = np.nan
+        np.save(folder / "nan.npy", x)
+    results = run_cli_many([(["dataset=array", *overrides, "logger=none"], folder)
+                            for (overrides, _), folder in zip(BAD_DATA, folders)])
+    return {tuple(overrides): (done, folder) for (overrides, _), done, folder in zip(BAD_DATA, results, folders)}
+
+
+@pytest.mark.parametrize("overrides,key", BAD_DATA)
+def test_the_command_line_refuses_bad_data_before_training(overrides, key, bad_data_refusals):
+    done, tmp_path = bad_data_refusals[tuple(overrides)]
     assert done.returncode == 2
     assert key in done.stderr and "Traceback" not in done.stderr + done.stdout
     assert len(done.stderr.strip().splitlines()) == 1
@@ -234,12 +253,16 @@ def write_png(path, colour, size=(6, 5), mode="RGB"):
     Image.new(mode, size, colour).save(path)
 
 
-def folder_config(folder, tmp_path, *overrides: str):
-    return compose_config(["dataset=image_folder", f"dataset.path={folder}", f"dataset.root={tmp_path / 'cache'}",
-                           "dataset.size=[4,6]", "dataset.val_fraction=0.2", *overrides])
+@pytest.fixture(scope="session")
+def folder_config(compose_config):
+    def folder_config(folder, tmp_path, *overrides: str):
+        return compose_config(["dataset=image_folder", f"dataset.path={folder}", f"dataset.root={tmp_path / 'cache'}",
+                               "dataset.size=[4,6]", "dataset.val_fraction=0.2", *overrides])
+
+    return folder_config
 
 
-def test_image_folder_classes_resize_and_cache_that_notices_a_changed_file(tmp_path):
+def test_image_folder_classes_resize_and_cache_that_notices_a_changed_file(tmp_path, folder_config):
     folder = tmp_path / "photos"
     for index in range(6):
         write_png(folder / "cats" / f"{index}.png", (200, 10, 10))
@@ -260,7 +283,8 @@ def test_image_folder_classes_resize_and_cache_that_notices_a_changed_file(tmp_p
     assert (pixels[:, 1] == 1).all(1).all(1).sum() == 1  # the green cat is there
 
 
-def test_rgb_image_folder_trains_a_colourisation_conv_net_with_colour_figures(tmp_path, caplog):
+def test_rgb_image_folder_trains_a_colourisation_conv_net_with_colour_figures(tmp_path, caplog, read_json,
+                                                                              train_in_process, quick):
     folder = tmp_path / "mixed"
     for index in range(10):
         write_png(folder / f"{index}.png", (index * 20, 100, 50))
@@ -268,7 +292,7 @@ def test_rgb_image_folder_trains_a_colourisation_conv_net_with_colour_figures(tm
     with caplog.at_level(logging.WARNING):
         metrics = train_in_process(["dataset=image_folder", f"dataset.path={folder}", f"dataset.root={tmp_path}",
                                     "dataset.size=8", "model.arch=conv", "model.channels=[4,8]", "noise=grayscale",
-                                    *QUICK],
+                                    *quick, *SMALL_EVAL],
                                    tmp_path / "run")
     assert "mixes grey images (1, e.g. grey.png) and colour ones (10" in caplog.text
     assert np.isfinite(metrics["test/loss"]) and "eval/probe_accuracy" not in metrics
@@ -278,7 +302,7 @@ def test_rgb_image_folder_trains_a_colourisation_conv_net_with_colour_figures(tm
     assert (tmp_path / "run" / "figures" / "reconstructions.png").is_file()
 
 
-def test_what_reading_the_data_says_is_said_in_each_run_not_at_the_checks(tmp_path, caplog):
+def test_what_reading_the_data_says_is_said_in_each_run_not_at_the_checks(tmp_path, caplog, folder_config):
     """The checks read a user's data before the run's logging exists (its console format, its ae_lab.log):
     the mixed-colour warning is said when a run builds its data, in every run of the process."""
     from ae_lab.data import own_data
@@ -296,7 +320,7 @@ def test_what_reading_the_data_says_is_said_in_each_run_not_at_the_checks(tmp_pa
             assert caplog.text.count("mixes grey images (1, e.g. grey.png) and colour ones (4") == run
 
 
-def test_bad_image_folders_are_refused_naming_the_key(tmp_path):
+def test_bad_image_folders_are_refused_naming_the_key(tmp_path, folder_config):
     (tmp_path / "empty").mkdir()
     write_png(tmp_path / "notes" / "a.png", (1, 2, 3))
     (tmp_path / "notes" / "readme.txt").write_text("not an image")
@@ -309,7 +333,8 @@ def test_bad_image_folders_are_refused_naming_the_key(tmp_path):
             check(folder_config(tmp_path / name, tmp_path))
 
 
-def test_target_loader_returns_a_data_module_that_trains(tmp_path, monkeypatch):
+def test_target_loader_returns_a_data_module_that_trains(tmp_path, monkeypatch, compose_config, read_json,
+                                                         train_in_process, quick):
     (tmp_path / "my_data.py").write_text(
         "import torch\n"
         "from ae_lab.data import ArrayDataModule, Split\n\n"
@@ -320,7 +345,7 @@ def test_target_loader_returns_a_data_module_that_trains(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     overrides = ["dataset=custom", "dataset._target_=my_data.make_data", "+dataset.kwargs.n=40", "+dataset.kwargs.width=5"]
     assert input_shape(compose_config(overrides).dataset) == (5,)
-    metrics = train_in_process([*overrides, *QUICK, "eval.figures=false"], tmp_path / "run")
+    metrics = train_in_process([*overrides, *quick, *SMALL_EVAL, "eval.figures=false"], tmp_path / "run")
     assert np.isfinite(metrics["test/loss"])
     assert read_json(tmp_path / "run" / "run.json")["data"] == {"name": "my_data", "sha256": "made-in-python"}
     with pytest.raises(ConfigError, match=r"^dataset\._target_='my_data\.nothing' is not allowed"):
@@ -330,7 +355,7 @@ def test_target_loader_returns_a_data_module_that_trains(tmp_path, monkeypatch):
     sys.modules.pop("my_data", None)
 
 
-def test_figures_show_a_users_data_in_its_own_units(tmp_path, monkeypatch):
+def test_figures_show_a_users_data_in_its_own_units(tmp_path, monkeypatch, array_config):
     """The docs' promise (docs/own-data.md, Scaling): figures undo `dataset.normalize`. What the figure code is
     handed for the test split's (standardised) rows is the rows as they are in the file."""
     from ae_lab.evaluation import visual

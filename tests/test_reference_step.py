@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from ae_lab.module import Autoencoder
-from conftest import compose_config
 
 SHAPE = (1, 3, 4)  # 12 pixels
 BATCH, HIDDEN, LATENT = 6, 5, 3
@@ -33,20 +32,25 @@ def fixed_weights(latent_outputs: int) -> dict[str, torch.Tensor]:
             "decoder.2.weight": draw(PIXELS, HIDDEN), "decoder.2.bias": draw(PIXELS)}
 
 
-def ae_lab_step(overrides: list[str], weights: dict[str, torch.Tensor], x: torch.Tensor,
-                seed: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """ae_lab's training step on batch `x` with `weights` (float64): the terms it logs and the
-    parameters' gradients."""
-    cfg = compose_config(["logger=none", "model.arch=mlp", f"model.hidden_dims=[{HIDDEN}]",
-                          f"model.latent_dim={LATENT}", "model.activation=tanh", *overrides])
-    module = Autoencoder.from_config(cfg, SHAPE).double()
-    assert {name for name, _ in module.named_parameters()} == set(weights)  # the layout the reference assumes
-    module.load_state_dict(weights, strict=False)
-    torch.manual_seed(seed)
-    module.training_step({"x": x}, 0).backward()
-    terms = {name.removeprefix("train__"): float(mean.compute()) for name, mean in module.epoch_means.items()
-             if name.startswith("train__") and mean.update_called}
-    return terms, {name: parameter.grad for name, parameter in module.named_parameters()}
+@pytest.fixture(scope="session")
+def ae_lab_step(compose_config):
+    """`ae_lab_step(...)`: ae_lab's training step on batch `x` with `weights` (float64): the terms it logs and the..."""
+    def ae_lab_step(overrides: list[str], weights: dict[str, torch.Tensor], x: torch.Tensor,
+                    seed: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """ae_lab's training step on batch `x` with `weights` (float64): the terms it logs and the
+        parameters' gradients."""
+        cfg = compose_config(["logger=none", "model.arch=mlp", f"model.hidden_dims=[{HIDDEN}]",
+                              f"model.latent_dim={LATENT}", "model.activation=tanh", *overrides])
+        module = Autoencoder.from_config(cfg, SHAPE).double()
+        assert {name for name, _ in module.named_parameters()} == set(weights)  # the layout the reference assumes
+        module.load_state_dict(weights, strict=False)
+        torch.manual_seed(seed)
+        module.training_step({"x": x}, 0).backward()
+        terms = {name.removeprefix("train__"): float(mean.compute()) for name, mean in module.epoch_means.items()
+                 if name.startswith("train__") and mean.update_called}
+        return terms, {name: parameter.grad for name, parameter in module.named_parameters()}
+
+    return ae_lab_step
 
 
 def reference_gradients(loss: torch.Tensor, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -63,7 +67,7 @@ def assert_same_step(terms: dict[str, float], grads: dict[str, torch.Tensor], re
         torch.testing.assert_close(grads[name], grad, **TOLERANCE, msg=name)
 
 
-def test_denoising_vae_step_matches_plain_torch():
+def test_denoising_vae_step_matches_plain_torch(ae_lab_step):
     """Gaussian noise (std 0.3) on the input, a Gaussian head, beta = 0.7, Bernoulli decoder: the
     reconstruction error and KL are against the *clean* batch and the posterior drawn from the corrupted
     one; the noise and the posterior sample are the RNG's first two draws, in that order."""
@@ -93,7 +97,7 @@ def test_denoising_vae_step_matches_plain_torch():
     assert_same_step(terms, grads, reference, reference_gradients(loss, w))
 
 
-def test_contractive_autoencoder_step_matches_plain_torch():
+def test_contractive_autoencoder_step_matches_plain_torch(ae_lab_step):
     """A sigmoid code, squared-error reconstruction of sigmoid outputs, contractive weight 0.3: the
     penalty is ||J||_F^2 of the closed-form Jacobian J = diag(c (1 - c)) W_head diag(1 - h^2) W_1."""
     weight = 0.3
@@ -120,7 +124,7 @@ def test_contractive_autoencoder_step_matches_plain_torch():
 
 @pytest.mark.parametrize("name,kind", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
                                         ("adamw", torch.optim.AdamW)])
-def test_the_step_uses_the_configured_torch_optimiser_with_its_settings(name, kind):
+def test_the_step_uses_the_configured_torch_optimiser_with_its_settings(name, kind, compose_config):
     cfg = compose_config(["logger=none", f"optim.name={name}", "optim.lr=0.03", "optim.weight_decay=0.002",
                           "optim.momentum=0.7", "optim.eps=1e-5", "optim.milestones=[3]", "optim.gamma=0.5"])
     module = Autoencoder.from_config(cfg, SHAPE)

@@ -19,7 +19,6 @@ from ae_lab.nets import Latent
 from ae_lab.kl_forms import free_bits_kl, gaussian_log_density, kl_decomposition, log_importance_weights
 from ae_lab.objectives import Objective
 from ae_lab.schedules import scheduled_weight
-from conftest import compose_config, kill_after_step, read_json, run_cli
 
 
 
@@ -45,7 +44,7 @@ def test_cyclical_schedule_against_its_closed_form():
     assert scheduled_weight(cosine, 2.0, 75) == pytest.approx(0.5)  # a new cycle starts from `start`
 
 
-def test_constant_schedule_keeps_the_weight_and_capacity_rises_linearly():
+def test_constant_schedule_keeps_the_weight_and_capacity_rises_linearly(compose_config):
     objective = Objective(compose_config(["model=vae", "loss.beta=4"]).loss, gaussian_head=True)
     assert objective.weights(0)["beta"] == objective.weights(10**6)["beta"] == 4.0
     capacity = Objective(compose_config(["model=vae", "loss.beta=100", "loss.beta_schedule.kind=capacity",
@@ -74,7 +73,8 @@ def _logged(run_dir: Path, key: str) -> dict[int, float]:
     return {int(row["epoch"]): float(row[key]) for row in rows if row.get(key)}
 
 
-def test_scheduled_beta_is_logged_per_epoch_and_continues_exactly_after_a_resume_mid_cycle(tmp_path):
+def test_scheduled_beta_is_logged_per_epoch_and_continues_exactly_after_a_resume_mid_cycle(tmp_path, kill_after_step,
+                                                                                           read_json, run_cli):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     done = run_cli([*FIT, f"hydra.run.dir={reference}"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -89,7 +89,7 @@ def test_scheduled_beta_is_logged_per_epoch_and_continues_exactly_after_a_resume
     assert read_json(killed / "metrics.json") == read_json(reference / "metrics.json")
 
 
-def test_a_schedule_longer_than_the_run_is_warned():
+def test_a_schedule_longer_than_the_run_is_warned(compose_config):
     cfg = compose_config([*FIT, "loss.beta_schedule.steps=1000"])
     assert validate(cfg, (1, 8, 8)) == []
     [warning] = schedule_warnings(cfg, train_size=1258)
@@ -123,33 +123,37 @@ def test_free_bits_take_the_max_per_unit_and_a_unit_below_them_gets_no_gradient(
     assert torch.all(mean.grad[:, 1] != 0)
 
 
-def _terms(overrides: list[str], step: int, batch: int = 6, units: int = 3, dataset_size: int | None = None):
-    cfg = compose_config(["model=vae", *overrides])
-    objective = Objective(cfg.loss, gaussian_head=True, dataset_size=dataset_size)
-    mean, logvar = _posterior(batch, units, seed=2)
-    generator = torch.Generator().manual_seed(5)
-    z = mean + torch.exp(0.5 * logvar) * torch.randn(batch, units, generator=generator, dtype=torch.float64)
-    logits = torch.randn(batch, 1, 2, 2, generator=generator, dtype=torch.float64)
-    x = torch.rand(batch, 1, 2, 2, generator=generator, dtype=torch.float64).round()
-    terms = objective(logits, x, Latent(z=z, code=mean, mean=mean, logvar=logvar), x, objective.weights(step),
-                      create_graph=False)
-    recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum").item() / batch
-    return terms, recon, _kl_by_hand(mean, logvar).sum(1).mean().item()
+@pytest.fixture(scope="session")
+def vae_terms(compose_config):
+    def vae_terms(overrides: list[str], step: int, batch: int = 6, units: int = 3, dataset_size: int | None = None):
+        cfg = compose_config(["model=vae", *overrides])
+        objective = Objective(cfg.loss, gaussian_head=True, dataset_size=dataset_size)
+        mean, logvar = _posterior(batch, units, seed=2)
+        generator = torch.Generator().manual_seed(5)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(batch, units, generator=generator, dtype=torch.float64)
+        logits = torch.randn(batch, 1, 2, 2, generator=generator, dtype=torch.float64)
+        x = torch.rand(batch, 1, 2, 2, generator=generator, dtype=torch.float64).round()
+        terms = objective(logits, x, Latent(z=z, code=mean, mean=mean, logvar=logvar), x, objective.weights(step),
+                          create_graph=False)
+        recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum").item() / batch
+        return terms, recon, _kl_by_hand(mean, logvar).sum(1).mean().item()
+
+    return vae_terms
 
 
-def test_capacity_loss_is_gamma_times_the_distance_of_the_kl_to_the_capacity():
+def test_capacity_loss_is_gamma_times_the_distance_of_the_kl_to_the_capacity(vae_terms):
     # C rises to 4 nats over 100 steps: 1 nat at step 25, below this batch's KL, 4 at step 100, above it
     overrides = ["loss.beta=50", "loss.beta_schedule.kind=capacity", "loss.beta_schedule.capacity=4",
                  "loss.beta_schedule.steps=100"]
     for step, capacity in ((25, 1.0), (100, 4.0)):
-        terms, recon, kl = _terms(overrides, step)
+        terms, recon, kl = vae_terms(overrides, step)
         assert terms["kl"].item() == pytest.approx(kl)
         assert terms["loss"].item() == pytest.approx(recon + 50 * abs(kl - capacity))
     assert 1.0 < kl < 4.0  # both sides of the absolute value are exercised
 
 
-def test_free_bits_loss_by_hand_and_the_true_kl_still_reported():
-    terms, recon, kl = _terms(["loss.beta=2", "loss.free_bits=1.0"], step=0)
+def test_free_bits_loss_by_hand_and_the_true_kl_still_reported(vae_terms):
+    terms, recon, kl = vae_terms(["loss.beta=2", "loss.free_bits=1.0"], step=0)
     mean, logvar = _posterior(6, 3, seed=2)
     per_unit = _kl_by_hand(mean, logvar).mean(0)
     assert terms["kl"].item() == pytest.approx(kl) and terms["elbo"].item() == pytest.approx(-(recon + kl))
@@ -268,8 +272,8 @@ def test_mws_bias_is_the_documented_constant_when_the_batch_is_the_whole_set():
     assert (mws["mi"] - mss["mi"]).item() == pytest.approx(log_n)
 
 
-def test_tc_objective_weights_its_three_terms():
-    terms, recon, kl = _terms(["loss.beta=6", "loss.kl=tc", "loss.tc_alpha=0.5", "loss.tc_gamma=2"], step=0,
+def test_tc_objective_weights_its_three_terms(vae_terms):
+    terms, recon, kl = vae_terms(["loss.beta=6", "loss.kl=tc", "loss.tc_alpha=0.5", "loss.tc_gamma=2"], step=0,
                               dataset_size=1000)
     assert terms["kl"].item() == pytest.approx(kl)
     expected = recon + 0.5 * terms["mi"] + 6 * terms["tc"] + 2 * terms["dwkl"]
@@ -293,20 +297,20 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("overrides,key,reason", REFUSED)
-def test_regimes_that_make_no_sense_are_refused_naming_the_key(overrides, key, reason):
+def test_regimes_that_make_no_sense_are_refused_naming_the_key(overrides, key, reason, compose_config):
     with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}=") as refused:
         validate(compose_config(overrides), (1, 8, 8))
     assert reason in str(refused.value) and "\n" not in str(refused.value)
 
 
-def test_cli_refuses_free_bits_without_a_gaussian_head_in_one_line(tmp_path):
+def test_cli_refuses_free_bits_without_a_gaussian_head_in_one_line(tmp_path, run_cli):
     done = run_cli(["loss.free_bits=0.5"], cwd=tmp_path)
     assert done.returncode != 0 and "loss.free_bits" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout and not (tmp_path / "outputs").exists()
 
 
-def test_beta_tcvae_sweep_is_the_locatello_network_with_the_tc_objective():
-    from conftest import CONF
+def test_beta_tcvae_sweep_is_the_locatello_network_with_the_tc_objective(compose_config):
+    from paths import CONF
 
     plain, tc = compose_config(["+sweeps=locatello_beta"]), compose_config(["+sweeps=locatello_beta_tcvae"])
     assert tc.model == plain.model and tc.dataset == plain.dataset and tc.loss.kl == "tc"
@@ -327,8 +331,9 @@ KL_FORMS = {
 
 
 @pytest.mark.parametrize("form", sorted(KL_FORMS))
-def test_every_kl_form_trains_and_reports_a_loss_that_is_the_weighted_sum_of_its_terms(form, tmp_path):
-    from conftest import train_in_process
+def test_every_kl_form_trains_and_reports_a_loss_that_is_the_weighted_sum_of_its_terms(form, tmp_path,
+                                                                                       compose_config,
+                                                                                       train_in_process):
 
     overrides = ["model=vae", "trainer=debug", "trainer.limit_test_batches=1", "logger=none", "eval=minimal",
                  "model.hidden_dims=[16]", "model.latent_dim=3", *KL_FORMS[form][0]]
@@ -338,7 +343,7 @@ def test_every_kl_form_trains_and_reports_a_loss_that_is_the_weighted_sum_of_its
     assert metrics["test/elbo"] == pytest.approx(-(metrics["test/recon"] + metrics["test/kl"]), rel=1e-5)
 
 
-def test_a_checkpoint_from_before_the_regime_keys_still_matches_its_run():
+def test_a_checkpoint_from_before_the_regime_keys_still_matches_its_run(compose_config):
     """Checkpoints written before `loss.beta_schedule` & co. existed resume when the run keeps their defaults."""
     from ae_lab.config import flatten
     from ae_lab.resume import config_differences

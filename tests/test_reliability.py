@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ctrl_c_by_default, read_json, run_cli
 from wandb_records import read_records
 
 SHORT = ["trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.enable_progress_bar=false",
@@ -25,7 +24,7 @@ def reproduce(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
+def finished(tmp_path_factory, run_cli) -> Path:
     cwd = tmp_path_factory.mktemp("reproduce")
     done = run_cli([*SHORT, "logger=csv"], cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -33,7 +32,7 @@ def finished(tmp_path_factory) -> Path:
     return run
 
 
-def test_reproduce_matches_metric_by_metric(finished, tmp_path):
+def test_reproduce_matches_metric_by_metric(finished, tmp_path, read_json):
     done = reproduce(str(finished), "--output", str(tmp_path / "again"))
     assert done.returncode == 0, done.stderr[-3000:]
     count = len(read_json(finished / "metrics.json"))
@@ -42,7 +41,7 @@ def test_reproduce_matches_metric_by_metric(finished, tmp_path):
     assert "warning:" not in done.stderr
 
 
-def test_reproduce_reports_a_mismatch_and_a_changed_record(finished, tmp_path):
+def test_reproduce_reports_a_mismatch_and_a_changed_record(finished, tmp_path, read_json):
     edited = tmp_path / "edited"
     subprocess.run(["cp", "-r", str(finished), str(edited)], check=True)
     metrics = read_json(edited / "metrics.json")
@@ -78,10 +77,14 @@ def test_reproduce_refuses_what_is_not_a_finished_run(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
-    return subprocess.Popen([sys.executable, "-m", "ae_lab", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=ctrl_c_by_default)
+@pytest.fixture(scope="session")
+def start_cli(ctrl_c_by_default):
+    def start_cli(args: list[str], cwd: Path) -> subprocess.Popen:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
+        return subprocess.Popen([sys.executable, "-m", "ae_lab", *args], cwd=cwd, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=ctrl_c_by_default)
+
+    return start_cli
 
 
 def _interrupt_when_training(process: subprocess.Popen, cwd: Path, pattern: str) -> tuple[str, str]:
@@ -97,8 +100,8 @@ def _interrupt_when_training(process: subprocess.Popen, cwd: Path, pattern: str)
             process.kill()
 
 
-def test_ctrl_c_ends_a_run_cleanly(tmp_path):
-    process = _start(["trainer.max_epochs=100000", "trainer.enable_progress_bar=false"], tmp_path)
+def test_ctrl_c_ends_a_run_cleanly(tmp_path, read_json, start_cli):
+    process = start_cli(["trainer.max_epochs=100000", "trainer.enable_progress_bar=false"], tmp_path)
     out, err = _interrupt_when_training(process, tmp_path, "outputs/runs/*/checkpoints/last.ckpt")
     assert process.returncode == 130
     [run] = (tmp_path / "outputs" / "runs").iterdir()
@@ -115,8 +118,8 @@ def test_ctrl_c_ends_a_run_cleanly(tmp_path):
     assert "exit" in kinds  # the W&B run was finished
 
 
-def test_ctrl_c_stops_a_sweep_after_the_current_job_with_a_summary(tmp_path):
-    process = _start(["-m", "seed=0,1,2", "trainer.max_epochs=100000", "trainer.enable_progress_bar=false",
+def test_ctrl_c_stops_a_sweep_after_the_current_job_with_a_summary(tmp_path, read_json, start_cli):
+    process = start_cli(["-m", "seed=0,1,2", "trainer.max_epochs=100000", "trainer.enable_progress_bar=false",
                       "logger=none"], tmp_path)
     out, err = _interrupt_when_training(process, tmp_path, "outputs/sweeps/*/*/checkpoints/last.ckpt")
     assert process.returncode == 130
@@ -140,7 +143,7 @@ def test_secrets_never_reach_what_a_run_writes(tmp_path):
         assert secret.encode() not in path.read_bytes(), f"{path} holds the secret"
 
 
-def test_a_run_submitit_does_not_requeue_is_recorded_interrupted(tmp_path):
+def test_a_run_submitit_does_not_requeue_is_recorded_interrupted(tmp_path, compose_config, read_json):
     """When submitit's handler refuses to requeue (it raises UncompletedJobError, e.g. "timed-out too
     many times" once `max_num_timeout` is used up), the run's record says `interrupted`, with the reason
     and the way on, not `requeued` (the job will not come back)."""
@@ -148,7 +151,6 @@ def test_a_run_submitit_does_not_requeue_is_recorded_interrupted(tmp_path):
 
     from ae_lab.preemption import Requeued
     from ae_lab.tracking import RunRecord
-    from conftest import compose_config
 
     record = RunRecord(tmp_path, compose_config([]), "digits", "checksum")
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"
@@ -165,12 +167,12 @@ def test_a_run_submitit_does_not_requeue_is_recorded_interrupted(tmp_path):
     assert "timed-out too many times" in saved["error"] and f"resume={tmp_path}" in saved["error"]
 
 
-def test_a_run_whose_loss_turns_nan_keeps_its_earlier_checkpoints_as_they_were(tmp_path, monkeypatch):
+def test_a_run_whose_loss_turns_nan_keeps_its_earlier_checkpoints_as_they_were(tmp_path, monkeypatch, read_json,
+                                                                               train_in_process):
     """The docs' promise (docs/reproducing.md): the batch of step 4 is made NaN, after the
     checkpoints of steps 2 and 4; the run fails naming the step, and the checkpoint folder holds the same
     files with the same bytes as when step 4 began."""
     from ae_lab.module import Autoencoder
-    from conftest import train_in_process
 
     before: dict[str, bytes] = {}
     step = Autoencoder.training_step

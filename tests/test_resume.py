@@ -17,7 +17,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import QUICK, ROOT, compose_config, kill_after_step, read_json, run_cli, train_in_process
+from paths import ROOT
 from wandb_records import read_records
 from ae_lab.history import STEP_LOSS, read_history
 from ae_lab.wandb_log import history_rows
@@ -42,7 +42,7 @@ def _global_step(checkpoint: Path) -> int:
 
 
 @pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason=f"the MNIST files are not in {SHARED}")
-def test_a_run_killed_mid_epoch_and_resumed_ends_as_an_uninterrupted_run(tmp_path):
+def test_a_run_killed_mid_epoch_and_resumed_ends_as_an_uninterrupted_run(tmp_path, kill_after_step, read_json, run_cli):
     reference_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     reference = subprocess.Popen([sys.executable, "-m", "ae_lab", *RUN, "logger=none",
                                   f"hydra.run.dir={reference_dir}"], cwd=tmp_path, env=_environment(),
@@ -185,51 +185,60 @@ def _snapshot(folder: Path) -> dict[str, tuple]:
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory) -> tuple[Path, Path]:
+def two_runs(tmp_path_factory, quick, train_in_process) -> tuple[Path, Path]:
     """Two finished runs of different configs (their checkpoints to resume from or to misplace)."""
     folder = tmp_path_factory.mktemp("runs")
-    train_in_process([*QUICK, "logger=none"], folder / "run")
-    train_in_process([*QUICK, "logger=none", "model.latent_dim=4"], folder / "other")
+    train_in_process([*quick, "logger=none"], folder / "run")
+    train_in_process([*quick, "logger=none", "model.latent_dim=4"], folder / "other")
     return folder / "run", folder / "other"
 
 
-def _killed_copy(run: Path, destination: Path) -> Path:
-    """A copy of `run` as a killed run leaves it: status running, no process alive."""
-    subprocess.run(["cp", "-r", str(run), str(destination)], check=True)
-    record = read_json(destination / "run.json")
-    (destination / "run.json").write_text(json.dumps({**record, "status": "running", "pid": None}))
-    return destination
+@pytest.fixture(scope="session")
+def killed_copy(read_json):
+    """`killed_copy(...)`: A copy of `run` as a killed run leaves it: status running, no process alive."""
+    def killed_copy(run: Path, destination: Path) -> Path:
+        """A copy of `run` as a killed run leaves it: status running, no process alive."""
+        subprocess.run(["cp", "-r", str(run), str(destination)], check=True)
+        record = read_json(destination / "run.json")
+        (destination / "run.json").write_text(json.dumps({**record, "status": "running", "pid": None}))
+        return destination
+
+    return killed_copy
 
 
-def _refused(args: list[str], cwd: Path, folder: Path) -> str:
-    before = _snapshot(folder)
-    done = run_cli(args, cwd=cwd)
-    assert done.returncode == 2, done.stderr[-3000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in done.stdout
-    assert _snapshot(folder) == before, "a refused resume changed the folder"
-    assert not (cwd / "outputs").exists()
-    return lines[0]
+@pytest.fixture(scope="session")
+def refused(run_cli):
+    def refused(args: list[str], cwd: Path, folder: Path) -> str:
+        before = _snapshot(folder)
+        done = run_cli(args, cwd=cwd)
+        assert done.returncode == 2, done.stderr[-3000:]
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in done.stdout
+        assert _snapshot(folder) == before, "a refused resume changed the folder"
+        assert not (cwd / "outputs").exists()
+        return lines[0]
+
+    return refused
 
 
-def test_resume_of_a_folder_that_is_not_a_run_is_refused(tmp_path):
+def test_resume_of_a_folder_that_is_not_a_run_is_refused(tmp_path, refused):
     folder = tmp_path / "notes"
     folder.mkdir()
     (folder / "todo.txt").write_text("my own file\n")
-    line = _refused([f"resume={folder}"], tmp_path, tmp_path)
+    line = refused([f"resume={folder}"], tmp_path, tmp_path)
     assert line == (f"ae_lab: error: resume='{folder}' is not allowed: a run folder holding run.json and "
                     f".hydra/config.yaml; {folder} has no run.json")
 
 
-def test_resume_from_a_checkpoint_of_another_config_is_refused(two_runs, tmp_path):
-    run = _killed_copy(two_runs[0], tmp_path / "run")
+def test_resume_from_a_checkpoint_of_another_config_is_refused(two_runs, tmp_path, killed_copy, refused):
+    run = killed_copy(two_runs[0], tmp_path / "run")
     subprocess.run(["cp", str(two_runs[1] / "checkpoints" / "last.ckpt"), str(run / "checkpoints")], check=True)
-    line = _refused([f"resume={run}"], tmp_path, tmp_path)
+    line = refused([f"resume={run}"], tmp_path, tmp_path)
     assert f"resume='{run}' is not allowed" in line and "checkpoints/last.ckpt is from another config" in line
     assert "model.latent_dim=4 there, 16 in the run" in line
 
 
-def test_a_config_mismatch_names_the_keys_that_change_results_first():
+def test_a_config_mismatch_names_the_keys_that_change_results_first(compose_config):
     from ae_lab.resume import config_differences
 
     run = OmegaConf.to_container(compose_config(["model=vae", "loss.beta=4", "model.latent_dim=8"]),
@@ -242,7 +251,7 @@ def test_a_config_mismatch_names_the_keys_that_change_results_first():
     assert all(key.startswith("logger.") for key in keys[3:]) and "logger.entity absent there, None in the run" in differing
 
 
-def test_resume_of_a_completed_run_does_nothing(two_runs, tmp_path):
+def test_resume_of_a_completed_run_does_nothing(two_runs, tmp_path, run_cli):
     run = two_runs[0]
     before = _snapshot(run)
     done = run_cli([f"resume={run}"], cwd=tmp_path)
@@ -262,12 +271,12 @@ def _check(run: Path, *overrides: str) -> bool:
                                                                          "overrides": {"task": task}}}))
 
 
-def test_resumes_that_cannot_continue_their_run_are_refused(two_runs, tmp_path):
+def test_resumes_that_cannot_continue_their_run_are_refused(two_runs, tmp_path, read_json, killed_copy):
     from ae_lab.errors import ConfigError
 
     with pytest.raises(ConfigError, match="is not allowed: a run folder .*; there is no folder"):
         _check(tmp_path / "missing")
-    run = _killed_copy(two_runs[0], tmp_path / "run")
+    run = killed_copy(two_runs[0], tmp_path / "run")
     # the progress bar may be switched off on resume, the latent size may not be changed
     with pytest.raises(ConfigError, match=r"together with model.latent_dim=4: a resumed run keeps its recorded "
                                           r"config \(what may be given with resume: checkpoint_every_n_steps"):
@@ -285,7 +294,7 @@ def test_resumes_that_cannot_continue_their_run_are_refused(two_runs, tmp_path):
 
 
 @pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason=f"the MNIST files are not in {SHARED}")
-def test_a_resumed_run_keeps_its_csv_history(tmp_path):
+def test_a_resumed_run_keeps_its_csv_history(tmp_path, kill_after_step, run_cli):
     """Lightning's CSV writer deletes metrics.csv when it starts; a resumed run's file holds the same rows
     as an uninterrupted run's: the killed attempt's rows before the checkpoint, then the resumed ones."""
     reference_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
@@ -316,7 +325,9 @@ def _wandb_values(run_dir: Path) -> list[tuple[int, str, float]]:
     return values
 
 
-def test_a_killed_and_resumed_run_holds_every_value_once_in_wandb_and_in_its_history(tmp_path):
+@pytest.mark.slow
+def test_a_killed_and_resumed_run_holds_every_value_once_in_wandb_and_in_its_history(tmp_path, kill_after_step,
+                                                                                     run_cli, train_in_process):
     """Killed 10 steps into the last of 3 epochs (its checkpoint: epoch 1's end, step 40), with the W&B
     records not yet written lost (W&B writes its file every 15 s, and a block when it fills; here only the
     latter, so that the loss does not depend on the machine's speed), then resumed: the attempts'

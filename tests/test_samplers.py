@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import compose_config, read_json, train_in_process
 from sklearn.mixture import GaussianMixture
 
 import ae_lab
@@ -130,7 +129,7 @@ TRAINED = ["model=vae", "model.hidden_dims=[128]", "model.latent_dim=8", "traine
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, compose_config, train_in_process):
     """A small VAE trained on digits with the Fréchet distances on; the classifier in its own cache."""
     root = tmp_path_factory.mktemp("samplers")
     overrides = [*TRAINED, f"eval.fd_classifier_cache={root / 'cache'}"]
@@ -142,7 +141,7 @@ def trained(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def plain(trained):
+def plain(trained, train_in_process):
     """A plain autoencoder on digits, two batches of training, its mixture fitted by its evaluation."""
     run_dir = trained.root / "plain"
     train_in_process(["trainer=debug", "logger=none", "eval=minimal", "eval.fd_samples=10000", "eval.gmm_components=3",
@@ -163,7 +162,7 @@ def _counting(model):
     return model
 
 
-def test_evaluation_records_the_distances_the_classifier_and_its_cache(trained):
+def test_evaluation_records_the_distances_the_classifier_and_its_cache(trained, read_json):
     metrics = trained.metrics
     assert metrics["eval/fd_n"] == 359  # digits' whole test split
     assert metrics["eval/fd_classifier_accuracy"] > 0.93
@@ -283,7 +282,7 @@ def test_sample_quality_and_samples_on_cuda_equal_the_cpus(trained, tmp_path):
     ("eval.gmm_components=20", "eval.gmm_components"),  # with eval.gmm_train_size=10 below
     ("eval.fd_samples=1", "eval.fd_samples"), ("eval.fd_classifier_hidden=[]", "eval.fd_classifier_hidden"),
     ("eval.fd_classifier_epochs=0", "eval.fd_classifier_epochs")])
-def test_bad_sample_quality_settings_are_refused_naming_the_key(override, key):
+def test_bad_sample_quality_settings_are_refused_naming_the_key(override, key, compose_config):
     extra = ["eval.gmm_train_size=10"] if override == "eval.gmm_components=20" else []
     with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}="):
         validate(compose_config([override, *extra]), (1, 8, 8))

@@ -256,9 +256,8 @@ def test_areas_match_the_continuous_shapes(scale):
     assert torch.allclose(square, torch.full_like(square, side**2), rtol=0.15)
 
 
-def test_shapes_data_module_serves_rendered_images_with_their_factors():
+def test_shapes_data_module_serves_rendered_images_with_their_factors(compose_config):
     from ae_lab.data import build_datamodule
-    from conftest import compose_config
 
     cfg = compose_config(["dataset=shapes", "dataset.subsample=1000"]).dataset
     data = build_datamodule(cfg)
@@ -278,11 +277,9 @@ def test_shapes_data_module_serves_rendered_images_with_their_factors():
 
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
-def test_models_train_on_shapes(arch, tmp_path):
+def test_models_train_on_shapes(arch, tmp_path, quick, train_in_process):
     """A smoke test: both architectures train on the shapes images and report a finite loss (the images
     themselves are checked above)."""
-    from conftest import QUICK, train_in_process
-
     metrics = train_in_process(["dataset=shapes", "dataset.subsample=500", f"model.arch={arch}",
-                                *QUICK, "logger=none"], tmp_path)
+                                *quick, "logger=none"], tmp_path)
     assert np.isfinite(metrics["test/loss"])

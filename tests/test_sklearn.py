@@ -36,9 +36,10 @@ DIGITS = dict(logger="none", trainer="debug", eval="minimal", dataset__normalize
               model__hidden_dims=[32], model__latent_dim=8)
 
 
-def test_fit_writes_the_run_the_command_line_writes_and_the_methods_are_the_loaded_models(digits, tmp_path):
+def test_fit_writes_the_run_the_command_line_writes_and_the_methods_are_the_loaded_models(digits, tmp_path,
+                                                                                          read_json,
+                                                                                          train_in_process):
     import ae_lab
-    from conftest import read_json, train_in_process
 
     X, _ = digits
     transformer = AutoencoderTransformer(output_dir=tmp_path / "fits", **DIGITS).fit(X)

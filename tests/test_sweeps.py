@@ -12,11 +12,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, kill_after_step, read_json, run_cli
+from paths import ROOT
 from wandb_records import run_contents
 
-QUICK = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.enable_progress_bar=false",
-         "trainer.enable_model_summary=false"]
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 JOB_FILES = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "ae_lab.log",
              "checkpoints/best.ckpt", "checkpoints/last.ckpt", "metrics.json", "evaluation.json", "run.json",
@@ -40,8 +38,8 @@ def files_of(job: Path) -> set[str]:
     return files
 
 
-def test_two_by_two_sweep_with_summary(tmp_path):
-    done = run_cli(["-m", "model=vae", "loss.beta=1,4", "model.latent_dim=2,8", *QUICK, "logger=csv"],
+def test_two_by_two_sweep_with_summary(tmp_path, read_json, run_cli, quick):
+    done = run_cli(["-m", "model=vae", "loss.beta=1,4", "model.latent_dim=2,8", *quick, "logger=csv", "eval=minimal"],
                    cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     sweep = sweep_folder(tmp_path)
@@ -75,9 +73,12 @@ def _test_recon_by_hand(job: Path) -> float:
         return reconstruction_error(logits, x, "bce").mean().item()
 
 
-def test_ddp_under_multirun_runs_each_job_once_in_its_own_folder(tmp_path):
+@pytest.mark.slow
+def test_ddp_under_multirun_runs_each_job_once_in_its_own_folder(tmp_path, read_json, run_cli, quick):
     # verbose=true: Lightning's "Initializing distributed: ... MEMBER: r/n" lines reach the console
-    done = run_cli(["-m", *DDP, "model.latent_dim=4,8", *QUICK, "verbose=true"], cwd=tmp_path)
+    # the whole test split, which the test metric is checked to cover across the ranks
+    done = run_cli(["-m", *DDP, "model.latent_dim=4,8", *quick, "trainer.limit_test_batches=1.0", "verbose=true"],
+                   cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
     assert output.count("MEMBER: 2/2") == 2  # two ranks per job...
@@ -97,8 +98,8 @@ def test_ddp_under_multirun_runs_each_job_once_in_its_own_folder(tmp_path):
         assert metrics["test/recon"] == pytest.approx(_test_recon_by_hand(job), rel=1e-5)
 
 
-def test_single_run_with_ddp_makes_one_run_folder(tmp_path):
-    done = run_cli([*DDP, *QUICK, "logger=csv", "verbose=true"], cwd=tmp_path)  # MEMBER lines on the console
+def test_single_run_with_ddp_makes_one_run_folder(tmp_path, run_cli, quick):
+    done = run_cli([*DDP, *quick, "logger=csv", "verbose=true"], cwd=tmp_path)  # MEMBER lines on the console
     assert done.returncode == 0, done.stderr[-3000:]
     assert "MEMBER: 2/2" in done.stdout + done.stderr
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["runs"]
@@ -108,9 +109,10 @@ def test_single_run_with_ddp_makes_one_run_folder(tmp_path):
     assert done.stdout.splitlines().count(f"run folder: {run}") == 1, done.stdout[-3000:]
 
 
-def test_joblib_launcher_with_ddp_jobs(tmp_path):
+@pytest.mark.slow
+def test_joblib_launcher_with_ddp_jobs(tmp_path, run_cli, quick):
     done = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *DDP, "model=vae",
-                    "loss.beta=1,4", *QUICK, "logger=none"], cwd=tmp_path)
+                    "loss.beta=1,4", *quick, "logger=none"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["sweeps"]
     jobs = job_folders(sweep_folder(tmp_path))
@@ -119,8 +121,8 @@ def test_joblib_launcher_with_ddp_jobs(tmp_path):
     assert all(files_of(job) == JOB_FILES | {"figures/samples.png"} for job in jobs)  # a VAE samples
 
 
-def test_jobs_leak_nothing_into_the_next(tmp_path):
-    done = run_cli(["-m", "model.latent_dim=3,5", "model=vae", *QUICK], cwd=tmp_path)
+def test_jobs_leak_nothing_into_the_next(tmp_path, read_json, run_cli, quick):
+    done = run_cli(["-m", "model.latent_dim=3,5", "model=vae", *quick, "eval=minimal"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     jobs = job_folders(sweep_folder(tmp_path))
     for job, latent_dim in zip(jobs, (3, 5)):
@@ -133,9 +135,10 @@ def test_jobs_leak_nothing_into_the_next(tmp_path):
     assert first["test/loss"] != second["test/loss"]
 
 
-def test_failed_job_is_recorded_the_sweep_goes_on_and_a_rerun_resumes(tmp_path):
+def test_failed_job_is_recorded_the_sweep_goes_on_and_a_rerun_resumes(tmp_path, read_json, run_cli, quick):
     sweep_dir = tmp_path / "outputs" / "sweeps" / "resumable"
-    args = ["-m", "optim.name=sgd", "optim.lr=0.01,1e30", *QUICK, "logger=none", f"hydra.sweep.dir={sweep_dir}"]
+    args = ["-m", "optim.name=sgd", "optim.lr=0.01,1e30", *quick, "logger=none", "eval=minimal",
+            f"hydra.sweep.dir={sweep_dir}"]
     first = run_cli(args, cwd=tmp_path)
     assert first.returncode == 1
     assert "1 of 2 jobs did not complete" in first.stderr
@@ -154,12 +157,14 @@ def test_failed_job_is_recorded_the_sweep_goes_on_and_a_rerun_resumes(tmp_path):
     assert "1 failed" in (sweep_dir / "summary.md").read_text()
 
 
-def test_a_sweep_run_again_resumes_a_cut_off_job_from_its_checkpoint(tmp_path):
+@pytest.mark.slow
+def test_a_sweep_run_again_resumes_a_cut_off_job_from_its_checkpoint(tmp_path, kill_after_step, read_json, run_cli,
+                                                                     quick):
     """A sweep killed (SIGKILL) in the middle of its job, run again into its folder: the job goes on from
     its step checkpoint, in its folder, and ends with the metrics of an uninterrupted run."""
-    run = ["model=vae", "noise=masking", "model.hidden_dims=[32]", "model.latent_dim=4", "trainer.max_epochs=1",
+    run = ["model=vae", "noise=masking", "model.hidden_dims=[32]", "model.latent_dim=4", *quick,
            "trainer.limit_train_batches=10", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
-           "checkpoint_every_n_steps=4", "eval=minimal", "logger=none", "seed=5", *QUICK[2:]]
+           "checkpoint_every_n_steps=4", "eval=minimal", "logger=none", "seed=5"]
     env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
     reference = subprocess.Popen([sys.executable, "-m", "ae_lab", *run, f"hydra.run.dir={tmp_path / 'reference'}"],
                                  cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -183,11 +188,12 @@ def test_a_sweep_run_again_resumes_a_cut_off_job_from_its_checkpoint(tmp_path):
     assert read_json(job / "metrics.json") == read_json(tmp_path / "reference" / "metrics.json")
 
 
-def test_optuna_search_stores_its_study_and_continues(tmp_path):
+def test_optuna_search_stores_its_study_and_continues(tmp_path, read_json, run_cli, quick):
     import optuna
 
     sweep_dir = tmp_path / "study"
-    args = ["-m", "hparams_search=vae_elbo", *QUICK, "logger=none", f"hydra.sweep.dir={sweep_dir}"]
+    args = ["-m", "hparams_search=vae_elbo", *quick, "logger=none", "eval=minimal",
+            f"hydra.sweep.dir={sweep_dir}"]
     first = run_cli([*args, "hydra.sweeper.n_trials=3"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     storage = f"sqlite:///{sweep_dir / 'optuna.db'}"
@@ -205,7 +211,7 @@ def test_optuna_search_stores_its_study_and_continues(tmp_path):
     ("gpu_queue", "hydra.launcher.gpus=[0,0]", "GPU ids (integers >= 0, each once)"),
     ("vectorized", "hydra.launcher.max_members=0", "an integer >= 1"),
 ])
-def test_a_bad_launcher_key_is_refused_before_the_sweep_folder_is_made(tmp_path, launcher, key, allowed):
+def test_a_bad_launcher_key_is_refused_before_the_sweep_folder_is_made(tmp_path, launcher, key, allowed, run_cli):
     done = run_cli(["-m", f"hydra/launcher={launcher}", key, "seed=0,1", "logger=none"], cwd=tmp_path)
     assert done.returncode == 2
     [line] = done.stderr.splitlines()  # one line, no traceback
@@ -213,11 +219,12 @@ def test_a_bad_launcher_key_is_refused_before_the_sweep_folder_is_made(tmp_path,
     assert not (tmp_path / "outputs").exists()
 
 
-def test_gpu_queue_launcher_gives_each_job_its_own_gpus(tmp_path):
+@pytest.mark.slow
+def test_gpu_queue_launcher_gives_each_job_its_own_gpus(tmp_path, read_json, run_cli, quick):
     """Three simulated GPUs, four jobs taking 2, 2, 1, 1 of them: every job sees exactly its own
     devices, and jobs that ran at the same time never shared one."""
     done = run_cli(["-m", "hydra/launcher=gpu_queue", "hydra.launcher.gpus=[0,1,2]", "hydra.launcher.poll_seconds=0.1",
-                    *DDP, "trainer.devices=2,1", "seed=1,2", *QUICK, "logger=none"], cwd=tmp_path)
+                    *DDP, "trainer.devices=2,1", "seed=1,2", *quick, "logger=none", "eval=minimal"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     jobs = job_folders(sweep_folder(tmp_path))
     assert len(jobs) == 4
@@ -236,11 +243,12 @@ def test_gpu_queue_launcher_gives_each_job_its_own_gpus(tmp_path):
         "with 3 GPUs some jobs should have run in parallel"
 
 
-def test_gpu_queue_jobs_are_wandb_runs_in_the_sweeps_group(tmp_path):
+@pytest.mark.slow
+def test_gpu_queue_jobs_are_wandb_runs_in_the_sweeps_group(tmp_path, read_json, run_cli, quick):
     """A gpu_queue job is a single run in its own process; its W&B run still joins the sweep's group."""
     sweep = tmp_path / "outputs" / "queued"
     done = run_cli(["-m", "hydra/launcher=gpu_queue", "hydra.launcher.gpus=[0]", "hydra.launcher.poll_seconds=0.1",
-                    "seed=1,2", *QUICK, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+                    "seed=1,2", *quick, "eval=minimal", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     jobs = job_folders(sweep)
     assert len(jobs) == 2
@@ -250,7 +258,7 @@ def test_gpu_queue_jobs_are_wandb_runs_in_the_sweeps_group(tmp_path):
     (jobs[0] / "run.json").write_text(json.dumps({**record, "status": "interrupted"}))
     (jobs[0] / "metrics.json").unlink()
     again = run_cli(["-m", "hydra/launcher=gpu_queue", "hydra.launcher.gpus=[0]", "hydra.launcher.poll_seconds=0.1",
-                     "seed=1,2", *QUICK, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+                     "seed=1,2", *quick, "eval=minimal", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:] + (jobs[0] / "output.log").read_text()[-2000:]
     resumed = read_json(jobs[0] / "run.json")
     assert resumed["status"] == "completed" and resumed["resumed_from"]["checkpoint"].endswith("last.ckpt")
@@ -267,8 +275,9 @@ def test_ready_sweeps_compose(sweep):
     assert len(params) >= 2 and all("," in str(values) for values in params.values())
 
 
-def test_a_ready_sweep_runs(tmp_path):
-    done = run_cli(["-m", "+sweeps=denoising_noise", "trainer=debug", "logger=none"], cwd=tmp_path)
+@pytest.mark.slow
+def test_a_ready_sweep_runs(tmp_path, read_json, run_cli):
+    done = run_cli(["-m", "+sweeps=denoising_noise", "trainer=debug", "logger=none", "eval=minimal"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     jobs = job_folders(sweep_folder(tmp_path))
     assert len(jobs) == 9

@@ -22,7 +22,7 @@ from ae_lab.data.base import Split
 from ae_lab.ensemble.group import Member, run_group
 from ae_lab.evaluation import downstream, evaluate as evaluate_module
 from ae_lab.trained import InputError, LoadError
-from conftest import SHARED, compose_config, needs_shared, read_json, train_in_process
+from paths import SHARED, needs_shared
 
 SMALL = ["logger=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
          "model.hidden_dims=[32]", "model.latent_dim=4", "eval.jacobian_examples=0"]
@@ -32,7 +32,7 @@ loaded = lru_cache(ae_lab.load)  # the tests that only read a model share one lo
 
 
 @pytest.fixture(scope="module")
-def vae(tmp_path_factory) -> Path:
+def vae(tmp_path_factory, train_in_process) -> Path:
     """A digits VAE (Bernoulli decoder: recon and -ELBO scores) with class 0 held out, its figures drawn."""
     run_dir = tmp_path_factory.mktemp("vae") / "run"
     train_in_process([*SMALL, *ANOMALY, *FIGURES, "model=vae", "trainer.max_epochs=2", "eval.iw_samples=3",
@@ -41,7 +41,7 @@ def vae(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def members(tmp_path_factory) -> tuple[list[Path], dict[int, torch.Tensor]]:
+def members(tmp_path_factory, compose_config) -> tuple[list[Path], dict[int, torch.Tensor]]:
     """Two plain autoencoders trained as one vectorised group (seeds 0 and 1), class 0 held out, no
     figures; and the test codes their evaluation computed, by seed."""
     folder = tmp_path_factory.mktemp("members")
@@ -62,7 +62,7 @@ def members(tmp_path_factory) -> tuple[list[Path], dict[int, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def rows(tmp_path_factory) -> tuple[Path, np.ndarray]:
+def rows(tmp_path_factory, train_in_process) -> tuple[Path, np.ndarray]:
     """A linear-output AE on rows of three columns of very different ranges, `normalize=standard`, with a
     test file of its own; and that file's rows."""
     folder = tmp_path_factory.mktemp("rows")
@@ -81,7 +81,7 @@ def rows(tmp_path_factory) -> tuple[Path, np.ndarray]:
 
 # ----- the same numbers as the run's evaluation
 
-def test_encode_gives_the_codes_evaluation_used_and_its_probe_accuracy(members):
+def test_encode_gives_the_codes_evaluation_used_and_its_probe_accuracy(members, read_json):
     """A vectorised sweep's member: its codes of the raw test split are those its evaluation computed
     (and have the per-unit variances of evaluation.json); the probe refitted on codes from `encode`
     scores what metrics.json says."""
@@ -105,7 +105,7 @@ def test_encode_gives_the_codes_evaluation_used_and_its_probe_accuracy(members):
     assert accuracy == read_json(run_dir / "metrics.json")["eval/probe_accuracy"]
 
 
-def test_score_ranks_the_test_split_as_the_anomaly_aurocs_of_metrics_json(members, vae):
+def test_score_ranks_the_test_split_as_the_anomaly_aurocs_of_metrics_json(members, vae, read_json):
     for run_dir in (members[0][1], vae):
         model, metrics = loaded(run_dir), read_json(run_dir / "metrics.json")
         x, is_anomaly = model.split_inputs("test"), model.split_labels("test") == 0
@@ -115,7 +115,7 @@ def test_score_ranks_the_test_split_as_the_anomaly_aurocs_of_metrics_json(member
         assert np.array_equal(model.score(x), model.score(x, kind=model.score_kinds[-1]))
 
 
-def test_scores_npz_holds_every_test_example_and_gives_the_aurocs_of_metrics_json(members, vae):
+def test_scores_npz_holds_every_test_example_and_gives_the_aurocs_of_metrics_json(members, vae, read_json):
     """Written for a single run and for each member of a vectorised group; the ROC figure with figures on."""
     for run_dir in (*members[0], vae):
         scores, metrics = np.load(run_dir / "scores.npz"), read_json(run_dir / "metrics.json")
@@ -149,7 +149,7 @@ def test_the_scores_are_the_bce_and_minus_elbo_written_out_by_hand(members, vae)
     assert torch.allclose(model.score(x * 16, kind="recon"), bce(model.reconstruct(x * 16) / 16), rtol=1e-4)
 
 
-def test_a_model_on_standardised_rows_takes_and_gives_raw_values(rows):
+def test_a_model_on_standardised_rows_takes_and_gives_raw_values(rows, read_json):
     """Fed the test file's raw rows, it reconstructs them in raw units: the squared error mapped through
     scaling.json's scale is the test MSE of metrics.json (which evaluation measured in model units)."""
     run_dir, raw = rows
@@ -176,7 +176,7 @@ def test_to_model_gives_what_the_loader_gave(vae):
 
 @pytest.mark.parametrize("binarize,expected", [("none", [0, 127 / 255, 128 / 255, 1]), ("threshold", [0, 0, 1, 1]),
                                                ("static", [0, 127 / 255, 128 / 255, 1])])
-def test_mnist_raw_pixels_become_what_each_binarisation_trained_on(tmp_path, binarize, expected):
+def test_mnist_raw_pixels_become_what_each_binarisation_trained_on(tmp_path, binarize, expected, compose_config):
     cfg = compose_config(["dataset=mnist", f"dataset.binarize={binarize}"]).dataset
     mnist = units(cfg, tmp_path, (1, 28, 28))
     pixels = torch.tensor([0.0, 127, 128, 255])
@@ -205,7 +205,7 @@ def _folder_of_images(folder: Path) -> None:
     *[pytest.param(["dataset=mnist", f"dataset.root={SHARED}", f"dataset.binarize={mode}"], marks=needs_shared, id=mode)
       for mode in ("dynamic",)],  # its evaluation splits a fixed draw, its training split drawn per batch
 ], ids=lambda overrides: overrides[0] if isinstance(overrides, list) else None)
-def test_each_data_sets_raw_examples_become_what_its_loader_serves(tmp_path, overrides):
+def test_each_data_sets_raw_examples_become_what_its_loader_serves(tmp_path, overrides, compose_config):
     """Every split as raw examples (`Units.raw`), mapped by `to_model`, equals the loader's own batches:
     the preprocessing rebuilt from the config and the run folder (scaling.json) is the loader's."""
     np.save(tmp_path / "rows.npy", np.random.default_rng(1).normal(50, 20, (40, 3)).astype(np.float32))
@@ -304,7 +304,7 @@ def _refused(path, *, which: str = "best") -> str:
     return message
 
 
-def test_load_refuses_what_is_not_a_finished_run_in_one_line_naming_the_path_and_the_fix(vae, tmp_path):
+def test_load_refuses_what_is_not_a_finished_run_in_one_line_naming_the_path_and_the_fix(vae, tmp_path, read_json):
     assert "no such folder" in _refused(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     assert f"{tmp_path / 'empty'} is not a run folder" in _refused(tmp_path / "empty")

@@ -27,12 +27,12 @@ from ae_lab.ensemble.grouping import group_jobs, sequential_reason
 from ae_lab.ensemble.optim import StackedOptimizer, clip_gradients
 from ae_lab.history import STEP_LOSS, read_history
 from ae_lab.objectives import contractive_penalty
-from conftest import (ROOT, SHARED, compose_config, ctrl_c_by_default, needs_shared, read_json, run_cli,
-                      train_in_process)
+from paths import ROOT, SHARED, needs_shared
 from wandb_records import run_contents
 
-SMALL = ["trainer.max_epochs=2", "eval=minimal", "trainer.enable_progress_bar=false",
-         "trainer.enable_model_summary=false"]
+# on top of `quick`: whole epochs (digits: 20 training batches), two of them, the cheap metrics only
+WHOLE_EPOCHS = ["trainer.max_epochs=2", "trainer.limit_train_batches=1.0", "trainer.limit_val_batches=1.0",
+                "trainer.limit_test_batches=1.0", "eval=minimal"]
 
 
 @pytest.fixture(autouse=True)
@@ -46,13 +46,17 @@ def one_thread(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def plain(overrides: list[str]) -> dict:
-    return OmegaConf.to_container(compose_config(overrides), resolve=True, enum_to_str=True)
+@pytest.fixture(scope="session")
+def plain(compose_config):
+    def plain(overrides: list[str]) -> dict:
+        return OmegaConf.to_container(compose_config(overrides), resolve=True, enum_to_str=True)
+
+    return plain
 
 
 # ----- grouping
 
-def test_latent_size_by_beta_makes_one_group_per_latent_size():
+def test_latent_size_by_beta_makes_one_group_per_latent_size(plain):
     jobs = [[f"model.latent_dim={size}", "model=vae", f"loss.beta={beta}", f"seed={seed}"]
             for size in (4, 8) for beta in (1, 4) for seed in (0, 1)]
     groups = group_jobs([plain(job) for job in jobs], max_members=64)
@@ -60,14 +64,14 @@ def test_latent_size_by_beta_makes_one_group_per_latent_size():
     assert group_jobs([plain(job) for job in jobs], max_members=3) == [[0, 1, 2], [3], [4, 5, 6], [7]]
 
 
-def test_a_weight_switched_on_or_another_noise_kind_is_another_group():
+def test_a_weight_switched_on_or_another_noise_kind_is_another_group(plain):
     jobs = [["loss.sparsity_weight=0"], ["loss.sparsity_weight=0.1"], ["loss.sparsity_weight=0.5"],
             ["noise=gaussian", "noise.std=0.1"], ["noise=gaussian", "noise.std=0.3"], ["noise=masking"],
             ["optim.lr=0.01", "optim.weight_decay=0.1", "seed=3"], ["model.hidden_dims=[32]"]]
     assert group_jobs([plain(job) for job in jobs], max_members=64) == [[0, 6], [1, 2], [3, 4], [5], [7]]
 
 
-def test_greedy_pretraining_falls_back_to_single_runs_the_contractive_penalty_does_not():
+def test_greedy_pretraining_falls_back_to_single_runs_the_contractive_penalty_does_not(plain):
     assert "greedy" in sequential_reason(plain(["model.pretrain=greedy"]))
     for estimator in ("exact", "projection"):
         assert sequential_reason(plain(["loss=contractive", f"loss.contractive_estimator={estimator}"])) is None
@@ -152,13 +156,13 @@ def _csv_epochs(run_dir: Path) -> list[dict[str, float]]:
                    "trainer.limit_test_batches=2", f"loss.beta={beta}", "optim.weight_decay=0"] for beta in (1, 2, 4)],
                  id="vae-dynamic-binarisation", marks=needs_shared),
 ])
-def test_members_equal_separate_runs_epoch_by_epoch(tmp_path, loss):
+def test_members_equal_separate_runs_epoch_by_epoch(tmp_path, loss, compose_config, read_json, train_in_process, quick):
     """Each member with its own seed, lr, weight decay, clipping, lr milestone (and loss weight, noise
     level): every epoch's train and val terms and every final metric equal the separate run's (`_equal`:
     relative 1e-4). Plain AE; exact contractive AE (its penalty through torch.func.vjp in the ensemble, through
     torch.autograd.grad in the single run); and members that draw random numbers (VAE sampling, noise,
     contractive projections): each draws in its own stream what its single run draws."""
-    base = [*SMALL, "trainer.max_epochs=3", "logger=csv", "optim.milestones=[2]", "optim.gamma=0.5"]
+    base = [*quick, *WHOLE_EPOCHS, "trainer.max_epochs=3", "logger=csv", "optim.milestones=[2]", "optim.gamma=0.5"]
     variants = [["seed=0"], ["seed=1", "optim.lr=0.003", "optim.weight_decay=0.01", "trainer.gradient_clip_val=5"],
                 ["seed=2", "optim.name=adam", "optim.eps=1e-6", "trainer.gradient_clip_val=0.5"]]
     variants = [variant + own_loss for variant, own_loss in zip(variants, loss)]
@@ -187,11 +191,12 @@ def _equal(mine: dict[str, float], single: dict[str, float]) -> None:
 
 
 @pytest.mark.parametrize("max_steps", [47, 13])
-def test_max_steps_stops_a_member_where_a_single_run_stops(tmp_path, max_steps):
+def test_max_steps_stops_a_member_where_a_single_run_stops(tmp_path, max_steps, compose_config, read_json,
+                                                           train_in_process, plain, quick):
     """digits: 20 batches an epoch. 47 steps: two whole epochs and 7 steps of a third, which Lightning
     trains but does not validate; 13 steps: no validation at all (final weights, no best.ckpt).
     Every epoch's losses, every final metric, `epochs` and the best epoch equal the single run's."""
-    base = [*SMALL, "trainer.max_epochs=5", f"trainer.max_steps={max_steps}", "logger=csv", "seed=3"]
+    base = [*quick, *WHOLE_EPOCHS, "trainer.max_epochs=5", f"trainer.max_steps={max_steps}", "logger=csv", "seed=3"]
     assert sequential_reason(plain(base)) is None
     member = Member(compose_config(base), tmp_path / "member")
     run_group([member], "steps", tmp_path / "steps.pt")
@@ -233,7 +238,7 @@ def test_replay_hands_out_the_recorded_draws_and_refuses_any_other():
             other()
 
 
-def test_conv_members_in_chunks_equal_each_single_module():
+def test_conv_members_in_chunks_equal_each_single_module(plain):
     """Conv nets on a CPU are vmapped in chunks of CPU_CONV_CHUNK members: with 3 members (two chunks),
     each member's terms (a VAE's: its sampling drawn in its own stream) equal its own module's, run alone
     from the same generator state."""
@@ -253,7 +258,7 @@ def test_conv_members_in_chunks_equal_each_single_module():
             assert terms[name][member].item() == pytest.approx(value.item(), rel=1e-5), name
 
 
-def test_ensemble_projection_estimates_each_members_exact_penalty():
+def test_ensemble_projection_estimates_each_members_exact_penalty(plain):
     """The projection estimator under vmap (the rows from a torch.func pullback): the mean of repeated
     estimates on one batch lies within 4 standard errors of each member's exact penalty, computed by the
     single run's autograd path."""
@@ -271,7 +276,7 @@ def test_ensemble_projection_estimates_each_members_exact_penalty():
         assert estimates.std() > 0  # a random estimate, not the exact value again
 
 
-def test_a_contractive_sweep_trains_as_one_ensemble(tmp_path):
+def test_a_contractive_sweep_trains_as_one_ensemble(tmp_path, read_json, run_cli):
     sweep_dir = tmp_path / "sweep"
     done = run_cli(["-m", "hydra/launcher=vectorized", "loss=contractive", "loss.contractive_weight=0.01,0.1",
                     "trainer.max_epochs=1", "eval=minimal", "logger=none", "trainer.enable_progress_bar=false",
@@ -286,8 +291,9 @@ def test_a_contractive_sweep_trains_as_one_ensemble(tmp_path):
 
 # ----- faults
 
-def test_a_nan_member_is_recorded_failed_and_frozen_the_others_train_on(tmp_path):
-    base = [*SMALL, "logger=none", "optim.name=sgd"]
+def test_a_nan_member_is_recorded_failed_and_frozen_the_others_train_on(tmp_path, compose_config, read_json,
+                                                                        train_in_process, quick):
+    base = [*quick, *WHOLE_EPOCHS, "logger=none", "optim.name=sgd"]
     members = [Member(compose_config(base + [f"optim.lr={lr}"]), tmp_path / str(i))
                for i, lr in enumerate([0.01, 1e4, 0.02])]
     outcomes = run_group(members, "nan", tmp_path / "g.pt")
@@ -304,10 +310,11 @@ def test_a_nan_member_is_recorded_failed_and_frozen_the_others_train_on(tmp_path
     assert outcomes[0].metrics["test/loss"] == pytest.approx(alone["test/loss"], rel=1e-4)
 
 
-def test_a_member_failing_after_training_leaves_the_others_written(tmp_path, monkeypatch):
+def test_a_member_failing_after_training_leaves_the_others_written(tmp_path, monkeypatch, compose_config, read_json,
+                                                                   quick):
     """An error while one member's results are written fails that member only; a Ctrl-C there records it
     and the members after it interrupted."""
-    members = [Member(compose_config([*SMALL, "logger=none", f"seed={seed}"]), tmp_path / str(seed))
+    members = [Member(compose_config([*quick, *WHOLE_EPOCHS, "logger=none", f"seed={seed}"]), tmp_path / str(seed))
                for seed in range(3)]
     write_results = group_module.write_results
     raised = {"error": RuntimeError("disk full")}
@@ -335,10 +342,11 @@ def test_a_member_failing_after_training_leaves_the_others_written(tmp_path, mon
     assert not (tmp_path / "g.pt").exists()
 
 
-def test_a_killed_group_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatch):
+def test_a_killed_group_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatch, compose_config, read_json,
+                                                            run_cli, quick):
     """A VAE with noise: the resumed group's numbers equal an uninterrupted group's exactly (the RNG
     state and the place in the epoch come back)."""
-    base = [*SMALL, "model=vae", "noise=gaussian", "logger=none", "eval.figures=false",
+    base = [*quick, *WHOLE_EPOCHS, "model=vae", "noise=gaussian", "logger=none", "eval.figures=false",
             "checkpoint_every_n_steps=7"]
 
     def members(folder: Path) -> list[Member]:
@@ -375,7 +383,8 @@ def test_a_killed_group_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatc
 
 # ----- the launcher end to end: folders, W&B, compare, reproduce, a re-run
 
-def test_vectorized_sweep_folders_wandb_compare_reproduce_and_rerun(tmp_path):
+@pytest.mark.slow
+def test_vectorized_sweep_folders_wandb_compare_reproduce_and_rerun(tmp_path, read_json, run_cli):
     """A VAE sweep (stochastic steps: each member draws in its own stream) through the real command line:
     the member folders, their logs and W&B runs; compare equals the basic launcher's sweep; reproduce
     re-runs a member alone and finds its numbers; a re-run skips the completed members."""
@@ -471,7 +480,8 @@ def _members(sweep: Path) -> list[Path]:
     return sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def test_groups_run_one_per_gpu_in_workers_and_equal_the_in_process_sweep(tmp_path):
+@pytest.mark.slow
+def test_groups_run_one_per_gpu_in_workers_and_equal_the_in_process_sweep(tmp_path, read_json, run_cli):
     """Two simulated GPUs (CUDA_VISIBLE_DEVICES on this CPU-only machine): each group trains in its own
     worker process that saw exactly one of them, writes its members' folders as in-process, and the
     numbers equal the same sweep trained in this process."""
@@ -509,7 +519,7 @@ def test_groups_run_one_per_gpu_in_workers_and_equal_the_in_process_sweep(tmp_pa
     assert len(groups) == 2
 
 
-def test_one_named_gpu_trains_its_group_in_a_worker_that_sees_that_gpu(tmp_path):
+def test_one_named_gpu_trains_its_group_in_a_worker_that_sees_that_gpu(tmp_path, read_json, run_cli):
     """`hydra.launcher.gpus=[1]`: the group trains on GPU 1 (its worker sees only it), not on torch's cuda:0."""
     sweep = tmp_path / "sweep"
     done = run_cli(["-m", "hydra/launcher=vectorized", "hydra.launcher.gpus=[1]", "hydra.launcher.poll_seconds=0.1",
@@ -523,42 +533,49 @@ def test_one_named_gpu_trains_its_group_in_a_worker_that_sees_that_gpu(tmp_path)
     assert [read_json(member / "run.json")["cuda_visible_devices"] for member in members] == ["1", "1"]
 
 
-@contextmanager
-def _sweep_stalled_after_step_5(tmp_path: Path, overrides: list[str], groups: int) -> Iterator[subprocess.Popen]:
-    """`python -m ae_lab -m` on two simulated GPUs into `tmp_path/sweep`, in its own process group, with
-    its `groups` workers stalled after their group checkpoints at step 5 (tests/stall); killed at the end
-    if still running. Its output goes to `tmp_path/sweep.log`."""
-    sweep_dir, marker = tmp_path / "sweep", tmp_path / "stalled"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests" / "stall"), os.environ.get("PYTHONPATH")])),
-               AE_LAB_STALL_AFTER_STEP="5", AE_LAB_STALL_MARKER=str(marker))
-    args = [sys.executable, "-m", "ae_lab", "-m", *ON_TWO_GPUS, *overrides, f"hydra.sweep.dir={sweep_dir}"]
-    with open(tmp_path / "sweep.log", "w") as output:
-        sweep = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT,
-                                 start_new_session=True, preexec_fn=ctrl_c_by_default)
-        try:
-            deadline = time.time() + 240
-            while not marker.exists() or len(list((sweep_dir / ".ensembles").glob("*.pt"))) < groups:
-                assert sweep.poll() is None and time.time() < deadline, (tmp_path / "sweep.log").read_text()[-3000:]
-                time.sleep(0.1)
-            yield sweep
-        finally:
-            marker.unlink(missing_ok=True)
-            if sweep.poll() is None:
-                os.killpg(sweep.pid, signal.SIGKILL)
-                sweep.wait()
+@pytest.fixture(scope="session")
+def sweep_stalled_after_step_5(ctrl_c_by_default):
+    """`sweep_stalled_after_step_5(...)`: `python -m ae_lab -m` on two simulated GPUs into `tmp_path/sweep`, in its own process group, with..."""
+    @contextmanager
+    def sweep_stalled_after_step_5(tmp_path: Path, overrides: list[str], groups: int) -> Iterator[subprocess.Popen]:
+        """`python -m ae_lab -m` on two simulated GPUs into `tmp_path/sweep`, in its own process group, with
+        its `groups` workers stalled after their group checkpoints at step 5 (tests/stall); killed at the end
+        if still running. Its output goes to `tmp_path/sweep.log`."""
+        sweep_dir, marker = tmp_path / "sweep", tmp_path / "stalled"
+        env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
+        env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests" / "stall"), os.environ.get("PYTHONPATH")])),
+                   AE_LAB_STALL_AFTER_STEP="5", AE_LAB_STALL_MARKER=str(marker))
+        args = [sys.executable, "-m", "ae_lab", "-m", *ON_TWO_GPUS, *overrides, f"hydra.sweep.dir={sweep_dir}"]
+        with open(tmp_path / "sweep.log", "w") as output:
+            sweep = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                     start_new_session=True, preexec_fn=ctrl_c_by_default)
+            try:
+                deadline = time.time() + 240
+                while not marker.exists() or len(list((sweep_dir / ".ensembles").glob("*.pt"))) < groups:
+                    assert sweep.poll() is None and time.time() < deadline, (tmp_path / "sweep.log").read_text()[-3000:]
+                    time.sleep(0.1)
+                yield sweep
+            finally:
+                marker.unlink(missing_ok=True)
+                if sweep.poll() is None:
+                    os.killpg(sweep.pid, signal.SIGKILL)
+                    sweep.wait()
+
+    return sweep_stalled_after_step_5
 
 
 STEPPED = ["trainer.max_epochs=1", "logger=none", "eval=minimal", "trainer.enable_progress_bar=false",
            "checkpoint_every_n_steps=5"]
 
 
-def test_a_killed_worker_leaves_its_members_failed_and_a_rerun_resumes_its_group(tmp_path):
+@pytest.mark.slow
+def test_a_killed_worker_leaves_its_members_failed_and_a_rerun_resumes_its_group(tmp_path, read_json, run_cli,
+                                                                                 sweep_stalled_after_step_5):
     """The worker of a group is SIGKILLed after its group checkpoint at step 5: the sweep ends with the
     members recorded failed (the worker's end in their run.json); run again, the group goes on
     from that checkpoint and completes."""
     sweep_dir = tmp_path / "sweep"
-    with _sweep_stalled_after_step_5(tmp_path, ["seed=0,1", *STEPPED], groups=1) as sweep:
+    with sweep_stalled_after_step_5(tmp_path, ["seed=0,1", *STEPPED], groups=1) as sweep:
         members = _members(sweep_dir)
         worker = read_json(members[0] / "run.json")["pid"]
         assert worker != sweep.pid and read_json(members[1] / "run.json")["pid"] == worker
@@ -579,12 +596,14 @@ def test_a_killed_worker_leaves_its_members_failed_and_a_rerun_resumes_its_group
         assert math.isfinite(read_json(member / "metrics.json")["test/loss"])
 
 
-def test_ctrl_c_interrupts_every_worker_and_the_sweep_ends_with_its_summary(tmp_path):
+@pytest.mark.slow
+def test_ctrl_c_interrupts_every_worker_and_the_sweep_ends_with_its_summary(tmp_path, read_json,
+                                                                            sweep_stalled_after_step_5):
     """Ctrl-C (SIGINT to the terminal's process group) while two groups train in their workers: each
     worker records its members interrupted and keeps its group checkpoint; the launcher waits for them,
     writes the summary and exits with 130 and one line, no traceback."""
     sweep_dir = tmp_path / "sweep"
-    with _sweep_stalled_after_step_5(tmp_path, ["model.latent_dim=4,8", "seed=0,1", *STEPPED], groups=2) as sweep:
+    with sweep_stalled_after_step_5(tmp_path, ["model.latent_dim=4,8", "seed=0,1", *STEPPED], groups=2) as sweep:
         os.killpg(sweep.pid, signal.SIGINT)
         assert sweep.wait(timeout=120) == 130
     output = (tmp_path / "sweep.log").read_text()
@@ -601,7 +620,7 @@ def run_cli_module(module: str, args: list[str], cwd: Path) -> str:
     return done.stdout
 
 
-def test_refused_jobs_record_their_own_overrides(tmp_path):
+def test_refused_jobs_record_their_own_overrides(tmp_path, read_json, run_cli):
     """Jobs refused before training (here: greedy pretraining with fewer epochs than its phases) are
     recorded failed, each folder with its own config and overrides, not those of the last job composed."""
     done = run_cli(["-m", "hydra/launcher=vectorized", "model.pretrain=greedy", "trainer.max_epochs=1",
