@@ -165,7 +165,7 @@ def test_contractive_penalty_trains_the_encoder():
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
 
 
-def test_the_contractive_term_takes_the_jacobian_rows_it_is_given():
+def test_the_contractive_term_takes_the_jacobian_rows_it_is_given(compose_config):
     """The vectorised ensemble hands the objective its own vector-Jacobian products: given rows v^T M of a
     fixed matrix M, the contractive term is ||M||_F^2 (exact estimator), not the encoder's own norm."""
     from ae_lab.module import Autoencoder
