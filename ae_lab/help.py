@@ -3,7 +3,8 @@
 `conf/hydra/help/ae_lab.yaml` sets `hydra.help.template` to `${ae_lab_help:}`, this module's `page`:
 the config groups and their options as the `conf/` folder holds them (not the `schema/*` entries, which
 are not options), the most used keys, the commands (every `python -m ae_lab.<module>` with a `main`),
-and the README's sections. Generated on each call, so that it cannot fall behind the folders.
+and the documentation's pages (mkdocs.yml's nav). Generated on each call, so that it cannot fall behind
+the folders.
 """
 
 from __future__ import annotations
@@ -55,10 +56,28 @@ def commands() -> dict[str, str]:
     return found
 
 
-def readme_sections(readme: Path) -> list[str]:
-    if not readme.exists():
+def docs_pages(root: Path) -> list[tuple[str, Path]]:
+    """The documentation's pages in the order of mkdocs.yml's nav: (title, file). A nav path is under
+    `docs/`, except the benchmark reports, which the site takes from `benchmarks/` (docs/hooks.py); the
+    title is the nav's, or else the page's first heading. Empty where there is no mkdocs.yml."""
+    import yaml
+
+    if not (root / "mkdocs.yml").exists():
         return []
-    return [line[3:].strip() for line in readme.read_text().splitlines() if line.startswith("## ")]
+
+    def entries(entry, title: str | None = None) -> list[tuple[str | None, str]]:
+        if isinstance(entry, str):
+            return [(title, entry)]
+        if isinstance(entry, dict):
+            return [page for key, value in entry.items() for page in entries(value, key)]
+        return [page for item in entry for page in entries(item)]
+
+    pages = []
+    for title, path in entries(yaml.safe_load((root / "mkdocs.yml").read_text())["nav"]):
+        file = root / "docs" / path if (root / "docs" / path).exists() else root / path
+        heading = next((line[2:] for line in file.read_text().splitlines() if line.startswith("# ")), path)
+        pages.append((title or heading.strip(), file.relative_to(root)))
+    return pages
 
 
 def page() -> str:
@@ -87,8 +106,8 @@ def page() -> str:
         "Commands (each takes --help):",
         *(f"  python -m {module}: {summary.split(': ', 1)[-1]}" for module, summary in commands().items()),
         "",
-        "README.md's sections:",
-        *_wrapped("; ".join(readme_sections(CONF.parent / "README.md"))),
+        "Documentation, in reading order (mkdocs serve shows it as a site):",
+        *_wrapped("; ".join(f"{title} ({file})" for title, file in docs_pages(CONF.parent))),
         "Hydra's own options: python -m ae_lab --hydra-help",
     ]
     return "\n".join(lines).replace("$", "$$") + "\n"
@@ -97,4 +116,4 @@ def page() -> str:
 def _wrapped(text: str, width: int = 100) -> list[str]:
     import textwrap
 
-    return textwrap.wrap(text, width, initial_indent="  ", subsequent_indent="  ")
+    return textwrap.wrap(text, width, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False)

@@ -83,9 +83,9 @@ def test_eval_metrics_have_their_own_table_with_their_sample_sizes():
 
 
 def test_ci_runs_the_readme_command_and_writes_the_suite_time(tmp_path):
-    readme = (ROOT / "README.md").read_text()
     command = 'python -m pip install -e ".[test]" -c constraints.txt && python -m pytest'
-    assert command in readme and command in (ROOT / ".ci" / "run").read_text()
+    for shown in ("README.md", "docs/getting-started.md", ".ci/run"):  # the quick start, its page, CI
+        assert command in (ROOT / shown).read_text(), shown
     # run .ci/run with a `python` that only records what it is asked to do
     fake = tmp_path / "bin" / "python"
     fake.parent.mkdir()
@@ -133,8 +133,9 @@ def test_help_is_ae_labs_own_page_generated_from_the_config_folder(tmp_path):
     assert "python -m ae_lab.compare: runs and sweeps side by side" in done.stdout
     assert "python -m ae_lab.reproduce: run a finished run again" in done.stdout
     assert "python -m ae_lab.export: one file a deployer feeds raw data, with the run's preprocessing inside." in done.stdout
-    sections = [line[3:] for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("## ")]
-    assert all(section in " ".join(done.stdout.split()) for section in sections)
+    pages = [*(ROOT / "docs").rglob("*.md"), *(ROOT / "benchmarks").glob("*.md")]  # the site's pages
+    assert pages and all(f"({page.relative_to(ROOT)})" in " ".join(done.stdout.split()) for page in pages)
+    assert "Getting started (docs/getting-started.md)" in " ".join(done.stdout.split())
     config = compose_config([])
     assert all(OmegaConf.select(config, key, default="absent") != "absent" for key in MOST_USED)
 

@@ -131,7 +131,7 @@ def test_scaling_is_fitted_without_the_held_out_class(tmp_path):
 
 
 def test_breast_cancer_anomaly_detection_as_in_the_readme(tmp_path):
-    """README example: train on benign records only, score malignant ones by reconstruction error."""
+    """The example of docs/own-data.md: train on benign records only, score malignant ones by reconstruction error."""
     from sklearn.datasets import load_breast_cancer
 
     table = load_breast_cancer()
@@ -331,7 +331,7 @@ def test_target_loader_returns_a_data_module_that_trains(tmp_path, monkeypatch):
 
 
 def test_figures_show_a_users_data_in_its_own_units(tmp_path, monkeypatch):
-    """The README's promise (Data sets, Scaling): figures undo `dataset.normalize`. What the figure code is
+    """The docs' promise (docs/own-data.md, Scaling): figures undo `dataset.normalize`. What the figure code is
     handed for the test split's (standardised) rows is the rows as they are in the file."""
     from ae_lab.evaluation import visual
 

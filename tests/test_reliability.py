@@ -166,7 +166,7 @@ def test_a_run_submitit_does_not_requeue_is_recorded_interrupted(tmp_path):
 
 
 def test_a_run_whose_loss_turns_nan_keeps_its_earlier_checkpoints_as_they_were(tmp_path, monkeypatch):
-    """The README's promise (Reproducing and stopping runs): the batch of step 4 is made NaN, after the
+    """The docs' promise (docs/reproducing.md): the batch of step 4 is made NaN, after the
     checkpoints of steps 2 and 4; the run fails naming the step, and the checkpoint folder holds the same
     files with the same bytes as when step 4 began."""
     from ae_lab.module import Autoencoder

@@ -13,15 +13,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ae_lab.kl_forms import gaussian_log_density
 from ae_lab.objectives import reconstruction_error
 
 LogLikelihood = Callable[[torch.Tensor], torch.Tensor]
 """Maps latent samples z (S, B, D) to log p(x_b | z_sb), shape (S, B), for a fixed batch x (B, ...)."""
-
-
-def gaussian_log_density(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(z; mean, diag(exp(logvar))), summed over the last dimension."""
-    return -0.5 * ((z - mean) ** 2 * torch.exp(-logvar) + logvar + math.log(2 * math.pi)).sum(-1)
 
 
 def bernoulli_log_likelihood(decoder: nn.Module, x: torch.Tensor) -> LogLikelihood:
@@ -58,7 +54,8 @@ def importance_weighted_bound(mean: torch.Tensor, logvar: torch.Tensor, log_like
         z = mean + torch.exp(0.5 * logvar) * torch.randn(count, *mean.shape, dtype=mean.dtype,
                                                           device=mean.device)
         log_px = log_likelihood(z)
-        log_w = log_px + gaussian_log_density(z, prior_mean, prior_logvar) - gaussian_log_density(z, mean, logvar)
+        log_w = (log_px + gaussian_log_density(z, prior_mean, prior_logvar).sum(-1)
+                 - gaussian_log_density(z, mean, logvar).sum(-1))
         log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w, dim=0))
         log_w_sum += log_w.sum(0)
         log_px_sum += log_px.sum(0)
