@@ -24,13 +24,12 @@ def main(cfg: DictConfig) -> float:
     """Train one run. In a sweep a failing job is recorded (run.json, the sweep's summary) and the
     sweep goes on; alone, a bad config ends the process with one line and exit code 2."""
     from ae_lab.distributed import launched_rank, log_to_console_only, queued_sweep_job
+    from ae_lab.job import JobContext
     from ae_lab.preemption import Requeued
     from ae_lab.report import print_config_summary, print_summary
     from ae_lab.resume import recorded_job, unfinished_run
     from ae_lab.run import RunInterrupted, train
     from ae_lab.tracking import record_refused
-
-    from ae_lab.job import JobContext
 
     hydra_config = HydraConfig.get()
     job = JobContext.current()  # what identifies this job, handed to everything below
