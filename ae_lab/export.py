@@ -75,9 +75,15 @@ def default_output(run_dir: Path, part: str, format: str) -> Path:
 
 
 def export(model: Any, part: str, format: str, output: Path) -> Path:
-    """Write `part` of `model` (a TrainedModel) as `format` to `output` (replaced atomically); return it."""
+    """Write `part` of `model` (a TrainedModel) as `format` to `output` (replaced atomically); return it.
+    A model loaded on a GPU is exported from its checkpoint loaded on the CPU: a graph traced on the GPU
+    would hold its weights there and the casts of its inputs to that GPU, and run nowhere else."""
+    from ae_lab.trained import load
+
     if format not in FORMATS:
         raise ConfigError(f"--format={format!r} is not allowed: one of {', '.join(FORMATS)}")
+    if model.device.type != "cpu":
+        model = load(model.checkpoint, device="cpu")
     wrapped = Part(model, part).eval()
     example = wrapped.example()
     output.parent.mkdir(parents=True, exist_ok=True)

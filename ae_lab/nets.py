@@ -127,9 +127,14 @@ class DeterministicHead(nn.Module):
     def code(self, h: torch.Tensor) -> torch.Tensor:
         return self.act(self.linear(h))
 
-    def forward(self, h: torch.Tensor) -> Latent:
-        code = self.code(h)
+    def latent(self, out: torch.Tensor) -> Latent:
+        """The latent from the linear layer's output (any leading dimensions: the ensemble's stacked
+        MLP passes (M, B, latent_dim))."""
+        code = self.act(out)
         return Latent(z=code, code=code)
+
+    def forward(self, h: torch.Tensor) -> Latent:
+        return self.latent(self.linear(h))
 
 
 class GaussianHead(nn.Module):
@@ -147,10 +152,15 @@ class GaussianHead(nn.Module):
     def code(self, h: torch.Tensor) -> torch.Tensor:
         return self.posterior(h)[0]
 
-    def forward(self, h: torch.Tensor) -> Latent:
-        mean, logvar = self.posterior(h)
+    def latent(self, out: torch.Tensor) -> Latent:
+        """The latent from the linear layer's output (..., 2 latent_dim), z drawn (any leading dimensions:
+        the ensemble's stacked MLP passes (M, B, 2 latent_dim))."""
+        mean, logvar = out.chunk(2, dim=-1)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
         return Latent(z=z, code=mean, mean=mean, logvar=logvar)
+
+    def forward(self, h: torch.Tensor) -> Latent:
+        return self.latent(self.linear(h))
 
 
 def build_latent_head(cfg: DictConfig, features: int) -> nn.Module:

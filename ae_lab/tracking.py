@@ -173,13 +173,15 @@ class RunRecord:
         (`stop`: ae_lab.preemption.Requeued); the requeued job goes on from it. Should submitit then not
         requeue the job, `stop` tells this record (`not_requeued`)."""
         self.update(status="requeued", ended=_now(), requeued_checkpoint=str(stop.checkpoint))
-        stop.if_not_requeued = lambda reason: self.not_requeued(stop.checkpoint, reason)
+        stop.if_not_requeued.append(lambda reason: self.not_requeued(stop.checkpoint, reason, stop.continued_by))
 
-    def not_requeued(self, checkpoint: Path, reason: str) -> None:
+    def not_requeued(self, checkpoint: Path, reason: str, continued_by: str | None = None) -> None:
         """Stopped by the cluster's signal after writing `checkpoint`, but the job was not requeued
-        (submitit's `reason`): interrupted, and `resume=<run folder>` goes on from the checkpoint."""
+        (submitit's `reason`): interrupted, and `continued_by` (by default `resume=<run folder>`) goes on
+        from the checkpoint."""
+        continued_by = continued_by or f"resume={self.path.parent}"
         self.update(status="interrupted", ended=_now(), interrupted_checkpoint=str(checkpoint),
-                    error=f"stopped by the cluster and not requeued ({reason}); resume={self.path.parent} goes on")
+                    error=f"stopped by the cluster and not requeued ({reason}); {continued_by} goes on")
 
     def failed(self, error: BaseException) -> None:
         message = "".join(traceback.format_exception_only(type(error), error)).strip()

@@ -22,9 +22,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import torch
+from ensemble_step import SECTION as STEP_SECTION  # benchmarks/ensemble_step.py
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 ENVIRONMENT = dict(os.environ)  # OMP_NUM_THREADS set by --threads, the same for every process
@@ -39,17 +41,35 @@ def sweep_values(members: int) -> list[str]:
     return ["loss.beta=" + ",".join(["1", "2", "4", "8"][:min(4, members)]), "seed=" + ",".join(map(str, range(seeds)))]
 
 
+LAUNCHED: dict[Path, float] = {}  # sweep folder -> the Unix time its process was started
+
+
 def timed_sweep(overrides: list[str], folder: Path, launcher: str) -> float:
     command = [sys.executable, "-m", "ae_lab", "-m", *LAUNCHERS[launcher], *overrides, *QUIET,
                f"hydra.sweep.dir={folder}"]
     # joblib's 2 workers get one thread each (the machine's cores shared between them)
     environment = {**ENVIRONMENT, "OMP_NUM_THREADS": "1"} if launcher == "joblib" else ENVIRONMENT
+    LAUNCHED[folder] = time.time()
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, env=environment)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     return seconds
+
+
+def breakdown(folder: Path, wall: float, imports: float) -> dict[str, float]:
+    """Where a vectorised sweep's wall time went (one group): the imports (measured apart), composition and
+    set-up (every job composed, checked and grouped, the data loaded, the ensemble built: from the process's
+    start to the first member's run.json, less the imports), the group's training, the members' write-out
+    (their run.json `writeout_seconds` summed) and the rest (the final val/test passes, the sweep's
+    summary, the process's exit)."""
+    records = [json.loads(path.read_text()) for path in folder.glob("*/run.json")]
+    first = min(datetime.fromisoformat(record["started"]).timestamp() for record in records)
+    parts = {"imports": imports, "composition and set-up": first - LAUNCHED[folder] - imports,
+             "training": records[0]["timings"]["fit_seconds"],
+             "write-out": sum(record["timings"]["writeout_seconds"] for record in records)}
+    return {**parts, "rest": wall - sum(parts.values())}
 
 
 def timings(folder: Path) -> list[dict[str, float]]:
@@ -134,6 +154,9 @@ def main() -> None:
                         help="torch threads of the basic and vectorised sweeps (default: torch's, one per core; "
                              "on a CPU shared with other work, OpenMP's waits make multi-threaded ops many "
                              "times slower, and 1 is the fair setting)")
+    parser.add_argument("--only", nargs="+", default=None, help="run the sweeps whose names start with these "
+                        "words only (digits, MNIST, shapes)")
+    parser.add_argument("--members", type=int, nargs="+", default=None, help="M values (default: each sweep's own)")
     args = parser.parse_args()
     if args.threads is not None:
         ENVIRONMENT["OMP_NUM_THREADS"] = str(args.threads)
@@ -151,10 +174,13 @@ def main() -> None:
          ["dataset=shapes", "dataset.subsample=2000", "model=vae", "model.arch=conv", "trainer.max_epochs=2",
           "eval.test_examples=200"], (4,), 4),
     ]
-    rows = []
+    if args.only:
+        cases = [case for case in cases if case[0].startswith(tuple(args.only))]
+    imports = import_seconds()
+    rows, parts = [], []
     with tempfile.TemporaryDirectory() as scratch:
         for name, overrides, counts, cap in cases:
-            for members in counts:
+            for members in args.members or counts:
                 folders = {launcher: Path(scratch) / f"{launcher}{len(rows)}" for launcher in LAUNCHERS}
                 timed = min(members, cap)
                 seconds = {"vectorized": timed_sweep(overrides + sweep_values(members), folders["vectorized"],
@@ -165,16 +191,18 @@ def main() -> None:
                 writeout, fit = writeout_share(folders["vectorized"])
                 basic_fit = sum(t["fit_seconds"] for t in timings(folders["basic"])) * members / timed
                 rows.append((name, members, seconds, timed < members, writeout, fit, basic_fit))
-                print(rows[-1], flush=True)
+                parts.append((name, members, breakdown(folders["vectorized"], seconds["vectorized"], imports),
+                              os.getloadavg()[0]))
+                print(rows[-1], parts[-1], os.getloadavg(), flush=True)
     hand, ensemble = {}, {}
     for members in (4, 16, 64):
         hand[members], ensemble[members] = hand_loop_vs_ensemble(members)
-    imports = import_seconds()
 
     threads = args.threads or torch.get_num_threads()
     lines = [
         "# The vectorised launcher against the basic one", "",
-        f"Command: `python benchmarks/vectorized.py` ({time.perf_counter() - began:.0f} s). Machine: "
+        f"Command: `python benchmarks/vectorized.py{' ' + ' '.join(sys.argv[1:]) if len(sys.argv) > 1 else ''}` "
+        f"({time.perf_counter() - began:.0f} s). Machine: "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (load average "
         f"{os.getloadavg()[0]:.1f} at the end); torch {torch.__version__}, {threads} thread(s) in the basic and "
         f"vectorised sweeps (`--threads`), 1 in each of joblib's 2 workers; device: {gpu or 'CPU'}.", "",
@@ -201,6 +229,19 @@ def main() -> None:
             f"**{seconds['joblib'] / vectorized:.1f}x** | {basic_fit / fit:.1f}x | {vectorized:.1f} | "
             f"{seconds['basic']:.1f}{mark} | {seconds['joblib']:.1f}{mark} | {fit:.1f} | "
             f"{writeout:.2f}, {members * writeout / fit:.2f} |")
+    names = list(parts[0][2]) if parts else []
+    lines += [
+        "", "## Where the vectorised sweep's time goes", "",
+        "Seconds of each vectorised sweep above (`breakdown` in benchmarks/vectorized.py): the imports (`python -c "
+        "'import ae_lab.run'`, the fastest of 3), composition and set-up (every job composed, checked and grouped, "
+        "the data loaded, the ensemble built), the group's training, all members' write-out, and the rest (val/test "
+        "passes with the best weights, the summary).", "",
+        "| sweep | M | wall (s) | " + " | ".join(names) + " | load (1 min) after its sweeps |",
+        "|---|---|---|" + "---|" * (len(names) + 1),
+    ]
+    for (name, members, seconds, *_), (_, _, part, load) in zip(rows, parts):
+        lines.append(f"| {name} | {members} | {seconds['vectorized']:.1f} | "
+                     + " | ".join(f"{part[key]:.1f}" for key in names) + f" | {load:.1f} |")
     lines += [
         "", "## Training examples/s: ensemble (per member) against a hand-written loop for one model", "",
         "digits MLP AE, batch 64, Adam, 30 timed steps after 5 warm-up steps. The ensemble's rate counts "
@@ -224,7 +265,9 @@ def main() -> None:
             floor = imports + fit
             lines.append(f"| {members} | {seconds['basic']:.1f} | {seconds['basic'] / 5:.1f} | {floor:.1f} | "
                          f"{'no' if floor > seconds['basic'] / 5 else 'not excluded'} |")
-    args.output.write_text("\n".join(lines) + "\n")
+    previous = args.output.read_text() if args.output.exists() else ""
+    step_section = previous[previous.find(STEP_SECTION):] if STEP_SECTION in previous else ""  # ensemble_step.py's
+    args.output.write_text("\n".join(lines) + "\n" + ("\n" + step_section if step_section else ""))
     print(args.output.read_text())
 
 

@@ -1,17 +1,23 @@
 """Sweeps through `hydra/launcher=slurm` on a live one-node SLURM cluster (tests/slurm_cluster.py, started
 once per test session): job folders, summary, compare table and W&B grouping as with the basic launcher, a
 failing job, DDP as one job of two SLURM tasks, and a job signalled as before a preemption or its time
-limit that checkpoints, requeues itself and ends with the metrics of an uninterrupted run."""
+limit that checkpoints, requeues itself and ends with the metrics of an uninterrupted run. Then vectorised
+sweeps on the cluster (each ensemble group one SLURM job): the local vectorised sweep's folders and numbers, a
+signalled group requeued exactly, a second launch refused while the jobs live, requeues used up and the
+recorded command that finishes the sweep."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from omegaconf import OmegaConf
@@ -170,3 +176,177 @@ def test_a_job_signalled_before_preemption_requeues_and_ends_as_an_uninterrupted
     assert {OmegaConf.load(job / ".hydra" / "config.yaml").seed} == {3}
     summary = json.loads((sweep / "summary.json").read_text())
     assert [entry["status"] for entry in summary] == ["completed"]
+
+
+# ----- vectorised sweeps on SLURM (hydra/launcher=vectorized hydra.launcher.backend=slurm): each ensemble
+# group one SLURM job. Two groups (one per latent size) of four members (β × seed), a VAE with masking noise
+# (its steps draw noise and latent samples, which must go on exactly); digits: 6 steps an epoch, 2 epochs,
+# group checkpoints every 4 steps, the groups stalled after the one at step 4.
+GROUPS = ["model=vae", "noise=masking", "model.hidden_dims=[16]", "model.latent_dim=2,3", "loss.beta=1,4", "seed=3,4",
+          "trainer.max_epochs=2", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
+          "trainer.limit_test_batches=2", "checkpoint_every_n_steps=4", "eval=minimal", "logger=none",
+          "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+ON_SLURM = ["hydra/launcher=vectorized", "hydra.launcher.backend=slurm", "hydra.launcher.poll_seconds=0.2",
+            "hydra.launcher.slurm.cpus_per_task=1", "hydra.launcher.slurm.mem_gb=1",
+            "hydra.launcher.slurm.timeout_min=10"]
+STALLED_AT = 4
+
+
+@pytest.fixture(scope="module")
+def local_groups(tmp_path_factory) -> Path:
+    """The same sweep through the local vectorised launcher, in this machine's process: the reference."""
+    cwd = tmp_path_factory.mktemp("local_groups")
+    done = subprocess.run([sys.executable, "-m", "ae_lab", "-m", "hydra/launcher=vectorized", *GROUPS,
+                           f"hydra.sweep.dir={cwd / 'sweep'}"], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("WANDB_")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return cwd / "sweep"
+
+
+def _vectorized_on(cluster, args: list[str], cwd: Path, **extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ae_lab", "-m", *ON_SLURM, *GROUPS, *args], cwd=cwd,
+                            env=_environment(cluster, **extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _groups(sweep: Path) -> dict[str, tuple[str, list[Path]]]:
+    """Each group's SLURM job id and member folders, by the group's name."""
+    names = {path.name.removesuffix(".slurm.json"): read_json(path)["job_id"]
+             for path in (sweep / ".ensembles").glob("*.slurm.json")}
+    members = {name: [] for name in names}
+    for member in job_folders(sweep):
+        members[read_json(member / "run.json")["ensemble"]["group"]].append(member)
+    return {name: (job_id, members[name]) for name, job_id in names.items()}
+
+
+@contextmanager
+def _stalled_groups(cluster, sweep: Path, tmp_path: Path, args: list[str]) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """The sweep launched on the cluster into `sweep` with both groups' jobs stalled after their checkpoint at
+    step STALLED_AT (tests/stall; deleting the marker lets them go on); the launcher is never left running."""
+    marker = tmp_path / "stalled"
+    stall = {"PYTHONPATH": os.pathsep.join(filter(None, [str(STALL), os.environ.get("PYTHONPATH")])),
+             "AE_LAB_STALL_AFTER_STEP": str(STALLED_AT), "AE_LAB_STALL_MARKER": str(marker)}
+    launcher = _vectorized_on(cluster, [*args, f"hydra.sweep.dir={sweep}"], tmp_path, **stall)
+    try:
+        _wait_for(lambda: len(list(sweep.glob(".ensembles/*.pt"))) == 2 and marker.exists(),
+                  f"both groups to reach step {STALLED_AT}")
+        yield launcher, marker
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        marker.unlink(missing_ok=True)
+
+
+def _signal_group(cluster, job_id: str, member: Path, marker: Path) -> None:
+    """SLURM's signal before a preemption or the time limit, to a stalled group's job; then let it go on."""
+    cluster.command("scancel", "--signal=USR2", job_id)
+    _wait_for(lambda: "received SIGUSR2" in (member / "ae_lab.log").read_text(), "the signal to arrive")
+    marker.unlink()
+
+
+def _launcher_output(launcher: subprocess.Popen, marker: Path, timeout: float = 300) -> str:
+    """The launcher's output once it has ended. Should a group stall again at step STALLED_AT (a requeued
+    job that started over instead of resuming from its checkpoint), at once an error saying so."""
+    deadline = time.time() + timeout
+    while launcher.poll() is None:
+        assert not marker.exists(), f"a requeued group reached step {STALLED_AT} again: it did not resume"
+        assert time.time() < deadline, "timed out waiting for the launcher"
+        time.sleep(0.2)
+    return launcher.stdout.read()
+
+
+def _assert_equal_to(sweep: Path, local: Path) -> None:
+    """The same member folders as the local vectorised sweep: configs byte for byte, metrics within the
+    tolerance of the member tests (tests/test_vectorized.py), every member completed."""
+    members = job_folders(sweep)
+    assert [p.name for p in members] == [p.name for p in job_folders(local)] and len(members) == 8
+    for member in members:
+        reference = local / member.name
+        for name in ("config.yaml", "overrides.yaml"):
+            assert (member / ".hydra" / name).read_bytes() == (reference / ".hydra" / name).read_bytes()
+        assert read_json(member / "run.json")["status"] == "completed"
+        ours, theirs = read_json(member / "metrics.json"), read_json(reference / "metrics.json")
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (member.name, key)
+    summary = [(e["folder"], e["status"]) for e in json.loads((sweep / "summary.json").read_text())]
+    assert summary == [(e["folder"], e["status"]) for e in json.loads((local / "summary.json").read_text())]
+
+
+def test_a_vectorized_sweep_runs_each_group_as_a_slurm_job_and_a_signalled_group_requeues_exactly(
+        slurm_cluster, local_groups, tmp_path):
+    sweep = tmp_path / "sweep"
+    with _stalled_groups(slurm_cluster, sweep, tmp_path, []) as (launcher, marker):
+        groups = _groups(sweep)
+        assert len(groups) == 2 and all(len(members) == 4 for _, members in groups.values())
+        # while the groups' jobs are queued or running, the same sweep launched again is refused, untouched
+        before = sorted(str(p) for p in sweep.rglob("*"))
+        again = _vectorized_on(slurm_cluster, [f"hydra.sweep.dir={sweep}"], tmp_path)
+        refusal, _ = again.communicate(timeout=120)
+        assert again.returncode == 2 and len(refusal.strip().splitlines()) == 1, refusal[-3000:]
+        assert re.search(r"SLURM job (\d+) of ensemble \S+, from an earlier launch of this sweep, is still running",
+                         refusal).group(1) in {job_id for job_id, _ in groups.values()}
+        assert sorted(str(p) for p in sweep.rglob("*")) == before
+        signalled, (job_id, members) = sorted(groups.items())[0]
+        # its checkpoint of step 4 taken away: the group can then resume only from what it writes on the signal
+        (sweep / ".ensembles" / f"{signalled}.pt").unlink()
+        _signal_group(slurm_cluster, job_id, members[0], marker)
+        output = _launcher_output(launcher, marker)
+        assert launcher.returncode == 0, output[-3000:] + _task_logs(sweep)[-3000:]
+
+    _assert_equal_to(sweep, local_groups)
+    for name, (group_job, group_members) in groups.items():
+        # each group's output: submitit's, linked from the group's log; what it asked of SLURM
+        group_log = sweep / ".ensembles" / f"{name}.log"
+        assert group_log.is_symlink() and group_log.resolve() == (sweep / ".submitit" / group_job /
+                                                                  f"{group_job}_0_log.out").resolve()
+        script = (sweep / ".submitit" / group_job / f"{group_job}_submission.sh").read_text()
+        assert f"#SBATCH --job-name={name}\n" in script and "#SBATCH --cpus-per-task=1\n" in script
+        assert "#SBATCH --signal=USR2@120\n" in script and "gpu" not in script  # a CPU trainer asks no GPU
+        for member in group_members:
+            record, attempts = read_json(member / "run.json"), list(member.glob("run.attempt-*.json"))
+            if name != signalled:
+                assert not attempts and "resumed_from" not in record
+                continue
+            # the signalled group: checkpointed where the signal found it, recorded requeued, resumed from there
+            [attempt] = attempts
+            assert read_json(attempt)["status"] == "requeued"
+            assert record["resumed_from"]["global_step"] == STALLED_AT
+            assert record["resumed_from"]["previous_record"] == attempt.name
+    assert "Restarts=1 " in slurm_cluster.command("scontrol", "show", "job", job_id)  # requeued once, by itself
+    assert "Restarts=0 " in slurm_cluster.command("scontrol", "show", "job", next(
+        group_job for name, (group_job, _) in groups.items() if name != signalled))
+    assert "received SIGUSR2" in (sweep / ".ensembles" / f"{signalled}.log").read_text()
+
+
+def test_a_group_whose_requeues_are_used_up_is_interrupted_and_its_recorded_command_finishes_the_sweep(
+        slurm_cluster, local_groups, tmp_path):
+    sweep = tmp_path / "sweep"
+    no_requeue = ["hydra.launcher.slurm.max_num_timeout=0"]
+    with _stalled_groups(slurm_cluster, sweep, tmp_path, no_requeue) as (launcher, marker):
+        groups = _groups(sweep)
+        signalled, (job_id, members) = sorted(groups.items())[0]
+        _signal_group(slurm_cluster, job_id, members[0], marker)  # (with a 10-minute limit, a time-out)
+        output = _launcher_output(launcher, marker)
+    assert launcher.returncode == 1 and "4 of 8 jobs did not complete" in output, output[-3000:]
+    commands = set()
+    for member in members:
+        record = read_json(member / "run.json")
+        assert record["status"] == "interrupted" and record["interrupted_checkpoint"].endswith(f"{signalled}.pt")
+        reason, command = re.fullmatch(r"stopped by the cluster and not requeued \((.*)\); (.*) goes on",
+                                       record["error"]).groups()
+        assert "timed-out too many times" in reason
+        commands.add(command)
+    [command] = commands
+    # the recorded command: the same sweep into the same folder; it skips the other group's completed
+    # members and resumes this group from its checkpoint, ending with the numbers of an uninterrupted sweep
+    words = shlex.split(command)
+    assert words[:4] == ["python", "-m", "ae_lab", "-m"] and f"hydra.sweep.dir={sweep}" in words
+    done = subprocess.run([sys.executable, *words[1:]], cwd=tmp_path, env=_environment(slurm_cluster),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:] + _task_logs(sweep)[-3000:]
+    assert (done.stdout + done.stderr).count("already completed") == 4
+    _assert_equal_to(sweep, local_groups)
+    for member in members:
+        assert read_json(member / "run.json")["resumed_from"]["global_step"] == STALLED_AT

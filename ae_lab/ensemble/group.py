@@ -42,6 +42,7 @@ from ae_lab.checkpoints import random_state, set_random_state
 from ae_lab.data import ArrayDataModule, Split, build_datamodule
 from ae_lab.ensemble.logs import MemberLogs
 from ae_lab.ensemble.optim import StackedOptimizer, clip_gradients
+from ae_lab.ensemble.stacked import STACKED, StackedMLP, choose_path
 from ae_lab.ensemble.streams import Draw, MemberStreams, Replay
 from ae_lab.history import STEP_LOSS, add_row, takes_step_loss
 from ae_lab.job import JobContext
@@ -50,6 +51,7 @@ from ae_lab.module import Autoencoder
 from ae_lab.nets import Latent
 from ae_lab.noise import KINDS
 from ae_lab.objectives import epoch_end_step, non_finite_message
+from ae_lab.preemption import ClusterSignal
 from ae_lab.storage import atomic_torch_save
 from ae_lab.trainer_check import limited_batches
 
@@ -116,6 +118,10 @@ class Ensemble:
         self.fixed_weights = None
         if not any(module.objective.scheduled_names for module in self.modules):
             self.fixed_weights = self.weights(0)
+        # the step's path: batched products on the stacked MLP where it applies, else vmap (ensemble/stacked.py)
+        self.path, reason = choose_path(configs[0], self.base)
+        self.stacked = StackedMLP(self.base, self.unflatten(self._gradient)) if self.path == STACKED else None
+        log.debug("ensemble step: %s path (%s)", self.path, reason)
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """The named, stacked parameters (M, *shape) as views of the rows of `flat` (M, P)."""
@@ -182,6 +188,8 @@ class Ensemble:
                 first, x[0] if per_member_x else x, {k: v[0] for k, v in weights.items()}, self.strength[0], train))
         plan = self._plans[key]
         draws = self.streams.draw(plan, range(len(self.modules)))
+        if self.stacked is not None:
+            return self.stacked.terms(params, x, weights, plan, draws, per_member_x, train)
         terms = vmap(partial(self._terms, plan=plan, train=train), in_dims=(0, 0 if per_member_x else None, 0, 0, 0),
                      randomness="different", chunk_size=self.chunk)
         return terms(params, x, weights, self.strength, draws)
@@ -192,9 +200,13 @@ class Ensemble:
         return self._vmapped_terms(params, x, step, train=True), params
 
     def gradient(self, loss: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """d loss / d flat, (M, P). Taken with respect to the parameter views, then copied into the rows
-        of one buffer kept for every step (the optimiser uses it within the step only): autograd's own way
-        back through the views (reshape, then concatenate) copies it twice."""
+        """d loss / d flat, (M, P), in the rows of one buffer kept for every step (the optimiser uses it
+        within the step only). The stacked path's backward writes it there itself; the vmap path's is taken
+        with respect to the parameter views, then copied there: autograd's own way back through the views
+        (reshape, then concatenate) copies it twice."""
+        if self.stacked is not None:
+            torch.autograd.backward(loss, inputs=[self.flat])  # flat's own .grad stays None (see _Linear)
+            return self._gradient
         grads = torch.autograd.grad(loss, list(params.values()))
         for row_part, grad in zip(self._gradient_parts, grads):
             row_part.copy_(grad)
@@ -266,6 +278,7 @@ class GroupTrainer:
         self.progress = Progress(history=[[] for _ in members])
         self.sums = EpochSums(self.ensemble.term_names, count, device)
         self.device = device
+        self.cluster_signal: ClusterSignal | None = None  # on a cluster: see `_requeue_if_signalled`
 
     # ----- data
     def _epoch_positions(self, epoch: int) -> torch.Tensor:
@@ -390,6 +403,8 @@ class GroupTrainer:
                         and self.progress.batch < batches:  # the epoch's end is saved after its validation
                     self.progress.fit_seconds = time.time() - started
                     self.save_checkpoint()
+                if self.progress.batch < batches:
+                    self._requeue_if_signalled(started)
             if self.progress.batch == batches:
                 self._validate(epoch)
                 losses = [history[-1]["val/loss"] for history, alive in
@@ -406,9 +421,21 @@ class GroupTrainer:
             self.save_checkpoint()
             if not bool(self.alive.any()):
                 break
+            self._requeue_if_signalled(started)
         if not any("val/loss" in entry for entry in self.progress.history[0]):  # as `ae_lab.run` then does
             log.warning(NO_VALIDATION)
             self.best_params = self.ensemble.flat.detach().clone()
+
+    def _requeue_if_signalled(self, started: float) -> None:
+        """The cluster's signal hook (ae_lab.preemption.ClusterSignal), called between two steps: once the
+        signal has come, write the group checkpoint here and stop with `Requeued`. Any step boundary resumes
+        exactly (the checkpoint holds the epoch's position, its sums and every random stream); the loop calls
+        this only where the periodic checkpoint may be written too, not between an epoch's last step and
+        its validation."""
+        if self.cluster_signal is not None and self.cluster_signal.signalled:
+            self.progress.fit_seconds = time.time() - started
+            self.save_checkpoint()
+            raise self.cluster_signal.stop(self.checkpoint_path)
 
     # ----- group checkpoint
     def save_checkpoint(self) -> None:
@@ -462,19 +489,24 @@ def _save(path: Path, checkpoint: dict[str, Any]) -> None:
     atomic_torch_save(path, checkpoint)
 
 
-def run_group(members: list[Member], group: str, checkpoint_path: Path) -> list[Outcome]:
+def run_group(members: list[Member], group: str, checkpoint_path: Path,
+              cluster_signal: ClusterSignal | None = None) -> list[Outcome]:
     """Train the members (configs of one structure, already validated) as one ensemble, resuming from
     `checkpoint_path` when it holds this group; write each member's run folder; return their outcomes.
+    With `cluster_signal` (a group run as a SLURM job), the cluster's signal stops training at the next
+    step boundary with the group checkpoint written and the members recorded `requeued` (`Requeued`).
 
     Each member's files and states belong to its `RunLifecycle`, started before training. How the run
-    ends is decided in one place per phase (`RunLifecycle.ended_by`): while the group trains, for every
-    member; while the members are written out, for the member being written and those after it.
+    ends is decided in one place per phase (`RunLifecycle.ended_by`: requeued, interrupted or failed):
+    while the group trains, for every member; while the members are written out, for the member being
+    written and those after it.
     """
     first = members[0].cfg
     data = build_datamodule(first.dataset)
     accelerator = str(first.trainer.accelerator)
     device = torch.device("cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu")
     trainer = GroupTrainer(members, data, checkpoint_path, device)
+    trainer.cluster_signal = cluster_signal
     resumed = trainer.load_checkpoint()
     lives = []
     for index, member in enumerate(members):
@@ -542,6 +574,7 @@ def _write_member(trainer: GroupTrainer, index: int, life: RunLifecycle, metrics
             best_checkpoint = folder / "best.ckpt"
             _save(best_checkpoint, _checkpoint(module, best, trainer.best_epoch[index], step))
         module.load_state_dict(best)
+        module.to(trainer.device)  # evaluated where the group trained (its modules were built on the CPU)
         figures = write_results(module, data, cfg, run_dir, metrics, life.history, best_checkpoint)
         seconds = time.time() - started
         log.info("member %d (%s) written in %.2f s: test/loss %.4g", index, run_dir.name, seconds,

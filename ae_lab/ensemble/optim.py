@@ -21,8 +21,8 @@ class StackedOptimizer:
     `name` is shared (it is structure); `lr`, `weight_decay`, `eps`, `momentum` are lists of M floats.
     `lr_scale` (M floats) multiplies the learning rates (the MultiStepLR factor of the current epoch).
     Adam and AdamW run torch's fused kernel (`torch._fused_adam_` / `_fused_adamw_`, what
-    `torch.optim.Adam(fused=True)` calls) once per member row, with that member's numbers: one pass over
-    its parameters and state. SGD is a few whole-ensemble operations with per-member columns.
+    `torch.optim.Adam(fused=True)` calls) on the member rows, once for all members of equal numbers (lr,
+    weight decay, eps): one pass over their parameters and state. SGD is a few whole-ensemble operations with per-member columns.
     """
 
     def __init__(self, flat: torch.Tensor, name: str, lr: list[float], weight_decay: list[float],
@@ -47,14 +47,18 @@ class StackedOptimizer:
             return
         kernel = torch._fused_adamw_ if self.name == "adamw" else torch._fused_adam_
         beta1, beta2 = BETAS
+        settings: dict[tuple[float, float, float], list[int]] = {}  # members of equal numbers: one call
         for member, training in enumerate(alive):
-            if not training:
-                continue
-            self.state["step"][member] += 1  # the caller counts the step, as torch.optim.Adam does
-            kernel([self.flat[member]], [grad[member]], [self.state["exp_avg"][member]],
-                   [self.state["exp_avg_sq"][member]], [], [self.state["step"][member]],
-                   lr=self.lr[member] * self.lr_scale[member], beta1=beta1, beta2=beta2,
-                   weight_decay=self.weight_decay[member], eps=self.eps[member], amsgrad=False, maximize=False)
+            if training:
+                key = (self.lr[member] * self.lr_scale[member], self.weight_decay[member], self.eps[member])
+                settings.setdefault(key, []).append(member)
+        for (lr, weight_decay, eps), members in settings.items():
+            steps = [self.state["step"][member] for member in members]
+            torch._foreach_add_(steps, 1)  # the caller counts the step, as torch.optim.Adam does
+            kernel([self.flat[m] for m in members], [grad[m] for m in members],
+                   [self.state["exp_avg"][m] for m in members], [self.state["exp_avg_sq"][m] for m in members],
+                   [], steps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                   amsgrad=False, maximize=False)
 
     def _sgd(self, grad: torch.Tensor, alive: list[bool]) -> None:
         keep = torch.tensor(alive, device=grad.device).unsqueeze(1)

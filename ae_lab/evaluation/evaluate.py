@@ -276,8 +276,8 @@ def _downstream_metrics(module: Autoencoder, data: ArrayDataModule, test_split: 
             batch = train.batch(positions[start:start + cfg.eval.batch_size])
             x = batch["x"].to(module.device)
             codes.append(module.head.code(module.encoder(x)).cpu())
-            pixels.append(batch["x"].flatten(1))
-            labels.append(batch["label"])
+            pixels.append(batch["x"].flatten(1).cpu())  # a split held on the GPU (dataset.on_device) gives GPU batches
+            labels.append(batch["label"].cpu())
     known = (test.labels != held_out) if held_out is not None else torch.ones_like(test.labels, dtype=torch.bool)
     test_pixels = torch.cat([batch["x"].flatten(1) for batch in _batches(
         test_split, len(test_split), cfg.eval.batch_size, torch.device("cpu"))])

@@ -4,8 +4,8 @@ With AE_LAB_STALL_AFTER_STEP=N in the environment, a training process stops maki
 training step N has ended (and its checkpoints, if any, are written; an ensemble group's training
 process: once its group checkpoint at step N is written): it touches the file named by
 AE_LAB_STALL_MARKER and waits while that file exists, so a test can kill or signal it at a known point
-through the real command line, and let it go on by deleting the file. A run resumed past step N (a
-requeued job inherits the environment) does not stop again.
+through the real command line, and let it go on by deleting the file. A process stops there once; a run
+resumed past step N (a requeued job inherits the environment) does not stop again.
 """
 
 import os
@@ -18,8 +18,12 @@ if os.environ.get("AE_LAB_STALL_AFTER_STEP"):
     from ae_lab.module import Autoencoder
 
     STALL_AFTER = int(os.environ["AE_LAB_STALL_AFTER_STEP"])
+    _stalled = []  # once per process: a group checkpoint written again at step N (on a signal) goes on
 
     def _stall() -> None:
+        if _stalled:
+            return
+        _stalled.append(True)
         marker = Path(os.environ["AE_LAB_STALL_MARKER"])
         marker.touch()
         while marker.exists():
