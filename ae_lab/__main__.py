@@ -25,6 +25,7 @@ def main(cfg: DictConfig) -> float:
     """Train one run. In a sweep a failing job is recorded (run.json, the sweep's summary) and the
     sweep goes on; alone, a bad config ends the process with one line and exit code 2."""
     from ae_lab.distributed import launched_rank, log_to_console_only, queued_sweep_job
+    from ae_lab.job import JobContext
     from ae_lab.preemption import Requeued
     from ae_lab.report import print_config_summary, print_summary
     from ae_lab.resume import recorded_job, unfinished_run
@@ -32,12 +33,13 @@ def main(cfg: DictConfig) -> float:
     from ae_lab.tracking import record_refused
 
     hydra_config = HydraConfig.get()
-    run_dir = Path(hydra_config.runtime.output_dir)
+    job = JobContext.current()  # what identifies this job, handed to everything below
+    run_dir = job.run_dir
     in_sweep = hydra_config.mode == RunMode.MULTIRUN
     logging.captureWarnings(True)  # libraries' warnings into ae_lab.log; on the console with verbose=true
     first_rank = launched_rank() == 0
     if first_rank:  # DDP's other ranks join rank 0's run
-        choices, overrides = dict(hydra_config.runtime.choices), list(hydra_config.overrides.task)
+        choices, overrides = dict(job.choices), list(job.overrides)
         recorded = recorded_job(Path(cfg.resume)) if cfg.resume is not None else None
         if recorded is not None:  # a resumed run trains its recorded config: show that one
             choices, overrides = recorded[0], [*recorded[1], *overrides]
@@ -48,20 +50,20 @@ def main(cfg: DictConfig) -> float:
         if cfg.resume is not None:  # CheckBeforeRun has checked that the run can be resumed
             from ae_lab.resume import resume_point
 
-            cfg, resume = resume_point(cfg, list(hydra_config.overrides.task))
-            metrics = train(cfg, run_dir, resume)
+            cfg, resume = resume_point(cfg, list(job.overrides))
+            metrics = train(cfg, job, resume)
         elif in_sweep or not first_rank or queued_sweep_job():  # a requeued job, or a sweep run again, goes
             # on from an unfinished job's checkpoint; every rank of a DDP job decides alike (local DDP ranks > 0
             # run as single runs, and so do gpu_queue's jobs)
-            metrics = train(cfg, run_dir, unfinished_run(cfg, run_dir, first_rank))
+            metrics = train(cfg, job, unfinished_run(cfg, run_dir, first_rank))
         else:
-            metrics = train(cfg, run_dir)
+            metrics = train(cfg, job)
     except ConfigError as error:
         if not in_sweep:
             if cfg.resume is None and first_rank:
                 _remove_unstarted(run_dir)
             fail(str(error))
-        record_refused(run_dir, cfg, error)
+        record_refused(job, cfg, error)
         log.error("job refused: %s", error)
         return math.nan
     except Requeued as stop:  # recorded; submitit requeues the job, which goes on from the checkpoint

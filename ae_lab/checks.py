@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ae_lab.errors import ConfigError
-from ae_lab.trainer_check import check_trainer
+from ae_lab.trainer_check import check_trainer, limited_batches
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -53,13 +53,39 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
     checked here too (ae_lab.data.own_data), so that a bad file is refused before anything is written.
     Returns warnings for settings that are allowed but probably not meant.
     """
+    _refuse_unknown_keys(cfg)
+    _validate_model(cfg, input_shape)
+    _validate_loss(cfg)
+    _validate_noise(cfg, input_shape)
+    _validate_dataset(cfg.dataset)
+    from ae_lab.data import is_own_data
+
+    if is_own_data(cfg.dataset):
+        _validate_own_data(cfg)
+    _validate_optim(cfg.optim)
+    _validate_trainer(cfg.trainer)
+    _validate_eval(cfg.eval)
+    _require(cfg.checkpoint_every_n_steps >= 0, "checkpoint_every_n_steps", cfg.checkpoint_every_n_steps,
+             "an integer >= 0 (0: checkpoint only after validations)")
+    _validate_logger(cfg.logger)
+
+    warnings = check_trainer(cfg.trainer)  # every value Lightning's Trainer refuses, asked of Lightning
+    if cfg.loss.beta > 0 and cfg.model.latent == "deterministic":
+        warnings.append(f"loss.beta={cfg.loss.beta} has no effect: there is no KL term without "
+                        "model.latent=gaussian (e.g. model=vae)")
+    return warnings
+
+
+def _refuse_unknown_keys(cfg: DictConfig) -> None:
     for key, known in _unknown_keys(cfg):
         close = difflib.get_close_matches(key, known, n=1)
         raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r} is not a key of ae_lab's config: "
                           + (f"did you mean {close[0]}?" if close else f"the keys there are {', '.join(known)}"))
-    model, loss, noise, data, trainer, optim = (
-        cfg.model, cfg.loss, cfg.noise, cfg.dataset, cfg.trainer, cfg.optim
-    )
+
+
+def _validate_model(cfg: DictConfig, input_shape: tuple[int, ...] | None) -> None:
+    """The network's sizes (against the data's shape when known) and its output against the likelihood."""
+    model, loss, data = cfg.model, cfg.loss, cfg.dataset
     _require(model.latent_dim >= 1, "model.latent_dim", model.latent_dim, "an integer >= 1")
     _require(all(d >= 1 for d in model.hidden_dims), "model.hidden_dims", list(model.hidden_dims),
              "a list of integers >= 1")
@@ -87,6 +113,10 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
                  "model.output=sigmoid with loss.recon=bce (a Bernoulli likelihood needs outputs in (0, 1)), "
                  "or loss.recon=mse")
 
+
+def _validate_loss(cfg: DictConfig) -> None:
+    """The loss weights, the regimes (`_validate_regimes`) and the terms' needs of the model."""
+    model, loss = cfg.model, cfg.loss
     _require(loss.beta >= 0, "loss.beta", loss.beta, "a number >= 0")
     _require(loss.sparsity_weight >= 0, "loss.sparsity_weight", loss.sparsity_weight, "a number >= 0")
     _require(0 < loss.sparsity_target < 1, "loss.sparsity_target", loss.sparsity_target,
@@ -106,6 +136,9 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
                  "KL sparsity needs code activations in (0, 1): use model.code_activation=sigmoid "
                  "with model.latent=deterministic, or loss.sparsity=l1")
 
+
+def _validate_noise(cfg: DictConfig, input_shape: tuple[int, ...] | None) -> None:
+    noise, data = cfg.noise, cfg.dataset
     if noise.kind == "gaussian":
         _require(noise.std >= 0, "noise.std", noise.std, "a standard deviation >= 0")
     elif noise.kind in ("masking", "salt_pepper"):
@@ -121,12 +154,8 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
                      f"only on RGB images (3, H, W); the examples of dataset={data.name} have shape "
                      f"{tuple(input_shape)}: choose another noise")
 
-    _validate_dataset(data)
-    from ae_lab.data import is_own_data
 
-    if is_own_data(data):
-        _validate_own_data(cfg)
-
+def _validate_optim(optim: DictConfig) -> None:
     _require(optim.lr > 0, "optim.lr", optim.lr, "a learning rate > 0")
     _require(optim.weight_decay >= 0, "optim.weight_decay", optim.weight_decay, "a number >= 0")
     _require(optim.eps > 0, "optim.eps", optim.eps, "a number > 0")
@@ -134,6 +163,10 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
     _require(all(m >= 1 for m in milestones) and milestones == sorted(set(milestones)), "optim.milestones",
              milestones, "strictly increasing epoch numbers >= 1")
     _require(0 < optim.gamma <= 1, "optim.gamma", optim.gamma, "a factor in (0, 1]")
+
+
+def _validate_trainer(trainer: DictConfig) -> None:
+    """The trainer keys whose ranges ae_lab sets (Lightning checks the rest: `check_trainer`)."""
     _require(trainer.max_epochs >= 1 or trainer.max_epochs == -1, "trainer.max_epochs",
              trainer.max_epochs, "an integer >= 1, or -1 for no limit")
     _require(trainer.max_steps >= -1, "trainer.max_steps", trainer.max_steps, "an integer >= 0, or -1 for no limit")
@@ -142,23 +175,16 @@ def validate(cfg: DictConfig, input_shape: tuple[int, ...] | None = None) -> lis
     clip = trainer.gradient_clip_val
     _require(clip is None or (isinstance(clip, (int, float)) and clip >= 0), "trainer.gradient_clip_val",
              clip, "null or a number >= 0")
-    _validate_eval(cfg.eval)
-    _require(cfg.checkpoint_every_n_steps >= 0, "checkpoint_every_n_steps", cfg.checkpoint_every_n_steps,
-             "an integer >= 0 (0: checkpoint only after validations)")
 
-    if cfg.logger.kind == "wandb":
-        _require(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode", cfg.logger.mode,
+
+def _validate_logger(logger: DictConfig) -> None:
+    if logger.kind == "wandb":
+        _require(logger.mode in ("offline", "online", "disabled"), "logger.mode", logger.mode,
                  "one of offline, online, disabled")
-        if cfg.logger.mode == "online":
+        if logger.mode == "online":
             _require(_wandb_key_available(), "logger.mode", "online",
                      "no W&B API key found: run `wandb login` or set WANDB_API_KEY, "
                      "or keep logger.mode=offline and `wandb sync` the run later")
-
-    warnings = check_trainer(trainer)  # every value Lightning's Trainer refuses, asked of Lightning
-    if loss.beta > 0 and model.latent == "deterministic":
-        warnings.append(f"loss.beta={loss.beta} has no effect: there is no KL term without "
-                        "model.latent=gaussian (e.g. model=vae)")
-    return warnings
 
 
 def _validate_schedule(key: str, schedule: DictConfig) -> None:
@@ -218,8 +244,7 @@ def schedule_warnings(cfg: DictConfig, train_size: int) -> list[str]:
     """Schedules that would not finish within the run (allowed: the run ends part-way through)."""
     trainer = cfg.trainer
     batches = math.ceil(train_size / cfg.dataset.batch_size)
-    limit = trainer.limit_train_batches
-    batches = min(batches, limit) if isinstance(limit, int) and not isinstance(limit, bool) else int(batches * limit)
+    batches = limited_batches(batches, trainer.limit_train_batches)
     per_epoch = max(batches // trainer.accumulate_grad_batches, 1)
     total = [trainer.max_steps] if trainer.max_steps > 0 else []
     total += [trainer.max_epochs * per_epoch] if trainer.max_epochs > 0 else []
@@ -243,22 +268,25 @@ def _validate_dataset(data: DictConfig) -> None:
             _require(0 < data[key] < 1, f"dataset.{key}", data[key], "a fraction strictly between 0 and 1")
         _require(data.val_fraction + data.test_fraction < 1, "dataset.val_fraction", data.val_fraction,
                  f"val_fraction + test_fraction < 1 (test_fraction={data.test_fraction})")
-    if "val_size" in data:
-        _require(1 <= data.val_size < 60000, "dataset.val_size", data.val_size,
-                 "between 1 and 59,999 of the 60,000 training images")
-    if data.get("held_out_class") is not None:
-        from ae_lab.data import is_own_data
+    from ae_lab.data import classes
+    from ae_lab.data.mnist import TRAIN_IMAGES
+    from ae_lab.data.shapes import NUM_IMAGES
 
-        labels = "a label of the data" if is_own_data(data) else "a class label 0-9"
-        _require(isinstance(data.held_out_class, int) and (is_own_data(data) or data.held_out_class in range(10)),
+    if "val_size" in data:
+        _require(1 <= data.val_size < TRAIN_IMAGES, "dataset.val_size", data.val_size,
+                 f"between 1 and {TRAIN_IMAGES - 1:,} of the {TRAIN_IMAGES:,} training images")
+    if data.get("held_out_class") is not None:
+        known = classes(data)  # None: a user's data, whose labels are read later
+        labels = "a label of the data" if known is None else f"a class label {known[0]}-{known[-1]}"
+        _require(isinstance(data.held_out_class, int) and (known is None or data.held_out_class in known),
                  "dataset.held_out_class", data.held_out_class,
                  f"null or {labels} (left out of training and validation; the test split keeps it)")
     if "download_timeout" in data:
         _require(data.download_timeout > 0, "dataset.download_timeout", data.download_timeout,
                  "a number of seconds > 0")
     if "subsample" in data and data.subsample is not None:
-        _require(isinstance(data.subsample, int) and 10 <= data.subsample <= 737_280,
-                 "dataset.subsample", data.subsample, "null (all 737,280 images) or an integer in [10, 737280]")
+        _require(isinstance(data.subsample, int) and 10 <= data.subsample <= NUM_IMAGES, "dataset.subsample",
+                 data.subsample, f"null (all {NUM_IMAGES:,} images) or an integer in [10, {NUM_IMAGES}]")
 
 
 def _validate_own_data(cfg: DictConfig) -> None:

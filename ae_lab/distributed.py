@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Iterator
 from unittest import mock
 
@@ -26,6 +27,8 @@ import torch
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from pytorch_lightning.strategies.launchers import subprocess_script
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+from ae_lab.job import JobContext
 
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
 
@@ -37,9 +40,9 @@ def launched_rank() -> int:
 
 def queued_sweep_job() -> bool:
     """Whether this process is a sweep's job that a launcher started as a single run of its own
-    (`gpu_queue`; it names the sweep in `ae_lab.tracking.SWEEP_VARIABLE`): like an in-process sweep job,
+    (`gpu_queue`; it names the sweep in `ae_lab.job.SWEEP_VARIABLE`): like an in-process sweep job,
     its folder may hold the unfinished run that it goes on with when the sweep runs again."""
-    from ae_lab.tracking import SWEEP_VARIABLE
+    from ae_lab.job import SWEEP_VARIABLE
 
     return bool(os.environ.get(SWEEP_VARIABLE))
 
@@ -59,25 +62,29 @@ def quoted(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def job_command(local_rank: int) -> tuple[list[str], str]:
-    """Command line and working directory that start rank `local_rank` of the current Hydra job."""
-    from hydra.core.hydra_config import HydraConfig
-
-    hydra = HydraConfig.get()
-    command = [sys.executable, "-m", "ae_lab", *hydra.overrides.task,
-               f"hydra.run.dir={quoted(hydra.runtime.output_dir)}",
+def job_command(job: JobContext, local_rank: int) -> tuple[list[str], str]:
+    """Command line and working directory that start rank `local_rank` of the Hydra job `job`."""
+    if job.cwd is None:
+        raise ValueError(f"trainer.strategy starts DDP ranks as processes of a Hydra job: {job.run_dir} was "
+                         "not started by Hydra (python -m ae_lab)")
+    command = [sys.executable, "-m", "ae_lab", *job.overrides,
+               f"hydra.run.dir={quoted(str(job.run_dir))}",
                "hydra.mode=RUN",  # a sweep preset may set MULTIRUN: a rank is never a sweep
                "hydra.output_subdir=null",  # rank 0 writes the job's .hydra/
                f"hydra.job.name=rank{local_rank}",
                "hydra/job_logging=stdout"]  # log to the console only: rank 0 owns the log file
-    return command, hydra.runtime.cwd
+    return command, str(job.cwd)
 
 
 class _HydraJobLauncher(_SubprocessScriptLauncher):
     """Lightning's subprocess launcher, with each child started by `job_command`."""
 
+    def __init__(self, job: JobContext | None, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.job = job
+
     def _call_children_scripts(self) -> None:
-        with mock.patch.object(subprocess_script, "_hydra_subprocess_cmd", job_command):
+        with mock.patch.object(subprocess_script, "_hydra_subprocess_cmd", partial(job_command, self.job)):
             super()._call_children_scripts()
 
     def wait_for_children(self, timeout: float) -> None:
@@ -89,25 +96,31 @@ class _HydraJobLauncher(_SubprocessScriptLauncher):
 
 
 class HydraJobDDPStrategy(DDPStrategy):
-    """DDP (subprocess start) whose ranks run the current Hydra job, not the process's command line."""
+    """DDP (subprocess start) whose ranks run the Hydra job `job`, not the process's command line (`job`
+    None: a strategy that is only checked, never launched: `ae_lab.trainer_check`)."""
+
+    def __init__(self, job: JobContext | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.job = job
 
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
         if isinstance(self._launcher, _SubprocessScriptLauncher):
-            self._launcher = _HydraJobLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+            self._launcher = _HydraJobLauncher(self.job, self.cluster_environment, self.num_processes, self.num_nodes)
 
     def wait_for_children(self, timeout: float = 120.0) -> None:
         if isinstance(self._launcher, _HydraJobLauncher):
             self._launcher.wait_for_children(timeout)
 
 
-def resolve_strategy(name: Any) -> Any:
+def resolve_strategy(name: Any, job: JobContext | None = None) -> Any:
     """`trainer.strategy` as the Trainer should get it: DDP strategies that start ranks as
-    subprocesses become HydraJobDDPStrategy with the same settings; every other value passes through."""
+    subprocesses become HydraJobDDPStrategy of `job` with the same settings; every other value passes
+    through."""
     if isinstance(name, str) and name in StrategyRegistry:
         entry = StrategyRegistry[name]
         if entry["strategy"] is DDPStrategy and entry["init_params"].get("start_method", "popen") == "popen":
-            return HydraJobDDPStrategy(**entry["init_params"])
+            return HydraJobDDPStrategy(job, **entry["init_params"])
     return name
 
 

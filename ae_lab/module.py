@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric
 from ae_lab.greedy import StackedLayers, layer_count, pretraining_layer
 from ae_lab.nets import Latent, build_decoder, build_encoder, build_latent_head, output_function
 from ae_lab.noise import build_corruption
-from ae_lab.objectives import Objective
+from ae_lab.objectives import Objective, non_finite_message
 
 MODULE_SECTIONS = ("model", "loss", "noise", "optim")  # what of a run's config the module holds
 
@@ -85,7 +85,8 @@ class Autoencoder(pl.LightningModule):
             terms = self.objective(logits, x, latent, inputs, self.objective.weights(self.global_step),
                                    create_graph=stage == "train")
         if stage == "train" and not torch.isfinite(terms["loss"]):
-            raise FloatingPointError(self._non_finite_message(terms))
+            raise FloatingPointError(non_finite_message({name: value.item() for name, value in terms.items()},
+                                                        self.global_step, self.current_epoch))
         for name, value in terms.items():  # accumulated on the device; logged once per epoch
             # one copy per example: MeanMetric ignores `weight=` under nan_strategy="disable"
             self.epoch_means[f"{stage}__{name}"].update(value.detach().expand(x.shape[0]))
@@ -115,8 +116,7 @@ class Autoencoder(pl.LightningModule):
 
     def scheduled_values(self) -> dict[str, torch.Tensor | float]:
         """The scheduled weights of the epoch's last step, e.g. `scheduled/beta` (a pure function of the step)."""
-        weights = self.objective.weights(max(self.global_step - 1, 0))
-        return {f"scheduled/{name}": weights[name] for name in self.objective.scheduled_names}
+        return self.objective.scheduled_values(self.global_step)
 
     def _log_epoch(self, stage: str) -> None:
         """Log the epoch's means. Logging once per epoch, not per step, keeps Lightning's per-call
@@ -150,12 +150,6 @@ class Autoencoder(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
-
-    def _non_finite_message(self, terms: dict[str, torch.Tensor]) -> str:
-        bad = [f"{name}={value.item()}" for name, value in terms.items()
-               if name != "loss" and not torch.isfinite(value)]
-        return (f"the training loss became {terms['loss'].item()} at step {self.global_step} "
-                f"(epoch {self.current_epoch}); non-finite terms: {', '.join(bad) or 'none (their sum overflowed)'}")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")

@@ -14,6 +14,7 @@ Per-example terms are sums over pixels / latent units, averaged over the batch (
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable
@@ -108,6 +109,19 @@ def contractive_penalty(code: torch.Tensor, rows: JacobianRows | torch.Tensor, e
         directions = torch.randn(projections, batch, latent_dim, dtype=code.dtype, device=code.device)
     squared = rows(directions).pow(2).flatten(2).sum(2)  # (directions, batch)
     return squared.sum(0) if estimator == "exact" else squared.mean(0)
+
+
+def epoch_end_step(global_step: int) -> int:
+    """The last step (from 0) of an epoch that ended with `global_step` steps done (0 before any)."""
+    return max(global_step - 1, 0)
+
+
+def non_finite_message(terms: dict[str, float], step: int, epoch: int) -> str:
+    """Why a run (or an ensemble's member) stopped: its training loss `terms["loss"]` at global step `step`
+    of `epoch` is not finite, and which of its `terms` are not (none: their weighted sum overflowed)."""
+    bad = [f"{name}={value}" for name, value in terms.items() if name != "loss" and not math.isfinite(value)]
+    return (f"the training loss became {terms['loss']} at step {step} (epoch {epoch}); "
+            f"non-finite terms: {', '.join(bad) or 'none (their sum overflowed)'}")
 
 
 @dataclass
@@ -237,6 +251,12 @@ class Objective:
         if self.cfg.sparsity_weight > 0 and moves(self.cfg.sparsity_schedule):
             names.append("sparsity_weight")
         return names
+
+    def scheduled_values(self, global_step: int) -> dict[str, float]:
+        """The scheduled weights an epoch that ended with `global_step` steps done logs, e.g.
+        `scheduled/beta`: those of its last step (`epoch_end_step`), at which Lightning logs its values."""
+        weights = self.weights(epoch_end_step(global_step))
+        return {f"scheduled/{name}": weights[name] for name in self.scheduled_names}
 
     def __call__(self, logits: torch.Tensor, x: torch.Tensor, latent: Latent, inputs: torch.Tensor,
                  weights: dict[str, float | torch.Tensor], create_graph: bool,

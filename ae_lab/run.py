@@ -1,4 +1,6 @@
-"""One run: check config -> seed -> data -> module -> trainer -> fit -> test -> evaluate -> write results.
+"""One run through the Lightning Trainer (a single run, DDP): check config -> data -> lifecycle start ->
+seed -> module -> trainer -> fit -> test -> evaluate -> write results -> lifecycle end. The run's files
+and states belong to its `ae_lab.lifecycle.RunLifecycle`; this engine trains and hands back `Results`.
 
 Results go into the run folder: `run.json` (record), `metrics.json` (final train/val/test loss terms
 and the `eval/*` metrics, flat `split/name` keys), `evaluation.json` (per-unit vectors), with a held-out
@@ -11,29 +13,27 @@ run (ae_lab/resume.py) goes on in the same folder.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from ae_lab.checkpoints import AtomicCheckpointIO, ResumeState, StepCheckpoint
 from ae_lab.checks import schedule_warnings, validate
 from ae_lab.errors import ConfigError
-from ae_lab.data import ArrayDataModule, build_datamodule, input_shape
+from ae_lab.data import build_datamodule, input_shape
 from ae_lab.distributed import HydraJobDDPStrategy, isolated_job, launched_rank, resolve_strategy
 from ae_lab.greedy import PhaseCheckpoints
-from ae_lab.history import History, HistoryLogger, HistoryRecorder
+from ae_lab.history import HistoryLogger, HistoryRecorder
+from ae_lab.job import JobContext
 from ae_lab.module import Autoencoder
-from ae_lab.preemption import Requeued, RequeueOnSignal, cluster_plugins
+from ae_lab.preemption import RequeueOnSignal, cluster_plugins
 from ae_lab.resume import ResumePoint
-from ae_lab.storage import atomic_write, write_json
-from ae_lab.tracking import (RunRecord, build_logger, completed_metrics, finish_logger, history_sink, is_wandb,
-                             job_sweep_identity, log_results, write_config_files)
+from ae_lab.lifecycle import NO_VALIDATION, Results, RunLifecycle, resumed_from, write_results
+from ae_lab.tracking import completed_metrics
 
 log = logging.getLogger(__name__)
 # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, once per loop: noise, not news.
@@ -41,14 +41,18 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 # a resumed run (or a sweep job run again) finds its checkpoints folder filled, as it should
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
-def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> dict[str, float]:
-    """Train and evaluate one configuration into `run_dir`; return the final metrics.
+def train(cfg: DictConfig, job: JobContext | Path, resume: ResumePoint | None = None) -> dict[str, float]:
+    """Train and evaluate one configuration into the job's folder; return the final metrics. `job`: the
+    job Hydra runs (`JobContext`), or a run folder alone (a run started from Python).
 
     Raises ConfigError before anything is written when the config is bad. A folder that already holds
     a completed run of this same config (a resumed sweep) is not trained again: its metrics are
     returned. With `resume`, the run in `run_dir` goes on from that checkpoint (its config files stay
     as they are; its W&B run goes on). Under DDP every rank calls this; only rank 0 writes files.
     """
+    if not isinstance(job, JobContext):
+        job = JobContext.outside_hydra(job)
+    run_dir = job.run_dir
     for warning in validate(cfg, input_shape(cfg.dataset)):
         log.warning(warning)
     rank_zero = launched_rank() == 0
@@ -63,68 +67,44 @@ def train(cfg: DictConfig, run_dir: Path, resume: ResumePoint | None = None) -> 
     if rank_zero and resume is not None and resume.record.get("data", {}).get("sha256") != data.checksum:
         raise ConfigError(f"resume={str(run_dir)!r} is not allowed: the data set {data.name} has changed since "
                           "the run started (its checksum differs from the one in run.json)")
-    sweep = job_sweep_identity(run_dir, resume.record if resume else None)
     with isolated_job():
-        record = None
-        if rank_zero:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if resume is None:
-                write_config_files(run_dir, cfg)
-            resumed_from = None if resume is None else {
-                "checkpoint": str(resume.checkpoint.resolve()), "global_step": resume.global_step,
-                "epoch": resume.epoch}
-            record = RunRecord(run_dir, cfg, data.name, data.checksum, resumed_from=resumed_from, sweep=sweep)
-            if resume is not None and resume.record.get("wandb_run_id"):  # kept should this attempt not train
-                record.update(wandb_run_id=resume.record["wandb_run_id"])
-            if data.scaling is not None:  # dataset.normalize as fitted on the training split
-                write_json(run_dir / "scaling.json", data.scaling.record())
-        logger = None
+        # a resumed run keeps its config files, and the sweep identity and W&B run it started with
+        life = RunLifecycle(job, cfg, data, writes=rank_zero, config_files=resume is None,
+                            resumed=resumed_from(resume.checkpoint, resume.global_step, resume.epoch) if resume else None,
+                            sweep=resume.record.get("sweep") if resume else job.sweep_identity)
+        earlier_wandb_run = resume.record.get("wandb_run_id") if resume else None
+        if earlier_wandb_run:  # kept should this attempt not train
+            life.update(wandb_run_id=earlier_wandb_run)
+        if data.scaling is not None:  # dataset.normalize as fitted on the training split
+            life.write_json("scaling.json", data.scaling.record())
         interrupt = CheckpointOnInterrupt(run_dir / "checkpoints" / "interrupted.ckpt")
         try:
-            logger = build_logger(cfg, run_dir, math.prod(data.input_shape),
-                                  run_id=resume.record.get("wandb_run_id") if resume else None,
-                                  resumed_at_step=resume.global_step if resume else None, sweep=sweep)
-            history = History(sink=history_sink(logger, run_dir) if rank_zero else None)
-            started = RecordWandbRun(record, logger)
-            metrics, best_checkpoint, figures, timings = _fit_and_test(cfg, run_dir, data, logger, history,
-                                                                       [interrupt, started], resume)
-            if record is not None:
-                wandb_run = log_results(logger, cfg, run_dir, metrics, figures, history.sink)
-                record.completed(best_checkpoint=best_checkpoint, wandb_run_id=wandb_run, timings=timings)
-            return metrics
-        except Requeued as stop:  # the cluster's signal: checkpointed, to be requeued by the caller
-            if record is not None:
-                record.requeued(stop)
-            raise
+            life.open_logger(run_id=earlier_wandb_run, resumed_at_step=resume.global_step if resume else None)
+            results = _fit_and_test(cfg, life, [interrupt, RecordWandbRun(life)], resume)
+            life.completed(results)
+            return results.metrics
         except BaseException as error:
-            if not interrupt.interrupted and not isinstance(error, KeyboardInterrupt):
-                if record is not None:
-                    record.failed(error)
-                raise
-            if record is not None:
-                record.interrupted(interrupt.checkpoint)
-            saved = f", checkpoint: {interrupt.checkpoint}" if interrupt.checkpoint else ""
-            raise RunInterrupted(f"interrupted; run folder: {run_dir}{saved}") from error
+            if life.ended_by(error, interrupt.checkpoint, interrupted=interrupt.interrupted) == "interrupted":
+                saved = f", checkpoint: {interrupt.checkpoint}" if interrupt.checkpoint else ""
+                raise RunInterrupted(f"interrupted; run folder: {run_dir}{saved}") from error
+            raise  # failed, or requeued: checkpointed, to be requeued by the caller
         finally:
-            finish_logger(logger)
+            life.close()
 
 
 class RecordWandbRun(pl.Callback):
-    """Starts the run's W&B run when training starts (a job refused before has none), in the background
-    (ae_lab/wandb_logger.py: the first steps do not wait for it), and records its id in run.json at once,
-    so that a resumed run goes on with it (`record`: rank 0's, None elsewhere). The start has ended before
-    the run's first checkpoint: every attempt that a resume goes on from holds its part of the W&B run."""
+    """Starts the run's W&B run when training starts (a job refused before has none), in the background,
+    and records its id in run.json at once (`RunLifecycle.wandb_started`); the start has ended before the
+    run's first checkpoint (`RunLifecycle.wandb_ready`)."""
 
-    def __init__(self, record: RunRecord | None, logger: Any) -> None:
-        self.record, self.logger = record, logger
+    def __init__(self, life: RunLifecycle) -> None:
+        self.life = life
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if self.record is not None:
-            self.record.update(wandb_run_id=self.logger.start() if is_wandb(self.logger) else None)
+        self.life.wandb_started()
 
     def on_save_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.record is not None and is_wandb(self.logger):
-            self.logger.wait()
+        self.life.wandb_ready()
 
 
 class RunInterrupted(Exception):
@@ -148,17 +128,17 @@ class CheckpointOnInterrupt(pl.Callback):
             self.checkpoint = self.path
 
 
-def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger: Any, history: History,
-                  extra_callbacks: list[pl.Callback], resume: ResumePoint | None = None
-                  ) -> tuple[dict[str, float], str | None, dict[str, Path], dict[str, float | None]]:
+def _fit_and_test(cfg: DictConfig, life: RunLifecycle, extra_callbacks: list[pl.Callback],
+                  resume: ResumePoint | None = None) -> Results:
     """Fit (from `resume`'s checkpoint when given), then evaluate val and test with the best
-    checkpoint; return the metrics, that checkpoint, the figures drawn and the fit's timings.
+    checkpoint and write the results (rank 0); return them.
 
     `checkpoints/last.ckpt`, the resume point, is rewritten after each validation and every
     `checkpoint_every_n_steps` steps; every checkpoint is written atomically. What fit logs goes into
-    `history` (and from there into W&B) and, with `logger=csv`, into csv/metrics.csv; the evaluations
-    of the best checkpoint after fit are not logged as points of the history.
+    the run's history (and from there into W&B) and, with `logger=csv`, into csv/metrics.csv; the
+    evaluations of the best checkpoint after fit are not logged as points of the history.
     """
+    run_dir, data, logger, history = life.run_dir, life.data, life.logger, life.history
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     module = Autoencoder.from_config(plain, data.input_shape, dataset_size=len(data.splits["train"]))
@@ -176,7 +156,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger:
     if cfg.model.pretrain == "greedy":
         callbacks.append(PhaseCheckpoints(folder, module.model_cfg))
     trainer_args = OmegaConf.to_container(cfg.trainer)
-    trainer_args["strategy"] = resolve_strategy(trainer_args["strategy"])
+    trainer_args["strategy"] = resolve_strategy(trainer_args["strategy"], life.job)
     loggers = [HistoryLogger(history, run_dir), *([logger] if type(logger).__name__ == "CSVLogger" else [])]
     trainer = pl.Trainer(**trainer_args, logger=loggers, callbacks=callbacks,
                          plugins=[AtomicCheckpointIO(), *cluster_plugins()], default_root_dir=str(run_dir),
@@ -189,7 +169,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger:
     # val and test both with the best weights, so the two splits describe the same model; when no
     # validation ran (max_steps ended training within the first epoch), with the final weights
     if not checkpoints.best_model_path:
-        log.warning("no validation ran before training stopped: val, test and evaluation use the final weights")
+        log.warning(NO_VALIDATION)
     best = {"datamodule": data, "ckpt_path": checkpoints.best_model_path or None, "verbose": False,
             "weights_only": True}
     for results in (trainer.validate(module, **best), trainer.test(module, **best)):
@@ -200,31 +180,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, data: ArrayDataModule, logger:
                if trainer.is_global_zero else {})
     if isinstance(trainer.strategy, HydraJobDDPStrategy):
         trainer.strategy.wait_for_children()
-    return metrics, checkpoints.best_model_path or None, figures, timer.timings()
-
-
-def write_results(module: Autoencoder, data: ArrayDataModule, cfg: DictConfig, run_dir: Path,
-                  metrics: dict[str, float], history: History, checkpoint: Path | None) -> dict[str, Path]:
-    """Evaluate the trained `module` (its best weights, read from `checkpoint`; None when no validation
-    made a best checkpoint), add the `eval/*` metrics to `metrics`, write `evaluation.json`,
-    `scores.npz` (with a held-out class), `metrics.json`, `history.csv` and the figures
-    (`figures/curves.png` from the history among them); return the figures. Every way a run is made
-    (a single run, an ensemble's member) ends with this."""
-    from ae_lab.evaluation.evaluate import evaluate  # (scikit-learn, matplotlib: imported after training)
-    from ae_lab.figures import learning_curves
-
-    evaluation = evaluate(module, data, cfg, run_dir, checkpoint)
-    metrics.update(evaluation.metrics)
-    write_json(run_dir / "evaluation.json", evaluation.details)
-    if evaluation.scores:  # a held-out class: every test example's anomaly scores
-        atomic_write(run_dir / "scores.npz", lambda file: np.savez(file, **evaluation.scores))
-    write_json(run_dir / "metrics.json", dict(sorted(metrics.items())))
-    history.write(run_dir)
-    figures = dict(evaluation.figures)
-    if cfg.eval.figures and history.rows:
-        figures["curves"] = learning_curves({run_dir.name: history.rows}, run_dir / "figures" / "curves.png",
-                                            title=f"Learning curves of {run_dir.name}")
-    return figures
+    return Results(metrics, figures, best_checkpoint, timer.timings())
 
 
 class StepTimer(pl.Callback):

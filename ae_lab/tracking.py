@@ -21,11 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ae_lab.config import flatten
 from ae_lab.errors import ConfigError
+from ae_lab.job import JobContext
 from ae_lab.storage import atomic_write, write_json
 
-# set by a launcher that starts each sweep job as its own single run (gpu_queue): the sweep's name, the
-# W&B group of the job's run
-SWEEP_VARIABLE = "AE_LAB_SWEEP"
 PACKAGES = ("ae_lab", "torch", "pytorch-lightning", "hydra-core", "omegaconf", "wandb", "numpy",
             "scikit-learn", "matplotlib")
 
@@ -65,18 +63,16 @@ def _plain(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
-def write_config_files(run_dir: Path, cfg: DictConfig) -> None:
-    """`.hydra/config.yaml`, and under Hydra also `overrides.yaml` and `hydra.yaml`. Written by the run
-    itself (hydra.output_subdir is null), after its checks, so a refused run overwrites nothing."""
-    folder = run_dir / ".hydra"
+def write_config_files(job: JobContext, cfg: DictConfig) -> None:
+    """`.hydra/config.yaml` in the job's folder, and for a job Hydra composed also `overrides.yaml` and
+    `hydra.yaml`. Written by the run itself (hydra.output_subdir is null), after its checks, so a refused
+    run overwrites nothing."""
+    folder = job.run_dir / ".hydra"
     folder.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, folder / "config.yaml")
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        hydra = HydraConfig.get()
-        OmegaConf.save(hydra.overrides.task, folder / "overrides.yaml")
-        OmegaConf.save(OmegaConf.create({"hydra": hydra}), folder / "hydra.yaml")
+    if job.hydra is not None:
+        OmegaConf.save(job.hydra.overrides.task, folder / "overrides.yaml")
+        OmegaConf.save(OmegaConf.create({"hydra": job.hydra}), folder / "hydra.yaml")
 
 
 def completed_metrics(run_dir: Path, cfg: DictConfig) -> dict[str, float] | None:
@@ -97,11 +93,11 @@ def completed_metrics(run_dir: Path, cfg: DictConfig) -> dict[str, float] | None
     return json.loads(metrics.read_text())
 
 
-def record_refused(run_dir: Path, cfg: DictConfig, error: BaseException) -> None:
+def record_refused(job: JobContext, cfg: DictConfig, error: BaseException) -> None:
     """Mark a sweep job whose config was refused as failed, unless its folder holds another run."""
-    record = run_dir / "run.json"
+    record = job.run_dir / "run.json"
     if not record.exists():
-        write_config_files(run_dir, cfg)
+        write_config_files(job, cfg)
         write_json(record, {"status": "failed", "seed": cfg.seed, "error": str(error), "ended": _now()})
 
 
@@ -141,7 +137,7 @@ class RunRecord:
         }
         if resumed_from is not None:
             self.payload["resumed_from"] = {**resumed_from, "previous_record": previous}
-        if sweep is not None:  # the sweep's identity (`job_sweep_identity`), kept for the job's resumes
+        if sweep is not None:  # the sweep's identity (`JobContext.sweep_identity`), kept for the job's resumes
             self.payload["sweep"] = sweep
         self._write()
 
@@ -192,22 +188,6 @@ class RunRecord:
         self.update(status="failed", ended=_now(), error=message or type(error).__name__)
 
 
-INFRASTRUCTURE = ("trainer", "logger", "hydra")
-
-
-def run_name(overrides: list[str], groups: set[str]) -> str:
-    """A short name from a run's overrides: `model=vae loss.beta=4 model.latent_dim=8` ->
-    `vae_beta=4_latent_dim=8` (a config group's choice by its option, a key by its last part).
-    Overrides of how it runs (`trainer`, `logger`, `hydra`) are left out of the name."""
-    parts = []
-    for override in overrides:
-        key, _, value = override.lstrip("+~").partition("=")
-        if key.split(".")[0].split("/")[0] in INFRASTRUCTURE or not value:
-            continue
-        parts.append(value if key in groups else f"{key.rsplit('.', 1)[-1]}={value}")
-    return "_".join(parts) or "defaults"
-
-
 def variant_name(cfg: dict[str, Any], input_size: int) -> str:
     """The family member a (plain) config trains, e.g. `beta_vae`, `denoising_ae`, `sparse_kl_ae`,
     `beta_tcvae`, `stacked_denoising_ae` (greedy layer-wise pretraining)."""
@@ -227,55 +207,21 @@ def variant_name(cfg: dict[str, Any], input_size: int) -> str:
     return name
 
 
-def run_naming(run_dir: Path, resumed: bool) -> tuple[list[str], set[str], str | None]:
-    """What names a run's W&B run: its command-line overrides, the config groups, and its sweep (the
-    sweep folder's name, None for a single run). From this process's Hydra config; for a resumed run
-    from the one recorded when the run started (the resume's own command line is `resume=…`). A sweep
-    job that a launcher started as a process of its own (`gpu_queue`: a single run in the job's folder)
-    learns its sweep from SWEEP_VARIABLE."""
-    from hydra.core.hydra_config import HydraConfig
-
-    recorded = run_dir / ".hydra" / "hydra.yaml"
-    if resumed and recorded.exists():
-        hydra = OmegaConf.load(recorded).hydra
-        sweep = run_dir.parent.name if hydra.mode == "MULTIRUN" else None  # sweep.dir is kept unresolved
-    elif HydraConfig.initialized():
-        hydra = HydraConfig.get()
-        sweep = Path(hydra.sweep.dir).name if hydra.mode.name == "MULTIRUN" else None
-    else:
-        return [], set(), None
-    sweep = sweep or os.environ.get(SWEEP_VARIABLE) or None
-    return [str(override) for override in hydra.overrides.task], set(hydra.runtime.choices), sweep
-
-
-def job_sweep_identity(run_dir: Path, resumed_record: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The sweep this job belongs to (`ae_lab.sweep.sweep_identity`: its W&B group name and swept keys), as
-    the sweep's start set it (`IDENTITY_VARIABLE`); for a resumed job the one its record keeps; None for a
-    single run."""
-    from ae_lab.sweep import IDENTITY_VARIABLE
-
-    if resumed_record is not None:
-        return resumed_record.get("sweep")
-    text = os.environ.get(IDENTITY_VARIABLE)
-    if not text or run_naming(run_dir, resumed=False)[2] is None:
-        return None
-    return json.loads(text)
-
-
-def build_logger(cfg: DictConfig, run_dir: Path, input_size: int, run_id: str | None = None,
+def build_logger(cfg: DictConfig, job: JobContext, input_size: int, run_id: str | None = None,
                  resumed_at_step: int | None = None, sweep: dict[str, Any] | None = None):
-    """The Lightning logger named by `logger.kind`.
+    """The Lightning logger named by `logger.kind`, writing into `job`'s folder.
 
     W&B: one run per ae_lab run, written into the run folder; named after the run's overrides, grouped
-    by `logger.group` or else the sweep (`sweep`, `job_sweep_identity`: its `+sweeps=` name or swept keys
-    and its folder's name), `job_type` = the variant, tags = `logger.tags` + arch and data set, config =
+    by `logger.group` or else the sweep (`sweep`, `JobContext.sweep_identity`: its `+sweeps=` name or swept
+    keys, and the job's sweep folder's name), `job_type` = the variant, tags = `logger.tags` + arch and data set, config =
     the resolved config with flattened keys, and in a sweep `sweep/name` and `sweep/keys` (the swept
     keys, by which a sweep's panels are built). `run_id` (a resumed run) continues that W&B
-    run (`resume="allow"`), named and grouped as it was; offline, each attempt writes its own `wandb/offline-run-*` folder with
+    run (`resume="allow"`), named and grouped as it was (`JobContext.as_recorded`); offline, each attempt writes its own `wandb/offline-run-*` folder with
     that id, and `wandb sync` given all of them uploads them, in order, into the one run.
     CSV: `csv/metrics.csv`; a resumed run (`resumed_at_step`, its checkpoint's global step) keeps the
     rows logged before that step and goes on writing into the same file.
     """
+    run_dir = job.run_dir
     if cfg.logger.kind == "none":
         return False
     if cfg.logger.kind == "csv":
@@ -288,15 +234,15 @@ def build_logger(cfg: DictConfig, run_dir: Path, input_size: int, run_id: str | 
     from ae_lab.wandb_logger import WandbLogger  # Lightning's, its run started in the background (`start`)
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    overrides, groups, folder = run_naming(run_dir, resumed=run_id is not None)
+    naming = job.as_recorded() if run_id is not None else job
     plain = _plain(cfg)
     config = flatten(plain)
     if sweep is not None:
         config.update({"sweep/name": sweep["name"], "sweep/keys": list(sweep["keys"])})
     logger = WandbLogger(
         project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
-        group=cfg.logger.group or (sweep["name"] if sweep else folder), job_type=variant_name(plain, input_size),
-        name=run_name(overrides, groups), tags=[*cfg.logger.tags, plain["model"]["arch"], cfg.dataset.name],
+        group=cfg.logger.group or (sweep["name"] if sweep else naming.sweep), job_type=variant_name(plain, input_size),
+        name=naming.wandb_name, tags=[*cfg.logger.tags, plain["model"]["arch"], cfg.dataset.name],
         save_dir=str(run_dir), config=config,
         **({"id": run_id, "resume": "allow"} if run_id else {}),
     )

@@ -110,3 +110,12 @@ def _allowed(key: str, value: Any) -> str:
     if key == "devices":
         return " (a number of devices >= 1, a list of device indices, or -1 or auto for all of them)"
     return ""
+
+
+def limited_batches(batches: int, limit: Any) -> int:
+    """How many of an epoch's `batches` Lightning runs under `trainer.limit_*_batches` (an int: at most
+    that many; a float: that fraction, rounded down). The ensemble loop and the schedule check count
+    with this."""
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return min(batches, limit)
+    return batches if float(limit) == 1.0 else int(batches * float(limit))

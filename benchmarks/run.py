@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from ae_lab.config import register_configs
 from ae_lab.data.base import ArrayDataModule, Split
 from ae_lab.module import Autoencoder
+from ae_lab.job import JobContext
 from ae_lab.tracking import build_logger, package_versions
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -121,7 +122,7 @@ def lightning_rate(cfg: DictConfig, images: torch.Tensor, sizes: Sizes, per_item
                     "max_steps": sizes.warmup + sizes.steps, "limit_val_batches": 0,
                     "enable_model_summary": False}
         trainer = pl.Trainer(**settings,
-                             logger=build_logger(cfg, Path(folder), 784), callbacks=[stopwatch],
+                             logger=build_logger(cfg, JobContext.outside_hydra(Path(folder)), 784), callbacks=[stopwatch],
                              enable_checkpointing=False,
                              use_distributed_sampler=False, inference_mode=False)
         trainer.fit(module, datamodule=data)

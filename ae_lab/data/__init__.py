@@ -29,13 +29,19 @@ _DATASETS = {"digits": digits, "mnist": mnist, "fashion_mnist": mnist, "dsprites
              "shapes": shapes, "array": arrays, "image_folder": image_folder}
 _OWN = ("array", "image_folder")
 
-__all__ = ["ArrayDataModule", "Split", "Units", "build_datamodule", "input_shape", "is_own_data", "own_data",
-           "units"]
+__all__ = ["ArrayDataModule", "Split", "Units", "build_datamodule", "classes", "input_shape", "is_own_data",
+           "own_data", "units"]
 
 
 def is_own_data(cfg: DictConfig) -> bool:
     """A user's data, read from files or a loader (not a built-in set with a fixed shape)."""
     return _is_custom(cfg) or cfg.name in _OWN
+
+
+def classes(cfg: DictConfig) -> range | None:
+    """The class labels of a built-in data set that has them (its module's `CLASSES`); None for a user's
+    data, whose labels are whatever its files hold."""
+    return None if is_own_data(cfg) else _module(cfg).CLASSES
 
 
 def _is_custom(cfg: DictConfig) -> bool:

@@ -17,6 +17,7 @@ from ae_lab.data.base import ArrayDataModule, Split, sha256_of_arrays, split_ind
 from ae_lab.data.units import Units
 
 INPUT_SHAPE = (1, 8, 8)
+CLASSES = range(10)  # the digits 0-9
 MAX_COUNT = 16.0  # a pixel's count of set bits (of 4x4 in the 32x32 bitmap): 0..16
 
 

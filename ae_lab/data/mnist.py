@@ -18,6 +18,8 @@ from ae_lab.data.files import RemoteFile, cached_arrays, combined_sha256, ensure
 from ae_lab.data.units import Units
 
 INPUT_SHAPE = (1, 28, 28)
+TRAIN_IMAGES = 60_000  # in the training file (of MNIST and of Fashion-MNIST); the test file holds 10,000
+CLASSES = range(10)  # digits 0-9; Fashion-MNIST's ten kinds of clothing
 WHITE = 255.0  # the files' pixels are 0 (background) .. 255
 THRESHOLD = 128  # binarize=threshold: a pixel is on from this value (0.5 of white, rounded up)
 FILES = {

@@ -25,14 +25,13 @@ removes it once every member is written out.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytorch_lightning as pl
 import torch
@@ -41,45 +40,42 @@ from torch.func import functional_call, stack_module_state, vjp, vmap
 
 from ae_lab.checkpoints import random_state, set_random_state
 from ae_lab.data import ArrayDataModule, Split, build_datamodule
-from ae_lab.ensemble.logs import MemberLogs, job_log_file
+from ae_lab.ensemble.logs import MemberLogs
 from ae_lab.ensemble.optim import StackedOptimizer, clip_gradients
 from ae_lab.ensemble.stacked import STACKED, StackedMLP, choose_path
 from ae_lab.ensemble.streams import Draw, MemberStreams, Replay
-from ae_lab.history import STEP_LOSS, History, add_row, takes_step_loss
+from ae_lab.history import STEP_LOSS, add_row, takes_step_loss
+from ae_lab.job import JobContext
+from ae_lab.lifecycle import NO_VALIDATION, Results, RunLifecycle, resumed_from, write_results
 from ae_lab.module import Autoencoder
 from ae_lab.nets import Latent
 from ae_lab.noise import KINDS
-from ae_lab.preemption import ClusterSignal, Requeued
-from ae_lab.run import write_results
+from ae_lab.objectives import epoch_end_step, non_finite_message
+from ae_lab.preemption import ClusterSignal
 from ae_lab.storage import atomic_torch_save
-from ae_lab.tracking import (RunRecord, build_logger, finish_logger, job_sweep_identity, log_results, replay_sink,
-                             wandb_run_id, write_config_files)
+from ae_lab.trainer_check import limited_batches
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Member:
-    """One job of the group: its config (without `hydra`), its run folder, and how to make its Hydra
-    config the current one (its `.hydra/` files and W&B name are read from there)."""
+    """One job of the group: its config (without `hydra`), its run folder, and its job context (its
+    `.hydra/` files, log file and W&B name come from there; without one, a job outside Hydra)."""
 
     cfg: DictConfig
     run_dir: Path
-    activate: Callable[[], None] = lambda: None
+    job: JobContext | None = None
+
+    def __post_init__(self) -> None:
+        if self.job is None:
+            self.job = JobContext.outside_hydra(self.run_dir)
 
 
 @dataclass
 class Outcome:
     metrics: dict[str, float] | None  # None when the member failed
     error: str | None = None
-
-
-def limited(batches: int, limit: Any) -> int:
-    """How many of `batches` Lightning runs under `limit_*_batches` (an int: at most that many; a
-    float: that fraction, rounded down)."""
-    if isinstance(limit, int) and not isinstance(limit, bool):
-        return min(batches, limit)
-    return batches if float(limit) == 1.0 else int(batches * float(limit))
 
 
 CPU_CONV_CHUNK = 2  # members per vmapped chunk for conv nets on a CPU (measured best of 1, 2, 4, all)
@@ -292,8 +288,8 @@ class GroupTrainer:
                             for c in self.configs])
 
     def _train_batches(self) -> int:
-        return limited(math.ceil(len(self.data.splits["train"]) / self.data.batch_size),
-                       self.trainer_cfg["limit_train_batches"])
+        return limited_batches(math.ceil(len(self.data.splits["train"]) / self.data.batch_size),
+                               self.trainer_cfg["limit_train_batches"])
 
     def _fetch(self, split: Split, positions: torch.Tensor) -> torch.Tensor:
         """The examples at `positions`: (B,) for every member gives (B, ...); (M, B), a batch per member,
@@ -309,7 +305,7 @@ class GroupTrainer:
     def _split_batches(self, split: Split, limit: Any) -> Iterator[torch.Tensor]:
         """An evaluation split's batches, in order, as many as `limit_*_batches` lets Lightning run."""
         size = self.data.batch_size
-        for index in range(limited(math.ceil(len(split) / size), limit)):
+        for index in range(limited_batches(math.ceil(len(split) / size), limit)):
             yield self._fetch(split, torch.arange(index * size, min((index + 1) * size, len(split))))
 
     # ----- training
@@ -340,9 +336,7 @@ class GroupTrainer:
     def _record_failures(self, terms: dict[str, torch.Tensor], failed: torch.Tensor) -> None:
         for member in failed.nonzero().flatten().tolist():
             values = {name: float(value[member].detach()) for name, value in terms.items()}
-            bad = [f"{name}={value}" for name, value in values.items() if name != "loss" and not math.isfinite(value)]
-            message = (f"the training loss became {values['loss']} at step {self.progress.global_step} "
-                       f"(epoch {self.progress.epoch}); non-finite terms: {', '.join(bad) or 'none (their sum overflowed)'}")
+            message = non_finite_message(values, self.progress.global_step, self.progress.epoch)
             self.progress.failures[member] = {"step": self.progress.global_step, "epoch": self.progress.epoch,
                                               "terms": values, "message": message}
             log.error("member %d (%s) failed and is frozen: %s", member, self.members[member].run_dir.name, message)
@@ -367,12 +361,10 @@ class GroupTrainer:
     def _record_epoch(self, epoch: int, val: list[dict[str, float]]) -> None:
         """Each member's history row of `epoch`: its train means, `val` and its scheduled weights."""
         train = self.sums.means("train")
-        # the epoch's last step: a single run's scheduled weights are those of that step, and Lightning logs
-        # the epoch's metrics at it
-        last_step = max(self.progress.global_step - 1, 0)
+        # the epoch's last step: Lightning logs the epoch's metrics (and a single run's scheduled weights) at it
+        last_step = epoch_end_step(self.progress.global_step)
         for member, module in enumerate(self.ensemble.modules):
-            weights = module.objective.weights(last_step)
-            scheduled = {f"scheduled/{name}": weights[name] for name in module.objective.scheduled_names}
+            scheduled = module.objective.scheduled_values(self.progress.global_step)
             add_row(self.progress.history[member], epoch, last_step, {**val[member], **train[member], **scheduled})
 
     def _evaluate(self, flat: torch.Tensor, stage: str) -> list[dict[str, float]]:
@@ -431,7 +423,7 @@ class GroupTrainer:
                 break
             self._requeue_if_signalled(started)
         if not any("val/loss" in entry for entry in self.progress.history[0]):  # as `ae_lab.run` then does
-            log.warning("no validation ran before training stopped: val, test and evaluation use the final weights")
+            log.warning(NO_VALIDATION)
             self.best_params = self.ensemble.flat.detach().clone()
 
     def _requeue_if_signalled(self, started: float) -> None:
@@ -502,7 +494,13 @@ def run_group(members: list[Member], group: str, checkpoint_path: Path,
     """Train the members (configs of one structure, already validated) as one ensemble, resuming from
     `checkpoint_path` when it holds this group; write each member's run folder; return their outcomes.
     With `cluster_signal` (a group run as a SLURM job), the cluster's signal stops training at the next
-    step boundary with the group checkpoint written and the members recorded `requeued` (`Requeued`)."""
+    step boundary with the group checkpoint written and the members recorded `requeued` (`Requeued`).
+
+    Each member's files and states belong to its `RunLifecycle`, started before training. How the run
+    ends is decided in one place per phase (`RunLifecycle.ended_by`: requeued, interrupted or failed):
+    while the group trains, for every member; while the members are written out, for the member being
+    written and those after it.
+    """
     first = members[0].cfg
     data = build_datamodule(first.dataset)
     accelerator = str(first.trainer.accelerator)
@@ -510,90 +508,60 @@ def run_group(members: list[Member], group: str, checkpoint_path: Path,
     trainer = GroupTrainer(members, data, checkpoint_path, device)
     trainer.cluster_signal = cluster_signal
     resumed = trainer.load_checkpoint()
-    records, log_files = [], []
+    lives = []
     for index, member in enumerate(members):
-        member.activate()
-        member.run_dir.mkdir(parents=True, exist_ok=True)
-        log_files.append(job_log_file())
-        if not resumed or not (member.run_dir / ".hydra" / "config.yaml").exists():
-            write_config_files(member.run_dir, member.cfg)
-        resumed_from = {"checkpoint": str(checkpoint_path.resolve()), "global_step": trainer.progress.global_step,
-                        "epoch": trainer.progress.epoch} if resumed else None
-        record = RunRecord(member.run_dir, member.cfg, data.name, data.checksum, resumed_from=resumed_from,
-                           sweep=job_sweep_identity(member.run_dir))
-        record.update(ensemble={"group": group, "member": index, "members": len(members)})
-        records.append(record)
-    with MemberLogs(log_files).attached() as logs:
+        life = RunLifecycle(member.job, member.cfg, data, sweep=member.job.sweep_identity,
+                            config_files=not resumed or not (member.run_dir / ".hydra" / "config.yaml").exists(),
+                            resumed=resumed_from(checkpoint_path, trainer.progress.global_step, trainer.progress.epoch)
+                            if resumed else None)
+        life.update(ensemble={"group": group, "member": index, "members": len(members)})
+        lives.append(life)
+    with MemberLogs([member.job.log_file for member in members]).attached() as logs:
         log.info("ensemble %s: %d members on %s%s", group, len(members), device,
                  f", resumed at step {trainer.progress.global_step}" if resumed else "")
         try:
             trainer.fit()
-        except KeyboardInterrupt:
-            _record_interrupted(records, checkpoint_path)
-            raise
-        except Requeued as stop:  # the group checkpoint is written: the requeued job goes on from it
-            for record in records:
-                record.requeued(stop)
-            raise
         except BaseException as error:
-            for record in records:
-                record.failed(error)
+            _ended_by(lives, error, checkpoint_path)
             raise
         finals = trainer.final_metrics()
         outcomes = []
         try:
-            for index, (member, record) in enumerate(zip(members, records)):
+            for index, (member, life) in enumerate(zip(members, lives)):
                 with logs.only(index):
                     try:
-                        outcomes.append(_write_member(trainer, index, member, record, finals[index], data))
+                        outcomes.append(_write_member(trainer, index, life, finals[index]))
                     except Exception as error:  # noqa: BLE001 - its run.json says so; the others are written
                         log.exception("member %d (%s) failed after training: %s", index, member.run_dir.name, error)
                         outcomes.append(Outcome(None, f"failed after training: {error}"))
-        except KeyboardInterrupt:  # the member being written and those after it: a re-run trains them again
+        except KeyboardInterrupt as error:  # the member being written and those after it: a re-run trains them again
             if outcomes:  # as a group without the members written, which cannot resume from this checkpoint
                 checkpoint_path.unlink(missing_ok=True)
-            _record_interrupted(records[len(outcomes):], checkpoint_path)
+            _ended_by(lives[len(outcomes):], error, checkpoint_path)
             raise
     checkpoint_path.unlink(missing_ok=True)  # every member has its own checkpoints now
     return outcomes
 
 
-def _record_interrupted(records: list[RunRecord], checkpoint_path: Path) -> None:
-    for record in records:
-        record.interrupted(checkpoint_path if checkpoint_path.exists() else None)
+def _ended_by(lives: list[RunLifecycle], error: BaseException, checkpoint_path: Path) -> None:
+    """Record in each of `lives` how `error` ended it (`RunLifecycle.ended_by`); an interrupted member goes
+    on from the group checkpoint, when there is one."""
+    for life in lives:
+        life.ended_by(error, checkpoint_path if checkpoint_path.exists() else None)
 
 
-def _earlier_wandb_run(record: RunRecord) -> str | None:
-    """The W&B run id of the member's attempt that the group resumed from, when that attempt was cut while
-    its W&B run was being written (a kill during the write-out): the write-out goes on in that W&B run
-    and logs only what it lacks."""
-    previous = record.payload.get("resumed_from", {}).get("previous_record")
-    if previous is None:
-        return None
-    return json.loads((record.path.parent / previous).read_text()).get("wandb_run_id")
-
-
-def _write_member(trainer: GroupTrainer, index: int, member: Member, record: RunRecord,
-                  metrics: dict[str, float], data: ArrayDataModule) -> Outcome:
+def _write_member(trainer: GroupTrainer, index: int, life: RunLifecycle, metrics: dict[str, float]) -> Outcome:
     """Member `index`'s run folder through the single run's code: checkpoints, evaluation, metrics.json,
     figures, its W&B run (its epoch history, then its summary) and run.json."""
     started = time.time()
-    member.activate()
-    cfg, run_dir = member.cfg, member.run_dir
-    logger = None
+    cfg, run_dir, data = life.cfg, life.run_dir, life.data
     try:
-        logger = build_logger(cfg, run_dir, math.prod(data.input_shape), run_id=_earlier_wandb_run(record),
-                              sweep=record.payload.get("sweep"))
-        record.update(wandb_run_id=wandb_run_id(logger))
-        history = History(trainer.progress.history[index], replay_sink(logger, run_dir))
-        history.resend()
-        if logger:
-            logger.save()
+        life.open_logger(run_id=life.previous_wandb_run(), trained_rows=trainer.progress.history[index])
         failure = trainer.progress.failures.get(index)
         if failure is not None:
-            history.write(run_dir)
-            record.failed(FloatingPointError(failure["message"]))
-            record.update(failure={key: failure[key] for key in ("step", "epoch", "terms")})
+            life.history.write(run_dir)
+            life.failed(FloatingPointError(failure["message"]),
+                        failure={key: failure[key] for key in ("step", "epoch", "terms")})
             return Outcome(None, failure["message"])
         module = trainer.ensemble.modules[index]
         step, epochs = trainer.progress.global_step, trainer.progress.epoch
@@ -607,17 +575,15 @@ def _write_member(trainer: GroupTrainer, index: int, member: Member, record: Run
             _save(best_checkpoint, _checkpoint(module, best, trainer.best_epoch[index], step))
         module.load_state_dict(best)
         module.to(trainer.device)  # evaluated where the group trained (its modules were built on the CPU)
-        figures = write_results(module, data, cfg, run_dir, metrics, history, best_checkpoint)
-        wandb_run = log_results(logger, cfg, run_dir, metrics, figures, history.sink)
+        figures = write_results(module, data, cfg, run_dir, metrics, life.history, best_checkpoint)
         seconds = time.time() - started
         log.info("member %d (%s) written in %.2f s: test/loss %.4g", index, run_dir.name, seconds,
                  metrics.get("test/loss", math.nan))
-        record.completed(best_checkpoint=str(best_checkpoint) if best_checkpoint else None, wandb_run_id=wandb_run,
-                         timings={"fit_seconds": trainer.progress.fit_seconds, "writeout_seconds": seconds,
-                                  "first_step_unix": None})
+        life.completed(Results(metrics, figures, best_checkpoint, {
+            "fit_seconds": trainer.progress.fit_seconds, "writeout_seconds": seconds, "first_step_unix": None}))
         return Outcome(metrics)
     except Exception as error:
-        record.failed(error)
+        life.failed(error)
         raise
     finally:
-        finish_logger(logger)
+        life.close()

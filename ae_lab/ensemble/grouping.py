@@ -33,6 +33,15 @@ SWITCHES = ("loss.beta", "loss.sparsity_weight", "loss.contractive_weight", "los
 PER_MEMBER_PREFIXES = ("eval.", "logger.", "objective")
 
 
+def per_member_keys() -> tuple[str, ...]:
+    """Every key that may differ inside one ensemble, as the docs list them: `MEMBER_SCALARS`, each noise
+    kind's strength (`noise.std`, `noise.p`, ...), and the keys of what each member does on its own
+    (`eval.*`, `logger.*`, `objective`). The docs' list is tested against this one."""
+    strengths = dict.fromkeys(f"noise.{key}" for _, key in KINDS.values())
+    own = tuple(f"{prefix}*" if prefix.endswith(".") else prefix for prefix in PER_MEMBER_PREFIXES)
+    return (*MEMBER_SCALARS, *strengths, *own)
+
+
 def _noise_strength_key(cfg: dict[str, Any]) -> str | None:
     kind = cfg["noise"]["kind"]
     return f"noise.{KINDS[kind][1]}" if kind in KINDS else None

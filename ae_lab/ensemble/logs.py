@@ -11,34 +11,18 @@ import logging
 from contextlib import contextmanager
 from typing import Iterator
 
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
-
-
-def job_log_file() -> logging.Handler | None:
-    """The file handler the current Hydra job's logging config names (`hydra.job_logging.handlers.file`,
-    its path in the job's folder, its formatter), or None when that config writes no file (or no Hydra
-    job is current)."""
-    if not HydraConfig.initialized():
-        return None
-    logging_config = HydraConfig.get().job_logging
-    file = OmegaConf.select(logging_config, "handlers.file")
-    if file is None or "filename" not in file:
-        return None
-    handler = logging.FileHandler(str(file.filename), mode=str(file.get("mode", "a")), delay=True)
-    pattern = OmegaConf.select(logging_config, f"formatters.{file.get('formatter', 'simple')}.format")
-    handler.setFormatter(logging.Formatter(pattern))
-    return handler
+from ae_lab.job import LogFile
 
 
 class MemberLogs(logging.Handler):
     """A root-logger handler that writes each record into the log files of the members it addresses:
-    all of them, or one inside `only(member)`."""
+    all of them, or one inside `only(member)`. `files`: each member's (`JobContext.log_file`), None for a
+    member whose job writes no log file."""
 
-    def __init__(self, files: list[logging.Handler | None]) -> None:
+    def __init__(self, files: list[LogFile | None]) -> None:
         super().__init__()
-        self.files = files
-        self.addressed = [file for file in files if file is not None]
+        self.files = [file.handler() if file is not None else None for file in files]
+        self.addressed = [file for file in self.files if file is not None]
 
     def emit(self, record: logging.LogRecord) -> None:
         for file in self.addressed:

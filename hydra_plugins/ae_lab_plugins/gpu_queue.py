@@ -185,13 +185,13 @@ class SweepJobs:
     def failed(self, job: Job, message: str, write_record: bool = True) -> JobReturn:
         """A failed job is recorded in its folder (like a job that fails in-process) and the sweep
         goes on; the sweep summary counts it."""
+        from ae_lab.job import JobContext
         from ae_lab.tracking import record_refused
 
         log.error(f"\t#{job.index} failed: {message}")
         if write_record:
             job.folder.mkdir(parents=True, exist_ok=True)
-            HydraConfig.instance().set_config(job.config)  # its .hydra/ files are read from the current one
-            record_refused(job.folder, job.task_config, RuntimeError(message))
+            record_refused(JobContext.from_hydra(job.config.hydra, job.folder), job.task_config, RuntimeError(message))
         return self.returned(job, None)
 
     @staticmethod
@@ -273,8 +273,8 @@ class GpuQueue:
     def spawn(self, command: list[str], gpus: list[int], output: Path) -> subprocess.Popen:
         """Start `command` in the sweep's working directory, seeing only `gpus` (CUDA_VISIBLE_DEVICES),
         its stdout and stderr into `output`; a job started so learns its sweep (its W&B group) from
-        `ae_lab.tracking.SWEEP_VARIABLE`."""
-        from ae_lab.tracking import SWEEP_VARIABLE
+        `ae_lab.job.SWEEP_VARIABLE`."""
+        from ae_lab.job import SWEEP_VARIABLE
 
         environment = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)),
                        SWEEP_VARIABLE: self.sweep_dir.name}

@@ -203,11 +203,18 @@ class VectorizedLauncher(Launcher):
 
     @staticmethod
     def members(jobs: list[Job]) -> list["Member"]:
-        """The jobs as `ae_lab.ensemble.group.Member`s (in this process or in a group's worker)."""
+        """The jobs as `ae_lab.ensemble.group.Member`s (in this process or in a group's worker), each with
+        its job context built from its own composed config, the job's folder its output folder as Hydra's
+        `run_job` sets it (Hydra's global config is left as it is)."""
         from ae_lab.ensemble.group import Member
+        from ae_lab.job import JobContext
 
-        return [Member(job.task_config, job.folder,
-                       lambda job=job: VectorizedLauncher._activate(job)) for job in jobs]
+        members = []
+        for job in jobs:
+            with read_write(job.config.hydra.runtime), open_dict(job.config.hydra.runtime):
+                job.config.hydra.runtime.output_dir = str(job.folder.resolve())
+            members.append(Member(job.task_config, job.folder, JobContext.from_hydra(job.config.hydra)))
+        return members
 
     # ----- one GPU or none: in this process
 
@@ -230,13 +237,6 @@ class VectorizedLauncher(Launcher):
                 log.error(f"\t#{job.index} failed: {outcome.error}")
             returns[job.index] = self.jobs.returned(job, outcome.metrics)
         return returns
-
-    @staticmethod
-    def _activate(job: Job) -> None:
-        """Make `job` the current Hydra job, as Hydra does before it runs one."""
-        with read_write(job.config.hydra.runtime), open_dict(job.config.hydra.runtime):
-            job.config.hydra.runtime.output_dir = str(job.folder.resolve())
-        HydraConfig.instance().set_config(job.config)
 
     def _run_alone(self, job: Job) -> JobReturn:
         """One job in this process, as Hydra's basic launcher runs it."""
