@@ -35,19 +35,9 @@ PLAIN_VALUE = re.compile(r"[\w./:+-]+")  # a string Hydra's override grammar tak
 
 @functools.lru_cache(maxsize=16)
 def _composed(overrides: tuple[str, ...]) -> Any:
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException
-    from omegaconf.errors import OmegaConfBaseException
+    from ae_lab.compose import compose_config as compose
 
-    from ae_lab.composition_errors import explain
-    from ae_lab.config import register_configs
-
-    register_configs()
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose(config_name="config", overrides=list(overrides))
-    except (ConfigCompositionException, OmegaConfBaseException) as error:
-        raise ConfigError(explain(error) or str(error).splitlines()[0]) from None
+    return compose(overrides)
 
 
 def compose_config(overrides: list[str]) -> Any:

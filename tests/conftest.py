@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 import paths
@@ -83,8 +82,9 @@ def ctrl_c_by_default() -> None:
 
 def compose_config(overrides: Sequence[str]) -> DictConfig:
     """The config `python -m ae_lab OVERRIDES` would train, composed in-process with Hydra's API."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    from ae_lab.compose import compose_config as compose
+
+    return compose(overrides)
 
 
 def train_in_process(overrides: Sequence[str], run_dir: Path) -> dict[str, float]:
