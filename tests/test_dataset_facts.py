@@ -11,9 +11,10 @@ import pytest
 from sklearn.datasets import load_digits
 
 from ae_lab.checks import validate
+from ae_lab.compose import compose_config
 from ae_lab.data import digits, mnist, shapes
 from ae_lab.errors import ConfigError
-from conftest import SHARED, compose_config, needs_shared
+from paths import SHARED, needs_shared
 
 
 @needs_shared

@@ -14,8 +14,8 @@ import torch
 from pytorch_lightning.loggers import Logger
 from torch.utils.data import DataLoader
 
+from ae_lab.compose import compose_config
 from ae_lab.module import Autoencoder
-from conftest import compose_config
 
 SHAPE = (1, 4, 4)
 SMALL = ["logger=none", "loss.recon=mse", "model.arch=mlp", "model.hidden_dims=[6]", "model.latent_dim=3", "optim.lr=0"]

@@ -9,12 +9,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from ae_lab.compose import compose_config
 from ae_lab.evaluation.anomaly import anomaly_scores, elbo_noise, score_kinds
 from ae_lab.evaluation.codes import sparse_code_statistics
 from ae_lab.evaluation.downstream import anomaly_auroc, roc_points
 from ae_lab.evaluation.likelihood import active_units
 from ae_lab.module import Autoencoder
-from conftest import compose_config
 
 SHAPE = (1, 4, 4)
 LATENT = 3

@@ -12,7 +12,6 @@ import pytest
 from hydra.core.config_loader import ConfigLoader
 from hydra.plugins.sweeper import Sweeper
 
-from conftest import read_json, run_cli
 from hydra_plugins.ae_lab_plugins.gpu_queue import ComposedOnce
 
 
@@ -51,7 +50,7 @@ def test_hydras_config_loader_still_takes_the_keywords_the_wrapper_passes():
     assert parameters[1:] == ["master_config", "sweep_overrides"]
 
 
-def test_an_optuna_search_trains_each_batch_of_n_jobs_trials_as_ensembles(tmp_path, monkeypatch):
+def test_an_optuna_search_trains_each_batch_of_n_jobs_trials_as_ensembles(tmp_path, monkeypatch, run_cli, read_json):
     """8 trials in batches of 4; the search varies the latent size between two values (a structure key:
     each batch splits into at most two groups, by latent size) and β and the learning rate (per member)."""
     import optuna

@@ -10,12 +10,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ae_lab.compose import compose_config
 from ae_lab.data import build_datamodule
 from ae_lab.ensemble import group as group_module
 from ae_lab.ensemble.group import GroupTrainer, Member
 from ae_lab.ensemble.stacked import STACKED, VMAP, choose_path
 from ae_lab.module import Autoencoder
-from conftest import compose_config
 
 STEPS = 6
 # members of one group: their own seed, learning rate, weight decay (and β for the VAE)

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from conftest import ROOT
+from paths import ROOT
 
 # used only after training (the evaluation) or by the W&B run's start, which runs in the background
 # (Lightning itself imports matplotlib and scipy)
